@@ -1,0 +1,3 @@
+from sodtool.cli import main
+
+main()

@@ -1,0 +1,208 @@
+"""Artefact conventions shared by every stage (DESIGN.md section 7).
+
+- Files are written under a temporary name in the same folder and renamed into place
+  (`os.replace` is atomic on POSIX), so a killed stage never leaves a file that looks finished.
+- An output folder is finished when it holds `manifest.json`; the manifest is written last.
+- Inputs are identified by SHA-256 (or size + mtime for very large files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from sodtool import __version__
+from sodtool.errors import InputError
+
+MANIFEST = "manifest.json"
+# Files above this size are identified by size and mtime: hashing a 20 GB HDF5 store on every
+# stage start would cost minutes.
+HASH_LIMIT_BYTES = 512 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds.
+
+    On any exception the temporary file is removed and `final` (if it existed) is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
+    """Write JSON atomically. Keys keep their insertion order, so equal inputs give equal bytes."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, default=_json_default)
+            f.write("\n")
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Read JSON, turning a missing or malformed file into one clear `InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text") from e
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return config_dict(o)
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def config_dict(cfg: Any) -> dict:
+    """A config dataclass as a JSON-ready dict (paths as strings, tuples as lists)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, Path):
+            v = str(v)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = config_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """Identity of an input file (or folder): sha256 when small enough, else size and mtime."""
+    p = Path(path)
+    if p.is_dir():
+        manifest = p / MANIFEST
+        if manifest.is_file():
+            return {"path": str(p), "kind": "run-folder", "manifest_sha256": _sha256(manifest)}
+        return {"path": str(p), "kind": "folder"}
+    st = p.stat()
+    ident = {"path": str(p), "size": st.st_size}
+    if st.st_size <= HASH_LIMIT_BYTES:
+        ident["sha256"] = _sha256(p)
+    else:
+        ident["mtime"] = st.st_mtime
+    return ident
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import numpy
+    import torch
+    import torchvision
+
+    try:
+        import pycocotools
+
+        coco_v = getattr(pycocotools, "__version__", None)
+        if coco_v is None:
+            from importlib.metadata import version
+
+            coco_v = version("pycocotools")
+    except Exception:  # pragma: no cover - reported, never fatal
+        coco_v = "unknown"
+    return {
+        "sodtool": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pycocotools": coco_v,
+        "numpy": numpy.__version__,
+    }
+
+
+def write_manifest(
+    out_dir: str | os.PathLike,
+    stage: str,
+    config: Any,
+    inputs: dict[str, str | os.PathLike | None],
+    metrics: dict,
+    *,
+    seed: int | None,
+    device: str,
+    wall_time_s: float,
+    outputs: list[str] | None = None,
+) -> Path:
+    """Write `out_dir/manifest.json`: the mark that the folder is finished. Call it last."""
+    out_dir = Path(out_dir)
+    manifest = {
+        "stage": stage,
+        "config": config_dict(config) if dataclasses.is_dataclass(config) else config,
+        "inputs": {k: (file_identity(v) if v is not None and Path(v).exists() else None) for k, v in inputs.items()},
+        "outputs": outputs or sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".") and p.name != MANIFEST),
+        "versions": versions(),
+        "device": device,
+        "host": socket.gethostname(),
+        "seed": seed,
+        "wall_time_s": round(wall_time_s, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "metrics": metrics,
+    }
+    return write_json(out_dir / MANIFEST, manifest)
+
+
+def read_manifest(run_dir: str | os.PathLike, expected_stage: str | None = None) -> dict:
+    """Read a finished stage folder's manifest; an unfinished or foreign folder is an InputError."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"run folder not found: {run_dir}")
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{run_dir} has no {MANIFEST}: the stage that writes it did not finish")
+    manifest = read_json(path, "manifest")
+    if expected_stage is not None and manifest.get("stage") != expected_stage:
+        raise InputError(f"{run_dir} holds the output of stage '{manifest.get('stage')}', expected '{expected_stage}'")
+    return manifest
+
+
+class Timer:
+    """Wall-clock timer: `t = Timer(); ...; t.elapsed`."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
