@@ -14,6 +14,7 @@ Validation policy (what a detectron2/torchvision user expects, and what `--help`
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 from dataclasses import dataclass, field
@@ -73,14 +74,19 @@ def resolve_split(dataset: str | os.PathLike | None, split: str, ann: str | os.P
         if split in COCO2017_SPLITS:
             stem = COCO2017_SPLITS[split]
             candidates.append((root / "annotations" / f"instances_{stem}.json", root / stem))
-        for cand_ann, cand_img in candidates:
-            if (ann_path is not None or cand_ann.is_file()):
-                ann_path = ann_path or cand_ann
-                img_dir = img_dir or cand_img
-                break
+        if ann_path is not None:
+            # Only the image folder is missing: take the layout whose folder exists
+            # (`--ann .../instances_val2017.json --data coco` means coco/val2017/).
+            img_dir = next((img for _, img in candidates if img.is_dir()), candidates[0][1])
         else:
-            tried = ", ".join(str(a) for a, _ in candidates)
-            raise InputError(f"split '{split}' not found in {root} (looked for {tried})")
+            for cand_ann, cand_img in candidates:
+                if cand_ann.is_file():
+                    ann_path = cand_ann
+                    img_dir = img_dir or cand_img
+                    break
+            else:
+                tried = ", ".join(str(a) for a, _ in candidates)
+                raise InputError(f"split '{split}' not found in {root} (looked for {tried})")
     if not ann_path.is_file():
         raise InputError(f"annotation file not found: {ann_path}")
     if not img_dir.is_dir():
@@ -115,7 +121,7 @@ class CategoryMap:
         """Vectorised 1..K -> dataset ids (int64 array)."""
         return np.asarray(self.ids, dtype=np.int64)[np.asarray(labels, dtype=np.int64) - 1]
 
-    @property
+    @functools.cached_property
     def _index(self) -> dict[int, int]:
         return {cid: i for i, cid in enumerate(self.ids)}
 
@@ -233,9 +239,9 @@ def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bo
     images: dict[int, dict] = {}
     for im in data["images"]:
         try:
-            iid, w, h, fn = int(im["id"]), im["width"], im["height"], im["file_name"]
+            iid, w, h, fn = _json_int(im["id"]), im["width"], im["height"], im["file_name"]
         except (KeyError, TypeError, ValueError):
-            raise InputError(f"{src}: image entry without id/width/height/file_name: {str(im)[:120]}") from None
+            raise InputError(f"{src}: image entry needs an integer id, width, height and file_name: {str(im)[:120]}") from None
         if iid in images:
             raise InputError(f"{src}: duplicate image id {iid}")
         if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
@@ -244,10 +250,10 @@ def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bo
     cat_ids: set[int] = set()
     for c in data["categories"]:
         try:
-            cid = int(c["id"])
+            cid = _json_int(c["id"])
             str(c["name"])
         except (KeyError, TypeError, ValueError):
-            raise InputError(f"{src}: category entry without id/name: {str(c)[:120]}") from None
+            raise InputError(f"{src}: category entry needs an integer id and a name: {str(c)[:120]}") from None
         if cid in cat_ids:
             raise InputError(f"{src}: duplicate category id {cid}")
         cat_ids.add(cid)
@@ -258,10 +264,13 @@ def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bo
     skipped = {"zero_or_negative_size": 0, "outside_image": 0}
     for a in data["annotations"]:
         try:
-            aid, iid, cid, bbox = int(a["id"]), int(a["image_id"]), int(a["category_id"]), a["bbox"]
-            x, y, w, h = (float(v) for v in bbox)
+            aid, iid, cid, bbox = _json_int(a["id"]), _json_int(a["image_id"]), _json_int(a["category_id"]), a["bbox"]
+            if not isinstance(bbox, (list, tuple)):
+                raise TypeError("bbox is not a list")
+            x, y, w, h = (_json_number(v) for v in bbox)
         except (KeyError, TypeError, ValueError):
-            raise InputError(f"{src}: annotation without id/image_id/category_id/bbox [x,y,w,h]: {str(a)[:120]}") from None
+            raise InputError(f"{src}: annotation needs integer id/image_id/category_id and bbox [x,y,w,h] "
+                             f"of 4 numbers: {str(a)[:120]}") from None
         if aid in ann_ids:
             raise InputError(f"{src}: duplicate annotation id {aid}")
         ann_ids.add(aid)
@@ -278,8 +287,8 @@ def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bo
             problem = "outside_image"
         if problem is not None:
             if not skip_invalid:
-                what = "has zero or negative size" if problem == "zero_or_negative_size" else (
-                    f"reaches outside its {im['width']}x{im['height']} image")
+                what = ("is not finite" if not np.isfinite([x, y, w, h]).all() else "has zero or negative size"
+                        ) if problem == "zero_or_negative_size" else f"reaches outside its {im['width']}x{im['height']} image"
                 raise InputError(f"{src}: annotation {aid} box {[x, y, w, h]} {what} (--skip-invalid drops such boxes)")
             skipped[problem] += 1
             continue
@@ -290,6 +299,20 @@ def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bo
     out["annotations"] = kept
     out["_skipped"] = {k: v for k, v in skipped.items() if v}
     return out
+
+
+def _json_int(v: Any) -> int:
+    """A JSON integer id. pycocotools indexes by the raw value, so an id written as "1" or 1.5
+    would silently match no annotation: refuse anything but an integer."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"id {v!r} is not an integer")
+    return int(v)
+
+
+def _json_number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
+        raise TypeError(f"{v!r} is not a number")
+    return float(v)
 
 
 def read_image_rgb(path: str | os.PathLike, expect_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -308,14 +331,14 @@ def read_image_rgb(path: str | os.PathLike, expect_size: tuple[int, int] | None 
             rotated = ImageOps.exif_transpose(im)
             if expect_size is not None and tuple(rotated.size) != tuple(expect_size) and tuple(raw_size) == tuple(expect_size):
                 rotated = im
-            if rotated.mode == "I;16" or rotated.mode == "I":
+            if rotated.mode.startswith("I;16") or rotated.mode == "I":  # I;16, I;16B, I;16L, I;16N, I
                 arr16 = np.asarray(rotated, dtype=np.float32)
                 rotated = Image.fromarray((arr16 / max(arr16.max(), 1.0) * 255).astype(np.uint8))
             rgb = rotated.convert("RGB")
             arr = np.asarray(rgb, dtype=np.uint8)
     except FileNotFoundError:
         raise InputError(f"image file missing: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"image file unreadable: {path} ({type(e).__name__}: {e})") from None
     if expect_size is not None and (arr.shape[1], arr.shape[0]) != tuple(expect_size):
         raise InputError(
