@@ -129,28 +129,17 @@ def _sha256(p: Path) -> str:
 
 
 def versions() -> dict:
-    import numpy
-    import torch
-    import torchvision
+    """Installed versions, read from package metadata: importing torch just to name its
+    version would cost data-only stages seconds and a gigabyte."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        import pycocotools
-
-        coco_v = getattr(pycocotools, "__version__", None)
-        if coco_v is None:
-            from importlib.metadata import version
-
-            coco_v = version("pycocotools")
-    except Exception:  # pragma: no cover - reported, never fatal
-        coco_v = "unknown"
-    return {
-        "sodtool": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pycocotools": coco_v,
-        "numpy": numpy.__version__,
-    }
+    out = {"sodtool": __version__, "python": platform.python_version()}
+    for dist in ("torch", "torchvision", "pycocotools", "numpy", "h5py"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:  # pragma: no cover - reported, never fatal
+            out[dist] = "not installed"
+    return out
 
 
 def write_manifest(
