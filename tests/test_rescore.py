@@ -1,0 +1,416 @@
+"""`sodtool eval --mtgan`: test-time ROI rescoring, the comparison table and the figures.
+
+A tiny synthetic split (3 images of 192 px, 3 classes), test-mode ROI stores made by the real
+`crop-rois` (from a detections JSON, and from a tiny random detector for the direct-path
+check), and a tiny MTGAN model.pt in the layout `train mtgan` writes (light generator,
+ResNet-18 discriminator, HR 32 / LR 8).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sodtool.errors import InputError
+
+HR, K = 32, 3
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+def save_mtgan(path: Path, categories: list[dict], *, seed: int = 0, zero_reg: bool = False,
+               reg_branch: bool = True, hr_size: int = HR) -> Path:
+    """A randomly initialised MTGAN model.pt with the keys `train mtgan` writes."""
+    from sodtool.networks import (Discriminator, Generator, discriminator_checkpoint, generator_checkpoint,
+                                  save_checkpoint)
+
+    torch.manual_seed(seed)
+    g = Generator(channels=8, up_channels=8, num_blocks=1)
+    d = Discriminator(len(categories), arch="resnet18", reg_branch=reg_branch)
+    if zero_reg:
+        with torch.no_grad():
+            d.reg_head.weight.zero_()
+            d.reg_head.bias.zero_()
+    save_checkpoint({**generator_checkpoint(g), **discriminator_checkpoint(d), "categories": categories,
+                     "hr_size": hr_size, "lr_size": hr_size // 4, "stage": "train-mtgan", "step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Dataset, a detections JSON, test/train ROI stores (+ LR twin), MTGAN runs with loss logs."""
+    from sodtool.downsample import DownsampleConfig, downsample
+    from sodtool.rois import CropRoisConfig, crop_rois
+    from sodtool.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("rescore")
+    data = root / "data"
+    synthesize(SynthConfig(out=data, train_images=1, minival_images=3, image_size=192, classes=K,
+                           objects_per_image=(4, 6), distractors_per_image=(0, 1), seed=3))
+    ann = json.loads((data / "annotations" / "instances_minival.json").read_text())
+    cats = [{"id": c["id"], "name": c["name"]} for c in ann["categories"]]
+    # Detections: every ground truth box, shifted, with its class and a descending score, plus
+    # a wrong-class copy; enough ROIs per image to exercise NMS and the top-k.
+    rng = np.random.default_rng(0)
+    dets = []
+    for a in ann["annotations"]:
+        x, y, w, h = a["bbox"]
+        for j, cid in enumerate((a["category_id"], cats[(a["category_id"]) % K]["id"])):
+            dx, dy = rng.normal(0, 0.1 * w), rng.normal(0, 0.1 * h)
+            dets.append({"image_id": a["image_id"], "category_id": cid,
+                         "bbox": [max(0.0, x + dx), max(0.0, y + dy), w, h],
+                         "score": float(np.clip(0.9 - 0.5 * j - rng.uniform(0, 0.3), 0.06, 1.0))})
+    det_path = root / "dets.json"
+    det_path.write_text(json.dumps(dets))
+    run = root / "run"
+    common = dict(data=data, split="minival", detections=det_path, hr_size=HR, context=1.5)
+    crop_rois(CropRoisConfig(out=run / "rois_minival.h5", mode="test", **common))
+    crop_rois(CropRoisConfig(out=run / "rois_train.h5", mode="train", **common))
+    downsample(DownsampleConfig(src=run / "rois_minival.h5"))
+    mtgan = run / "mtgan"
+    mtgan.mkdir()
+    save_mtgan(mtgan / "model.pt", cats)
+    (mtgan / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "g_mse": 0.05 / s, "g_adv": 0.69, "g_total": 0.05 / s + 0.0007,
+                    "d_adv_real": 0.0007, "d_cls_hr": 0.011 - 0.0001 * s, "lr_g": 1e-4, "crops_per_s": 10.0}) + "\n"
+        for s in range(1, 21)) + json.dumps({"step": 20, "split": "val", "val_sr_psnr_rgb": 25.0}) + "\n")
+    (run / "sr").mkdir()
+    (run / "sr" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "g_mse": 0.02 + 0.01 / s, "lr": 1e-4}) + "\n" for s in range(5, 50, 5)))
+    abl = run / "mtgan_noreg"
+    abl.mkdir()
+    save_mtgan(abl / "model.pt", cats, seed=1, reg_branch=False)
+    return {"root": root, "data": data, "ann": ann, "cats": cats, "dets": dets, "run": run,
+            "rois": run / "rois_minival.h5", "rois_train": run / "rois_train.h5", "mtgan": mtgan, "abl": abl}
+
+
+def _cfg(world, out: Path, **kw):
+    from sodtool.rescore import RescoreConfig
+
+    base = dict(mtgan=world["mtgan"], data=world["data"], split="minival", rois=world["rois"], out=out,
+                device="cpu", batch_size=16)
+    base.update(kw)
+    return RescoreConfig(**base)
+
+
+def _valid_png(path: Path) -> tuple[int, int]:
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+@pytest.fixture(scope="module")
+def evaluated(world):
+    """One full rescoring run through the CLI, with an ablation and figures."""
+    from typer.testing import CliRunner
+
+    from sodtool.cli import app
+
+    out = world["root"] / "eval"
+    res = CliRunner().invoke(app, ["eval", "--split", "minival", "--data", str(world["data"]), "--rois",
+                                   str(world["rois"]), "--mtgan", str(world["mtgan"]), "--out", str(out),
+                                   "--ablation", f"noreg={world['abl']}", "--batch-size", "16", "--device", "cpu"])
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert res.stdout == ""  # stdout is for machine-readable output; tables and logs go to stderr
+    assert "SOD-MTGAN" in res.stderr and "AP_S" in res.stderr  # the comparison table
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Results files, metrics, table, figures
+# --------------------------------------------------------------------------------------------
+
+
+def test_results_are_well_formed(world, evaluated):
+    gt_images = {im["id"] for im in world["ann"]["images"]}
+    cat_ids = {c["id"] for c in world["cats"]}
+    for name in ("baseline", "mtgan", "bicubic", "noreg"):
+        results = json.loads((evaluated / f"{name}.json").read_text())
+        assert results, name
+        per_image: dict[int, int] = {}
+        for r in results:
+            assert set(r) == {"image_id", "category_id", "bbox", "score"}
+            assert r["image_id"] in gt_images and r["category_id"] in cat_ids
+            x, y, w, h = r["bbox"]
+            assert w >= 0 and h >= 0 and x >= 0 and y >= 0 and x + w <= 192 + 1e-3 and y + h <= 192 + 1e-3
+            assert 0.0 <= r["score"] <= 1.0
+            per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+        assert max(per_image.values()) <= 100
+        if name != "baseline":
+            # D scores every ROI for every class: more candidates than ROIs survive the per-class NMS.
+            by_img = {}
+            for r in results:
+                by_img.setdefault(r["image_id"], []).append(r["score"])
+            assert all(s == sorted(s, reverse=True) for s in by_img.values())
+
+
+def test_baseline_results_are_the_rois(world, evaluated):
+    """baseline.json holds the input detections (clipped, float32, top 100), with their scores and classes."""
+    base = json.loads((evaluated / "baseline.json").read_text())
+    want = sorted((d["image_id"], d["category_id"], round(d["score"], 5)) for d in world["dets"])
+    got = sorted((r["image_id"], r["category_id"], round(r["score"], 5)) for r in base)
+    assert got == want
+
+
+def test_metrics_table_and_manifest(world, evaluated):
+    from sodtool.evaluate import STAT_NAMES
+
+    m = json.loads((evaluated / "metrics.json").read_text())
+    assert [r["name"] for r in m["rows"]] == ["baseline", "mtgan", "bicubic", "noreg"]
+    for r in m["rows"]:
+        for k in STAT_NAMES:
+            assert -1.0 <= r[k] <= 1.0
+        assert set(r["delta"]) == set(STAT_NAMES)
+    assert all(v in (0.0, None) for v in m["rows"][0]["delta"].values())
+    mt = m["rows"][1]
+    assert mt["delta"]["AP"] == pytest.approx(mt["AP"] - m["rows"][0]["AP"])
+    # The baseline's row is COCOeval of baseline.json, exactly as `eval --results` computes it.
+    from sodtool.coco import SplitPaths, load_split
+    from sodtool.evaluate import coco_evaluate
+
+    split = load_split(SplitPaths(world["data"] / "annotations" / "instances_minival.json",
+                                  world["data"] / "images" / "minival"))
+    ref = coco_evaluate(split.coco, json.loads((evaluated / "baseline.json").read_text()))
+    assert m["rows"][0]["AP"] == ref["AP"] and m["rows"][0]["AP_small"] == ref["AP_small"]
+    table = (evaluated / "table.md").read_text()
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert lines[0] == "| Method | AP | AP50 | AP75 | AP_S | AP_M | AP_L |"
+    titles = [ln.split(" | ")[0][2:] for ln in lines[2:6]]
+    assert titles == ["Baseline detector", "SOD-MTGAN", "Bicubic control (D on bicubic)", "noreg"]
+    ap_cell = lines[2].split(" | ")[1]
+    assert ap_cell == f"{100 * m['rows'][0]['AP']:.1f}"
+    manifest = json.loads((evaluated / "manifest.json").read_text())
+    assert manifest["stage"] == "eval-mtgan"
+    assert {"baseline.json", "mtgan.json", "bicubic.json", "noreg.json", "metrics.json", "table.md",
+            "figures"} <= set(manifest["outputs"])
+    assert manifest["inputs"]["rois_lr"] is not None and manifest["inputs"]["ablation_noreg"] is not None
+
+
+def test_figures_are_pngs(evaluated):
+    fig = evaluated / "figures"
+    w, h = _valid_png(fig / "sr_triplets.png")
+    assert w > 3 * HR and h > HR
+    w, h = _valid_png(fig / "detections.png")
+    assert w >= 2 * 192  # baseline beside MTGAN
+    _valid_png(fig / "loss_mtgan.png")
+    _valid_png(fig / "loss_sr.png")
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring pieces
+# --------------------------------------------------------------------------------------------
+
+
+def test_zero_deltas_give_the_rois(world, tmp_path):
+    """A D whose regression head outputs zeros leaves every ROI where it was (clipped)."""
+    from sodtool.rescore import refine_boxes, rescore_eval
+
+    rois = torch.tensor([[10.0, 20.0, 30.0, 50.0], [300.5, 1.5, 400.0, 80.0]])
+    assert torch.equal(refine_boxes(rois, torch.zeros(2, 4), 1000, 1000), rois)
+    assert torch.equal(refine_boxes(rois, None, 1000, 1000), rois)  # no regression branch
+    # D's deltas are in BOX_WEIGHTS scale (10, 10, 5, 5): reg dx = 10 is a shift of one ROI width.
+    moved = refine_boxes(rois, torch.tensor([[10.0, 0, 0, 0], [0, 0, 5.0, 0]]), 1000, 1000)
+    assert moved[0].tolist() == pytest.approx([30.0, 20.0, 50.0, 50.0])
+    assert (moved[1, 2] - moved[1, 0]).item() == pytest.approx(99.5 * np.e, rel=1e-5)  # dw = log(e)
+    assert refine_boxes(rois, torch.tensor([[0, 0, 5.0, 0], [0, 0, 5.0, 0]]), 200, 200)[1].tolist() == \
+        [200.0, 1.5, 200.0, 80.0]  # clipped to the image
+
+    zero = tmp_path / "mtgan_zero"
+    zero.mkdir()
+    save_mtgan(zero / "model.pt", world["cats"], zero_reg=True)
+    out = tmp_path / "eval"
+    rescore_eval(_cfg(world, out, mtgan=zero, figures=False))
+    base = {(r["image_id"], tuple(r["bbox"])) for r in json.loads((out / "baseline.json").read_text())}
+    for name in ("mtgan", "bicubic"):
+        res = json.loads((out / f"{name}.json").read_text())
+        assert res and all((r["image_id"], tuple(r["bbox"])) in base for r in res), name
+
+
+def test_class_scores_fused_and_disc():
+    from sodtool.rescore import class_scores
+
+    probs = torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]])
+    s = torch.tensor([0.8, 0.4])
+    lab = torch.tensor([2, 1])
+    assert torch.equal(class_scores(probs, s, lab, "disc"), probs[:, 1:])
+    f = class_scores(probs, s, lab, "fused")
+    # q = s for the baseline class, (1 - s) / K for the others.
+    assert f[0, 1] == pytest.approx(np.sqrt(0.2 * 0.8))
+    assert f[0, 0] == pytest.approx(np.sqrt(0.6 * 0.2 / 3))
+    assert f[1, 0] == pytest.approx(np.sqrt(0.1 * 0.4))
+    assert f[1, 2] == pytest.approx(np.sqrt(0.1 * 0.6 / 3))
+
+
+def test_select_detections_nms_per_class_and_topk():
+    from sodtool.rescore import select_detections
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1.0, 0, 11, 10], [50.0, 50, 60, 60]])
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.0005]])
+    d = select_detections(boxes, scores, nms_iou=0.5, max_per_image=100, min_score=1e-3)
+    # class 1: ROI 1 suppressed by ROI 0; class 2: ROI 0 suppressed by ROI 1; ROI 2 class 2 below min_score.
+    assert d["labels"].tolist() == [1, 2, 1]
+    assert d["scores"].tolist() == pytest.approx([0.9, 0.7, 0.3])
+    assert d["boxes"][1].tolist() == [1.0, 0, 11, 10]
+    d = select_detections(boxes, scores, nms_iou=0.5, max_per_image=2, min_score=0.0)
+    assert len(d["scores"]) == 2
+    d = select_detections(boxes, scores, nms_iou=1.0, max_per_image=100, min_score=0.0)
+    assert len(d["scores"]) == 6
+
+
+def test_fused_mode_and_missing_lr_twin_match(world, tmp_path):
+    """Without its _lr.h5 twin the LR crops are made here: same bytes, same detections."""
+    import shutil
+
+    from sodtool.rescore import rescore_eval
+
+    lone = tmp_path / "alone" / "rois_minival.h5"
+    lone.parent.mkdir()
+    shutil.copy(world["rois"], lone)
+    a = rescore_eval(_cfg(world, tmp_path / "a", score="fused", figures=False))
+    b = rescore_eval(_cfg(world, tmp_path / "b", rois=lone, score="fused", figures=False, batch_size=7))
+    assert b["source"]["lr"] is None and a["source"]["lr"] is not None
+    for name in ("baseline", "mtgan", "bicubic"):
+        assert (tmp_path / "a" / f"{name}.json").read_text() == (tmp_path / "b" / f"{name}.json").read_text(), name
+    assert a["rows"][1]["AP"] == b["rows"][1]["AP"]
+    assert a["score_mode"] == "fused"
+
+
+def test_store_and_direct_detector_give_the_same_results(world, tmp_path):
+    """crop-rois --mode test + downsample + eval --rois == eval --detector (same crops, same numbers)."""
+    from sodtool.detector import build_detector
+    from sodtool.downsample import DownsampleConfig, downsample
+    from sodtool.rescore import rescore_eval
+    from sodtool.rois import CropRoisConfig, crop_rois
+
+    det_path = save_tiny_detector(tmp_path / "detector" / "model.pt", world["cats"], build_detector)
+    rois = tmp_path / "rois_minival.h5"
+    # 25 ROIs per image instead of the paper's 100 keeps the test quick (a random detector fills every slot).
+    crop_rois(CropRoisConfig(out=rois, data=world["data"], split="minival", mode="test", detector_weights=det_path,
+                             hr_size=HR, context=1.5, device="cpu", max_rois=25))
+    downsample(DownsampleConfig(src=rois))
+    a = rescore_eval(_cfg(world, tmp_path / "via_store", rois=rois, figures=False, batch_size=32))
+    b = rescore_eval(_cfg(world, tmp_path / "direct", rois=None, detector=det_path, context=1.5, figures=False,
+                          rois_per_image=25, batch_size=32))
+    assert a["rois"] == b["rois"] > 0
+    for name in ("baseline", "mtgan", "bicubic"):
+        ra = (tmp_path / "via_store" / f"{name}.json").read_text()
+        assert ra == (tmp_path / "direct" / f"{name}.json").read_text(), name
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert {k: v for k, v in ra.items() if k != "title"} == {k: v for k, v in rb.items() if k != "title"}
+
+
+def save_tiny_detector(path: Path, cats: list[dict], build_detector) -> Path:
+    """A random ResNet-18 FPN Faster R-CNN in sodtool's model.pt format (see sodtool.detector)."""
+    from sodtool.detector import MODEL_FORMAT, resolve_build
+
+    opts = dict(min_size=192, max_size=192, fpn_channels=16, representation_size=32, rpn_pre_nms_top_n_test=200,
+                rpn_post_nms_top_n_test=150)
+    torch.manual_seed(0)
+    model = build_detector("resnet18_fpn", len(cats) + 1, **opts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build = resolve_build("resnet18_fpn", **opts)
+    torch.save({"format": MODEL_FORMAT, "arch": "resnet18_fpn", "num_classes": len(cats) + 1,
+                "categories": json.dumps(cats),
+                "build": build, "model": model.state_dict()}, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_mode_store_is_refused(world, cli, tmp_path):
+    res = cli("eval", "--data", world["data"], "--split", "minival", "--rois", world["rois_train"],
+              "--mtgan", world["mtgan"], "--out", tmp_path / "e", "--device", "cpu")
+    assert res.exit_code == 2
+    assert "'train'-mode ROI store" in res.stderr and "crop-rois --mode test" in res.stderr
+    assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def test_mismatched_categories_are_refused(world, cli, tmp_path):
+    other = [{"id": c["id"], "name": c["name"] + "x"} for c in world["cats"]]
+    bad = save_mtgan(tmp_path / "bad.pt", other)
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", bad, "--out", tmp_path / "e")
+    assert res.exit_code == 2 and "categories disagree" in res.stderr and "bad.pt" in res.stderr
+    fewer = save_mtgan(tmp_path / "fewer.pt", world["cats"][:2])
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"],
+              "--ablation", f"few={fewer}", "--out", tmp_path / "e")
+    assert res.exit_code == 2 and "ablation 'few'" in res.stderr
+
+
+def test_mode_errors(world, cli, tmp_path):
+    res = cli("eval", "--results", tmp_path / "r.json", "--data", world["data"], "--mtgan", world["mtgan"],
+              "--rois", world["rois"])
+    assert res.exit_code == 2 and "two modes" in res.stderr
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"])
+    assert res.exit_code == 2 and "need --mtgan" in res.stderr
+    res = cli("eval", "--data", world["data"], "--mtgan", world["mtgan"])
+    assert res.exit_code == 2 and "exactly one ROI source" in res.stderr
+    res = cli("eval", "--data", world["data"])
+    assert res.exit_code == 2 and "--results FILE" in res.stderr
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"],
+              "--ablation", "mtgan=x.pt")
+    assert res.exit_code == 2 and "reserved" in res.stderr
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"], "--score", "max")
+    assert res.exit_code == 2 and "--score" in res.stderr
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", tmp_path)
+    assert res.exit_code == 2 and "no model.pt" in res.stderr
+
+
+def test_hr_size_mismatch_is_refused(world, tmp_path):
+    from sodtool.rescore import rescore_eval
+
+    big = save_mtgan(tmp_path / "big.pt", world["cats"], hr_size=64)
+    with pytest.raises(InputError, match="64 px crops"):
+        rescore_eval(_cfg(world, tmp_path / "e", mtgan=big))
+
+
+# --------------------------------------------------------------------------------------------
+# Figures module
+# --------------------------------------------------------------------------------------------
+
+
+def test_figure_functions(tmp_path):
+    from sodtool import figures
+
+    rng = np.random.default_rng(0)
+    lr = rng.integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
+    hr = rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    p = figures.sr_triplets(lr, hr, hr, tmp_path / "t.png", captions=["a", "b", "c"])
+    w, h = _valid_png(p)
+    # LR upsampled 4x nearest: the first tile of the grid is the LR crop, pixel-replicated.
+    with Image.open(p) as im:
+        arr = np.asarray(im.convert("RGB"))
+    # Layout: 4 px margin, 22 px title row; 32 px crops are shown zoomed to 128 px (16 px per LR pixel).
+    tile = arr[22:22 + 128, 4:4 + 128]
+    assert np.array_equal(tile[::16, ::16], lr[0].transpose(1, 2, 0))
+    assert np.array_equal(tile[15::16, 15::16], lr[0].transpose(1, 2, 0))
+    img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    gt = [{"boxes": np.array([[5, 5, 20, 25]], np.float32), "labels": np.array([1])}]
+    det = [{"boxes": np.array([[6, 6, 21, 24], [40, 10, 60, 30]], np.float32), "scores": np.array([0.9, 0.2]),
+            "labels": np.array([1, 2])}]
+    p = figures.detections_figure([img], gt, {"Baseline": det, "SOD-MTGAN": det}, tmp_path / "d.png",
+                                  class_names=["x", "y"], score_thresh=0.5, upscale=1)
+    w, h = _valid_png(p)
+    assert w >= 160
+    with Image.open(p) as im:
+        arr = np.asarray(im.convert("RGB")).astype(int)
+    assert ((arr == [0, 200, 0]).all(axis=2)).any() and ((arr == [230, 0, 0]).all(axis=2)).any()
+    assert figures.loss_curves([{"step": 1, "lr": 0.1}], tmp_path / "none.png", title="x") is None
+    p = figures.loss_curves([{"step": s, "g_mse": 1.0 / s, "d_total": 0.5} for s in range(1, 10)],
+                            tmp_path / "l.png", title="x")
+    _valid_png(p)
+    assert figures.loss_series([{"step": 2, "g_a": 1.0, "split": "val"}, {"step": 3, "g_a": 2.0, "lr": 1}]) == \
+        {"g_a": ([3.0], [2.0])}
