@@ -113,22 +113,60 @@ def eval_results(
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
     split: str = typer.Option("minival", "--split", help="Split whose ground truth to evaluate against."),
     ann: Optional[Path] = typer.Option(None, "--ann", help="Ground-truth annotation file (overrides --data/--split)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (not needed to evaluate)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <results folder>/eval_<results name>)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (not needed to evaluate --results; --detector runs on it)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <results folder>/eval_<results name>; with --mtgan: RUN/eval_<split> beside RUN/mtgan)."),
+    mtgan: Optional[Path] = typer.Option(None, "--mtgan", help="Rescoring mode: the MTGAN run folder (RUN/mtgan) or its model.pt."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Rescoring: the baseline detector (RUN/detector/model.pt), run on the split to get its top-100 ROIs."),
+    rois: Optional[Path] = typer.Option(None, "--rois", help="Rescoring, instead of --detector: a test-mode ROI store (RUN/rois_<split>.h5; its _lr.h5 twin is used when present)."),
+    score: str = typer.Option("disc", "--score", help="Rescoring score: disc (the paper: D's class probability) or fused (geometric mean with the baseline's score)."),
+    ablation: Optional[list[str]] = typer.Option(None, "--ablation", help="NAME=PATH of another MTGAN (e.g. trained with --no-adv) to evaluate the same way; repeatable."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Rescoring: ROIs per forward pass (the ROIs of several images)."),
+    device: str = typer.Option("auto", "--device", help="Rescoring: auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
+    nms_iou: float = typer.Option(0.5, "--nms-iou", help="Rescoring: IoU of the per-class NMS."),
+    max_per_image: int = typer.Option(100, "--max-per-image", help="Rescoring: detections kept per image."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Rescoring: write figures/ (SR triplets, detections, loss curves)."),
+    seed: int = typer.Option(0, "--seed", help="Seed (rescoring is deterministic; recorded in the manifest)."),
 ) -> None:
-    """Evaluate detections with COCOeval (bbox): the 12 COCO numbers and per-class AP.
+    """Evaluate detections with COCOeval (bbox), or rescore the baseline's ROIs with an MTGAN and compare.
 
-    Writes metrics.json, metrics.md and manifest.json into --out. Subcommands evaluate other things.
+    Two modes (exactly one):
+
+    --results FILE: evaluate a COCO results file; writes metrics.json, metrics.md, manifest.json.
+
+    --mtgan RUN/mtgan with --detector or --rois: rescore the baseline's top-100 ROIs per image (G, D, NMS).
+    Outputs baseline.json, mtgan.json, bicubic.json (control: D on bicubic crops), NAME.json per --ablation,
+    metrics.json, table.md (AP, AP50, AP75, AP_S, AP_M, AP_L in %), figures/ and manifest.json.
+
+    Subcommands evaluate other things.
 
     Example: sodtool eval --results runs/quick/dets_minival.json --data data/synth-quick --split minival
+
+    Example: sodtool eval --split minival --data data/synth-quick --detector runs/quick/detector/model.pt --mtgan runs/quick/mtgan --out runs/quick/eval_minival
+
+    Example: sodtool eval --split minival --data data/synth-quick --rois runs/quick/rois_minival.h5 --mtgan runs/quick/mtgan --ablation no_adv=runs/quick/mtgan_no_adv
     """
+    rescoring = [n for n, v in (("--mtgan", mtgan), ("--detector", detector), ("--rois", rois), ("--ablation", ablation)) if v]
     if ctx.invoked_subcommand is not None:
-        if results is not None:
-            raise InputError(f"--results cannot be combined with the subcommand '{ctx.invoked_subcommand}'")
+        if results is not None or rescoring:
+            given = "--results" if results is not None else rescoring[0]
+            raise InputError(f"{given} cannot be combined with the subcommand '{ctx.invoked_subcommand}'")
+        return
+    if results is not None and rescoring:
+        raise InputError(f"--results (evaluate a results file) and {', '.join(rescoring)} (MTGAN rescoring) are "
+                         "two modes: give one of them")
+    if rescoring:
+        if mtgan is None:
+            raise InputError(f"{', '.join(rescoring)} need --mtgan (the MTGAN run folder or model.pt) for rescoring")
+        from sodtool.rescore import RescoreConfig, rescore_eval
+
+        rescore_eval(RescoreConfig(mtgan=mtgan, data=data, split=split, ann=ann, images=images, detector=detector,
+                                   rois=rois, ablations=tuple(ablation or ()), out=out, score=score,
+                                   nms_iou=nms_iou, max_per_image=max_per_image, batch_size=batch_size,
+                                   device=device, seed=seed, figures=figures))
         return
     if results is None:
-        typer.echo("sodtool: error: give --results FILE (a COCO results JSON) or a subcommand; "
-                   "see 'sodtool eval --help'", err=True)
+        typer.echo("sodtool: error: give --results FILE (a COCO results JSON), or --mtgan RUN/mtgan with "
+                   "--detector or --rois (MTGAN rescoring), or a subcommand; see 'sodtool eval --help'", err=True)
         raise typer.Exit(2)
     from sodtool.evaluate import EvalResultsConfig, evaluate_results
 
@@ -173,11 +211,13 @@ def data_synth(
 ) -> None:
     """Generate the synthetic small-object benchmark as a COCO-format dataset.
 
-    About 40% small (< 32²), 35% medium, 25% large objects; classes share colours and shapes and
-    differ only in fine internal patterns, so a small object's class needs resolution. Cluttered
-    backgrounds, unlabelled distractors, occlusion, blur, noise and JPEG artefacts. Writes
-    images/{train,minival}/, annotations/instances_{train,minival}.json and manifest.json
-    (built aside and renamed into place when complete).
+    About 40% small (< 32²), 35% medium, 25% large objects.
+
+    Classes share colours and shapes and differ only in fine internal patterns, so a small object's class needs resolution.
+
+    Cluttered backgrounds, unlabelled distractors, occlusion, blur, noise and JPEG artefacts.
+
+    Writes images/{train,minival}/, annotations/instances_{train,minival}.json and manifest.json (built aside, renamed into place when complete).
 
     Example: sodtool data synth --preset quick --out data/synth-quick --seed 0
     """
@@ -245,6 +285,87 @@ def _exit_on_nonfinite(fn, cfg) -> None:
             traceback.print_exc()
         typer.echo(f"sodtool: error: {e}", err=True)
         raise typer.Exit(NonFiniteLossError.exit_code) from None
+
+
+def _csv_ints(value: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+    """'16,32,64' -> (16, 32, 64); None stays None."""
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise InputError(f"{option} takes comma-separated integers, got '{value}'") from None
+
+
+@train_app.command("detector")
+@handles_input_errors
+def train_detector_cmd(
+    detector: str = typer.Option("frcnn", "--detector", help="Detector family (only frcnn: torchvision Faster R-CNN)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
+    out: Path = typer.Option(Path("runs/detector"), "--out", help="Output folder, e.g. RUN/detector. Rerunning into it resumes from its checkpoint.pt."),
+    preset: str = typer.Option("quick", "--preset", help="quick: ResNet-18-FPN (light), 320 px, batch 4, 1000 iterations, CPU minutes; bench: the same trunk, wider, 6000 iterations; coco: the paper's ResNet-50-C4, 800/1333, batch 16, lr 0.02, 90k iterations, steps 60k/80k (GPU)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="resnet50_fpn, resnet101_fpn, resnet50_c4, resnet18_fpn or mobilenet_v3_fpn (default: the preset's, or the --weights file's)."),
+    train_split: str = typer.Option("train", "--train-split", help="Split to train on."),
+    train_ann: Optional[Path] = typer.Option(None, "--train-ann", help="Training annotation file (overrides --data/--train-split)."),
+    train_images: Optional[Path] = typer.Option(None, "--train-images", help="Training image folder (overrides --data/--train-split)."),
+    val_split: str = typer.Option("minival", "--val-split", help="Split evaluated at the end."),
+    val_ann: Optional[Path] = typer.Option(None, "--val-ann", help="Evaluation annotation file (overrides --data/--val-split)."),
+    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Evaluation image folder (overrides --data/--val-split)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations (overrides the preset; the lr steps move with it)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Or: passes over the training images (iterations = epochs x images / batch)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per iteration."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="SGD base learning rate."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay (preset: 1e-4)."),
+    warmup_iters: Optional[int] = typer.Option(None, "--warmup-iters", help="Iterations of linear lr warm-up."),
+    warmup_factor: Optional[float] = typer.Option(None, "--warmup-factor", help="lr multiplier at iteration 0 of the warm-up (0.001; coco: 1/3 as Detectron)."),
+    milestones: Optional[str] = typer.Option(None, "--milestones", help="Iterations at which lr is multiplied by --gamma, comma-separated, e.g. 60000,80000."),
+    gamma: float = typer.Option(0.1, "--gamma", help="lr decay factor at each milestone."),
+    min_size: Optional[int] = typer.Option(None, "--min-size", help="Short image side the model resizes to (quick/bench 320, coco 800)."),
+    max_size: Optional[int] = typer.Option(None, "--max-size", help="Longest image side allowed after resizing (coco 1333)."),
+    train_sizes: Optional[str] = typer.Option(None, "--train-sizes", help="Multi-scale training: short sides drawn per image, comma-separated (e.g. 256,288,320,352)."),
+    hflip: bool = typer.Option(True, "--hflip/--no-hflip", help="Random horizontal flips in training."),
+    anchor_sizes: Optional[str] = typer.Option(None, "--anchor-sizes", help="Anchor size (px) per feature level, comma-separated, e.g. 16,32,64,128 (quick)."),
+    fpn_channels: Optional[int] = typer.Option(None, "--fpn-channels", help="FPN width (torchvision 256; quick 64)."),
+    roi_batch_size: Optional[int] = typer.Option(None, "--roi-batch-size", help="RoIs sampled per image for the box head (torchvision 512; quick 128)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from a whole detector: sodtool's model.pt or a torchvision detection state dict (e.g. fasterrcnn_resnet50_fpn_coco-258fb6c6.pth, fetched by hand)."),
+    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="torchvision ImageNet classification state dict of the trunk (e.g. resnet50-0676ba61.pth); BatchNorm is then frozen."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and flips: same seed, same weights on CPU."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write checkpoint.pt every N iterations (and at the end)."),
+    log_every: int = typer.Option(20, "--log-every", help="Write the mean of every loss term to metrics.jsonl every N iterations."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="COCO evaluation of the --val-split at the end."),
+    eval_score_thresh: float = typer.Option(0.001, "--eval-score-thresh", help="Lowest score kept for the evaluation (100 detections per image)."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (fp32 by default)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
+) -> None:
+    """Train the baseline detector (torchvision Faster R-CNN) and evaluate it on minival.
+
+    SGD with momentum, linear warm-up and step decay. Writes config.json, metrics.jsonl (every
+    loss term, lr), checkpoint.pt (every --checkpoint-every iterations), then model.pt (the
+    checkpoint that crop-rois, detect and eval take) and manifest.json (with COCO AP of the
+    --val-split). Rerunning the same command resumes. Exit code 2 for bad input, 3 if the loss
+    becomes NaN/inf (the last checkpoint is kept). One device (no DDP for the detector).
+
+    Example: sodtool train detector --detector frcnn --data data/synth-quick --out runs/quick/detector --preset quick
+
+    Example: sodtool train detector --data data/coco --preset coco --backbone-weights resnet50-0676ba61.pth --out runs/coco/detector
+    """
+    from sodtool.detector import TrainDetectorConfig, train_detector
+
+    _exit_on_nonfinite(train_detector, TrainDetectorConfig(
+        data=data, out=out, detector=detector, preset=preset, train_split=train_split, train_ann=train_ann,
+        train_images=train_images, val_split=val_split, val_ann=val_ann, val_images=val_images, arch=arch,
+        iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, warmup_iters=warmup_iters, warmup_factor=warmup_factor,
+        milestones=_csv_ints(milestones, "--milestones"), gamma=gamma, min_size=min_size, max_size=max_size,
+        train_sizes=_csv_ints(train_sizes, "--train-sizes") or (), hflip=hflip,
+        anchor_sizes=_csv_ints(anchor_sizes, "--anchor-sizes"), fpn_channels=fpn_channels,
+        roi_batch_size=roi_batch_size, weights=weights, backbone_weights=backbone_weights, seed=seed,
+        device=device, workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, resume=resume,
+        eval=evaluate, eval_score_thresh=eval_score_thresh, amp=amp, skip_invalid=skip_invalid))
 
 
 @train_app.command("sr")
@@ -345,6 +466,143 @@ def train_mtgan_cmd(
         cls=not no_cls, reg=not no_reg, val_fraction=val_fraction, val_max=val_max, val_every=val_every,
         log_every=log_every, checkpoint_every=checkpoint_every, sample_every=sample_every, seed=seed,
         device=device, num_workers=workers, stop_after=stop_after))
+
+
+# `sodtool crop-rois ...` is the group's callback (invoke_without_command), so that
+# `sodtool crop-rois merge OUT SHARDS...` can sit beside it.
+crop_rois_app = typer.Typer(invoke_without_command=True)
+app.add_typer(crop_rois_app, name="crop-rois")
+
+
+@crop_rois_app.callback()
+@handles_input_errors
+def crop_rois_cmd(
+    ctx: typer.Context,
+    out: Optional[Path] = typer.Option(None, "--out", help="The HR ROI store to write, e.g. RUN/rois_train.h5 (with --shard: RUN/rois_train.shard-i-of-n.h5)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
+    split: str = typer.Option("train", "--split", help="Split to crop."),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="Annotation file (overrides --data/--split)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (overrides --data/--split)."),
+    mode: str = typer.Option("train", "--mode", help="train: Fast R-CNN sampling (1 positive in 4, jittered ground truth added); test: the baseline's top detections, scores kept."),
+    detector: str = typer.Option("frcnn", "--detector", help="Detector family (only frcnn)."),
+    detector_weights: Optional[Path] = typer.Option(None, "--detector-weights", help="Detector checkpoint RUN/detector/model.pt (run on --device)."),
+    detections: Optional[Path] = typer.Option(None, "--detections", help="Or: its detections, a COCO results JSON (from `sodtool detect`)."),
+    hr_size: int = typer.Option(128, "--hr-size", help="Side S of the HR crops in px (LR = S/4)."),
+    context: float = typer.Option(1.5, "--context", help="Crop window side = context x max(ROI w, h), square, centred on the ROI."),
+    score_thresh: Optional[float] = typer.Option(None, "--score-thresh", help="Lowest detector score used (default: 0.01 train, 0.05 test)."),
+    max_rois: Optional[int] = typer.Option(None, "--max-rois", help="Top detections per image used (default: 300 train, 100 test)."),
+    fg_iou: float = typer.Option(0.5, "--fg-iou", help="IoU with a ground truth from which a ROI is positive."),
+    bg_low: float = typer.Option(0.1, "--bg-low", help="Train: ROIs with IoU in [bg-low, fg-iou) are background; below are unused."),
+    fg_fraction: float = typer.Option(0.25, "--fg-fraction", help="Train: share of positives among an image's ROIs."),
+    rois_per_image: int = typer.Option(64, "--rois-per-image", help="Train: ROIs per image (more for images with many objects)."),
+    gt_jitters: int = typer.Option(2, "--gt-jitters", help="Train: jittered copies of each ground-truth box added as positives."),
+    jitter_iou: float = typer.Option(0.7, "--jitter-iou", help="Train: least IoU of a jittered copy with its ground truth."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: crop every n-th image from the i-th (merge with `sodtool crop-rois merge`)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling (per image, so shards agree with an unsharded run)."),
+    device: str = typer.Option("auto", "--device", help="Device of the detector and the cropping: auto, cpu, cuda[:N]."),
+    batch_images: int = typer.Option(4, "--batch-images", help="Images per detector call."),
+    compression: str = typer.Option("lzf", "--compression", help="HDF5 filter of the crops: lzf (fast), gzip (level 1, smaller, slower) or none."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store (only once the new one is complete)."),
+) -> None:
+    """Crop the ROIs of a split into an HDF5 store: HR crops, labels, box targets, provenance.
+
+    ROIs come from a detector checkpoint (--detector-weights) or its detections (--detections).
+    Writes --out atomically and <out>.manifest.json beside it. Subcommand `merge` joins shards.
+
+    Example: sodtool crop-rois --detector frcnn --detector-weights runs/quick/detector/model.pt --data data/synth-quick --split train --mode train --out runs/quick/rois_train.h5
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        raise InputError("give --out (the store to write, e.g. runs/quick/rois_train.h5); see 'sodtool crop-rois --help'")
+    from sodtool.rois import CropRoisConfig, crop_rois
+
+    crop_rois(CropRoisConfig(
+        out=out, data=data, split=split, ann=ann, images=images, mode=mode, detector=detector,
+        detector_weights=detector_weights, detections=detections, hr_size=hr_size, context=context,
+        score_thresh=score_thresh, max_rois=max_rois, fg_iou=fg_iou, bg_low=bg_low, fg_fraction=fg_fraction,
+        rois_per_image=rois_per_image, gt_jitters=gt_jitters, jitter_iou=jitter_iou, shard=shard, seed=seed,
+        device=device, batch_images=batch_images, compression=compression, skip_invalid=skip_invalid,
+        overwrite=overwrite))
+
+
+@crop_rois_app.command("merge")
+@handles_input_errors
+def crop_rois_merge_cmd(
+    out: Path = typer.Argument(..., help="The merged store to write, e.g. runs/quick/rois_train.h5."),
+    shards: list[Path] = typer.Argument(..., help="Every shard of one run: rois_train.shard-0-of-n.h5 ... shard-(n-1)-of-n.h5."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store (only once the new one is complete)."),
+) -> None:
+    """Join the shards of one `crop-rois --shard i/n` run into one store, in image order.
+
+    The result equals the store an unsharded run writes. Refuses shards of different runs.
+
+    Example: sodtool crop-rois merge runs/quick/rois_train.h5 runs/quick/rois_train.shard-0-of-2.h5 runs/quick/rois_train.shard-1-of-2.h5
+    """
+    from sodtool.rois import merge_shards
+
+    merge_shards(out, shards, overwrite=overwrite)
+
+
+@app.command("downsample")
+@handles_input_errors
+def downsample_cmd(
+    src: Path = typer.Argument(..., help="The HR ROI store, e.g. runs/quick/rois_train.h5."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The LR store (default: <src stem>_lr.h5 beside src)."),
+    scale: int = typer.Option(4, "--scale", help="Downsampling factor (the HR size must be divisible by it)."),
+    batch: int = typer.Option(256, "--batch", help="Rows read per step."),
+    compression: str = typer.Option("none", "--compression", help="HDF5 filter of the LR crops: none (default: 32 px crops barely compress), lzf or gzip."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing LR store (only once the new one is complete)."),
+) -> None:
+    """Write the 4x bicubic (antialiased) low-resolution twin of every crop, same row order.
+
+    The HR store is only read. Writes the LR store atomically and <out>.manifest.json beside it.
+
+    Example: sodtool downsample runs/quick/rois_train.h5
+    """
+    from sodtool.downsample import DownsampleConfig, downsample
+
+    downsample(DownsampleConfig(src=src, out=out, scale=scale, batch=batch, overwrite=overwrite,
+                                compression=compression))
+
+
+@app.command("detect")
+@handles_input_errors
+def detect_cmd(
+    detector: str = typer.Option("frcnn", "--detector", help="The detector: RUN/detector/model.pt (or its folder), a torchvision detection state dict, or the family name frcnn with --weights."),
+    weights: Optional[Path] = typer.Option(None, "--weights", "--detector-weights", help="With --detector frcnn: the checkpoint file."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
+    split: str = typer.Option("minival", "--split", help="Split to run on."),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="Annotation file (overrides --data/--split)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (overrides --data/--split)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="COCO results JSON to write (default: RUN/detections_<split>.json beside RUN/detector, else ./detections_<split>.json). Its manifest goes beside it: <name>.manifest.json."),
+    score_thresh: float = typer.Option(0.001, "--score-thresh", help="Lowest score kept."),
+    max_per_image: int = typer.Option(100, "--max-per-image", help="Detections kept per image (top scores; the paper's protocol: 100)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass."),
+    min_size: Optional[int] = typer.Option(None, "--min-size", help="Override the short side the model resizes to (default: the checkpoint's; torchvision files: 800)."),
+    max_size: Optional[int] = typer.Option(None, "--max-size", help="Override the longest side allowed (default: the checkpoint's; torchvision files: 1333)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Also report COCO AP against the split's annotations (in the manifest)."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA."),
+    seed: int = typer.Option(0, "--seed", help="Seed (detection is deterministic; recorded in the manifest)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
+) -> None:
+    """Run a detector over a split and write COCO results JSON (dataset category ids, bbox x, y, w, h).
+
+    A torchvision COCO checkpoint (91 outputs indexed by COCO category id) works on a dataset with
+    COCO's categories; its outputs for categories the dataset lacks are dropped.
+
+    Example: sodtool detect --detector runs/quick/detector/model.pt --data data/synth-quick --split minival --out runs/quick/detections_minival.json
+
+    Example: sodtool detect --detector frcnn --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --data data/coco --split minival --out runs/coco/detections_minival.json
+    """
+    from sodtool.detector import DetectConfig, detect
+
+    detect(DetectConfig(detector=detector, weights=weights, data=data, split=split, ann=ann, images=images, out=out,
+                        score_thresh=score_thresh, max_per_image=max_per_image, batch_size=batch_size,
+                        min_size=min_size, max_size=max_size, device=device, evaluate=evaluate, amp=amp, seed=seed,
+                        skip_invalid=skip_invalid))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

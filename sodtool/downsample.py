@@ -1,0 +1,126 @@
+"""`sodtool downsample`: the bicubic low-resolution twin of an HR ROI store.
+
+Every HR crop uint8 [3, S, S] becomes `round(clamp(F.interpolate(hr.float(), scale_factor=1/scale,
+mode="bicubic", antialias=True, align_corners=False), 0, 255))` uint8 [3, S/scale, S/scale]
+(torch.round: halves to even), in the same row order, on the CPU (the output is then
+bit-identical on every machine). The LR file records the HR file's identity (`source`: its
+file_identity, and `source_content_sha256`: its content digest, which the loader checks) and a
+copy of its categories; the HR file is opened read-only and never modified. LR crops are stored
+in the HR file's chunking (8 rows, so the loader reads matching chunks) and uncompressed by
+default (they do not compress). The LR file is
+built under a temporary name and renamed into place; its sidecar `<lr>.manifest.json` follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sodtool import store as S
+from sodtool.errors import InputError
+
+
+@dataclass(frozen=True)
+class DownsampleConfig:
+    """src: HR store; out: LR store (default `<src stem>_lr.h5` beside src); scale: the factor
+    (S must be divisible by it); batch: rows per step (a multiple of the chunk size is fastest);
+    compression: of the LR crops, none by default: 32 px crops of noisy images do not compress
+    (LZF kept 94% of the bytes) and an uncompressed twin costs the loader nothing to read."""
+
+    src: Path
+    out: Path | None = None
+    scale: int = 4
+    batch: int = 256
+    overwrite: bool = False
+    compression: str = "none"
+
+
+def default_out(src: Path) -> Path:
+    """`RUN/rois_train.h5` -> `RUN/rois_train_lr.h5`."""
+    src = Path(src)
+    stem = src.name[: -len(src.suffix)] if src.suffix else src.name
+    return src.with_name(f"{stem}_lr{src.suffix or '.h5'}")
+
+
+# Rows per interpolate call: small batches stay in cache (16 rows ran 2-3x faster per row than 256).
+STEP = 16
+
+
+def bicubic_down(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> uint8 [B, 3, S/scale, S/scale]: antialiased bicubic, rounded, clamped."""
+    s = hr.shape[-1] // scale
+    out = torch.empty((hr.shape[0], hr.shape[1], s, s), dtype=torch.uint8)
+    for i in range(0, hr.shape[0], STEP):
+        lr = F.interpolate(hr[i:i + STEP].float(), size=(s, s), mode="bicubic", antialias=True, align_corners=False)
+        out[i:i + STEP] = lr.round_().clamp_(0, 255)
+    return out
+
+
+def downsample(cfg: DownsampleConfig) -> dict:
+    """Write the LR twin of `cfg.src`; returns metrics (rows, sizes, crops/s)."""
+    from sodtool.artefacts import Timer, file_identity
+    from sodtool.console import log, summary_table, track
+    from sodtool.rois import write_store_manifest
+
+    timer = Timer()
+    src = Path(cfg.src)
+    out = Path(cfg.out) if cfg.out is not None else default_out(src)
+    if cfg.scale < 1:
+        raise InputError(f"--scale must be >= 1, got {cfg.scale}")
+    if cfg.batch < 1:
+        raise InputError(f"--batch must be >= 1, got {cfg.batch}")
+    if cfg.compression not in S.COMPRESSIONS:
+        raise InputError(f"--compression must be one of {', '.join(S.COMPRESSIONS)}, got '{cfg.compression}'")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise InputError(f"the output {out} is the source store itself")
+    if out.exists() and not cfg.overwrite:
+        raise InputError(f"{out} already exists (pass --overwrite to replace it once the new file is complete)")
+    with S.open_store(src, S.SCHEMA) as f:
+        ds = f["hr"]
+        n, hr_size = int(ds.shape[0]), int(ds.shape[-1])
+        if hr_size % cfg.scale:
+            raise InputError(f"{src}: HR size {hr_size} is not divisible by the scale {cfg.scale}")
+        lr_size = hr_size // cfg.scale
+        chunk_rows = int(ds.chunks[0]) if ds.chunks else S.CHUNK_ROWS
+        src_digest = S.attr_str(f, "content_sha256") if "content_sha256" in f.attrs else None
+        attrs = {
+            "scale": cfg.scale,
+            "source": file_identity(src),
+            "source_content_sha256": src_digest,
+            "categories": S.attr_json(f, "categories"),
+            "hr_size": hr_size,
+            "lr_size": lr_size,
+            "method": "torch.nn.functional.interpolate bicubic antialias=True align_corners=False, round half to even, clamp",
+        }
+        for k in ("split", "mode"):
+            if k in f.attrs:
+                attrs[k] = S.attr_str(f, k)
+        batch = max(chunk_rows, (cfg.batch // chunk_rows) * chunk_rows)
+        log(f"downsample: {n} crops {hr_size} -> {lr_size} px ({src} -> {out})")
+        compute_s = 0.0
+        buf = np.empty((batch, *ds.shape[1:]), dtype=np.uint8)  # reused: fresh big arrays cost page faults
+        with S.StoreWriter(out, schema=S.LR_SCHEMA, fields=S.lr_fields(lr_size), attrs=attrs,
+                           chunk_rows=chunk_rows, compression=cfg.compression) as w:
+            for start in track(range(0, n, batch), "downsample", total=(n + batch - 1) // batch):
+                k = min(batch, n - start)
+                ds.read_direct(buf, np.s_[start:start + k], np.s_[0:k])
+                t = Timer()
+                lr = bicubic_down(torch.from_numpy(buf[:k]), cfg.scale)
+                compute_s += t.elapsed
+                w.append(lr=lr.numpy())
+            digest = w.content_sha256()
+    metrics = {"rows": n, "hr_size": hr_size, "lr_size": lr_size, "scale": cfg.scale,
+               "crops_per_s": n / timer.elapsed if timer.elapsed > 0 else None,
+               "compute_s": round(compute_s, 3), "store_bytes": out.stat().st_size,
+               "content_sha256": digest, "wall_time_s": round(timer.elapsed, 3)}
+    cfg_out = dataclasses.replace(cfg, src=src, out=out)
+    write_store_manifest(out, "downsample", cfg_out, {"src": attrs["source"]}, metrics, seed=None, device="cpu",
+                         wall_time_s=timer.elapsed)
+    summary_table(f"downsample -> {out}", {k: v for k, v in metrics.items() if k != "content_sha256"})
+    return metrics
+
