@@ -303,7 +303,7 @@ def train_detector_cmd(
     detector: str = typer.Option("frcnn", "--detector", help="Detector family (only frcnn: torchvision Faster R-CNN)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
     out: Path = typer.Option(Path("runs/detector"), "--out", help="Output folder, e.g. RUN/detector. Rerunning into it resumes from its checkpoint.pt."),
-    preset: str = typer.Option("quick", "--preset", help="quick: ResNet-18-FPN (light), 320 px, batch 4, 1000 iterations, CPU minutes; bench: the same trunk, wider, 6000 iterations; coco: the paper's ResNet-50-C4, 800/1333, batch 16, lr 0.02, 90k iterations, steps 60k/80k (GPU)."),
+    preset: str = typer.Option("quick", "--preset", help="quick: MobileNetV3-FPN from scratch, 320 px, batch 4, 800 iterations (minutes on a 2-core CPU); bench: the same, wider, 4000 iterations; coco: the paper's ResNet-50-C4, 800/1333 px, batch 16, lr 0.02, 90k iterations, lr /10 at 60k and 80k (GPU, with --backbone-weights)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="resnet50_fpn, resnet101_fpn, resnet50_c4, resnet18_fpn or mobilenet_v3_fpn (default: the preset's, or the --weights file's)."),
     train_split: str = typer.Option("train", "--train-split", help="Split to train on."),
     train_ann: Optional[Path] = typer.Option(None, "--train-ann", help="Training annotation file (overrides --data/--train-split)."),
@@ -324,9 +324,10 @@ def train_detector_cmd(
     min_size: Optional[int] = typer.Option(None, "--min-size", help="Short image side the model resizes to (quick/bench 320, coco 800)."),
     max_size: Optional[int] = typer.Option(None, "--max-size", help="Longest image side allowed after resizing (coco 1333)."),
     train_sizes: Optional[str] = typer.Option(None, "--train-sizes", help="Multi-scale training: short sides drawn per image, comma-separated (e.g. 256,288,320,352)."),
-    hflip: bool = typer.Option(True, "--hflip/--no-hflip", help="Random horizontal flips in training."),
+    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in training (preset: off for quick/bench, whose stripes-d/stripes-a classes are mirror images; on for coco)."),
     anchor_sizes: Optional[str] = typer.Option(None, "--anchor-sizes", help="Anchor size (px) per feature level, comma-separated, e.g. 16,32,64,128 (quick)."),
-    fpn_channels: Optional[int] = typer.Option(None, "--fpn-channels", help="FPN width (torchvision 256; quick 64)."),
+    fpn_channels: Optional[int] = typer.Option(None, "--fpn-channels", help="FPN width (torchvision 256; quick 64, bench 128)."),
+    returned_layers: Optional[str] = typer.Option(None, "--returned-layers", help="Trunk stages feeding the FPN, comma-separated (ResNet: 1..4 = strides 4..32, torchvision 1,2,3,4; MobileNetV3: 0..5, 2,3,4 = strides 8..32, torchvision 4,5; quick 2,3,4)."),
     roi_batch_size: Optional[int] = typer.Option(None, "--roi-batch-size", help="RoIs sampled per image for the box head (torchvision 512; quick 128)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Start from a whole detector: sodtool's model.pt or a torchvision detection state dict (e.g. fasterrcnn_resnet50_fpn_coco-258fb6c6.pth, fetched by hand)."),
     backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="torchvision ImageNet classification state dict of the trunk (e.g. resnet50-0676ba61.pth); BatchNorm is then frozen."),
@@ -343,11 +344,11 @@ def train_detector_cmd(
 ) -> None:
     """Train the baseline detector (torchvision Faster R-CNN) and evaluate it on minival.
 
-    SGD with momentum, linear warm-up and step decay. Writes config.json, metrics.jsonl (every
-    loss term, lr), checkpoint.pt (every --checkpoint-every iterations), then model.pt (the
-    checkpoint that crop-rois, detect and eval take) and manifest.json (with COCO AP of the
-    --val-split). Rerunning the same command resumes. Exit code 2 for bad input, 3 if the loss
-    becomes NaN/inf (the last checkpoint is kept). One device (no DDP for the detector).
+    SGD with momentum, linear warm-up and step decay; random horizontal flips; trained from scratch unless --weights or --backbone-weights is given (nothing is downloaded).
+
+    Writes config.json, metrics.jsonl (every loss term, lr), checkpoint.pt (every --checkpoint-every iterations and at the end), then model.pt (the checkpoint crop-rois, detect and eval take) and manifest.json (with the COCO AP of --val-split). Rerunning the same command resumes from checkpoint.pt.
+
+    Exit code 2 for bad input, 3 if the loss becomes NaN/inf (the last checkpoint is kept). One device (no DDP for the detector).
 
     Example: sodtool train detector --detector frcnn --data data/synth-quick --out runs/quick/detector --preset quick
 
@@ -363,6 +364,7 @@ def train_detector_cmd(
         milestones=_csv_ints(milestones, "--milestones"), gamma=gamma, min_size=min_size, max_size=max_size,
         train_sizes=_csv_ints(train_sizes, "--train-sizes") or (), hflip=hflip,
         anchor_sizes=_csv_ints(anchor_sizes, "--anchor-sizes"), fpn_channels=fpn_channels,
+        returned_layers=_csv_ints(returned_layers, "--returned-layers"),
         roi_batch_size=roi_batch_size, weights=weights, backbone_weights=backbone_weights, seed=seed,
         device=device, workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, resume=resume,
         eval=evaluate, eval_score_thresh=eval_score_thresh, amp=amp, skip_invalid=skip_invalid))
@@ -590,8 +592,9 @@ def detect_cmd(
 ) -> None:
     """Run a detector over a split and write COCO results JSON (dataset category ids, bbox x, y, w, h).
 
-    A torchvision COCO checkpoint (91 outputs indexed by COCO category id) works on a dataset with
-    COCO's categories; its outputs for categories the dataset lacks are dropped.
+    Writes --out atomically, then its manifest <name>.manifest.json beside it (with COCO AP unless --no-eval).
+
+    A torchvision COCO checkpoint (91 outputs indexed by COCO category id) works on a dataset with COCO's categories and names; its outputs for categories the dataset lacks are dropped.
 
     Example: sodtool detect --detector runs/quick/detector/model.pt --data data/synth-quick --split minival --out runs/quick/detections_minival.json
 

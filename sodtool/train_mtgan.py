@@ -1,0 +1,426 @@
+"""`sodtool train mtgan`: the multi-task GAN of the paper (Eq. 10 and 11, Sec. 4.2).
+
+The generator starts from the MSE-pretrained `RUN/sr/generator.pt`; the discriminator is a
+torchvision ResNet trunk with real/fake, class (K+1) and box heads (sodtool.networks). Each
+iteration takes one batch (x LR crops, y HR crops, u labels, v raw box deltas) and makes
+
+1. one discriminator step, G fixed: sr = G(x) is computed once and D sees `sr.detach()`;
+   L_D = Eq. 11 (`sodtool.losses.discriminator_loss`), SGD step, LR schedule step;
+2. one generator step, D fixed: D's parameters are frozen (requires_grad False, so its
+   optimiser has nothing to step), D(sr) with the just-updated D, L_G = Eq. 10
+   (`sodtool.losses.generator_loss`), Adam step. The graph of sr is reused: G has not changed.
+
+D stays in training mode in both steps (batch statistics in its BN layers, as SRGAN /
+BasicSR train their discriminators), so its BN running averages also see the SR batch of the
+generator step.
+
+Defaults are the paper's: alpha = 0.001, beta = gamma = 0.01; Adam for G (lr 1e-4); SGD for D
+(lr 0.01, momentum 0.9, weight decay 1e-4) divided by 10 every 40k iterations, 80k iterations
+(`--preset paper`). `--preset quick` is a light CPU configuration (ResNet-18, a few hundred
+iterations, the D schedule scaled proportionally). Ablations (paper Table 3): `--no-reg-branch`,
+`--no-adv`, `--no-cls`, `--no-reg` (their exact meaning is in sodtool.losses); `--tv-weight`
+(Gu et al.'s total variation, 0 = off); `--adversarial paper|nonsaturating`.
+
+Outputs (`RUN/mtgan/`):
+- `checkpoint.pt` every `checkpoint_every` iterations (atomic): both networks and configs,
+  categories, both optimisers, the D scheduler, the step, the data position (epoch and batches
+  taken in it), the torch / numpy / python RNG states, the config and input identities.
+  Rerunning the same command resumes from it. On CPU with a fixed seed (and the same torch
+  thread count), a run killed at any moment and rerun ends with exactly the same weights as an
+  uninterrupted run.
+- `metrics.jsonl`: every loss term by name (g_mse, g_adv, g_cls, g_reg, g_tv, g_total,
+  d_adv_real, ..., d_total: the ones switched on), "step", "lr_g", "lr_d", "crops_per_s"; and
+  held-out lines ("split": "val"): PSNR / SSIM of G and of bicubic, D's class accuracy on HR,
+  SR and bicubic crops.
+- `samples/iter_NNNNNNN.png`: grids of a few held-out crops, rows = LR (nearest), bicubic, SR, HR.
+- `model.pt`: generator + discriminator + configs + categories + loss weights (what `eval` takes).
+- `manifest.json`, last.
+
+Exit codes: 2 for bad input (InputError), 3 when a loss becomes NaN / inf (NonFiniteLossError;
+the last good checkpoint is kept untouched).
+
+Device: `--device auto|cpu|cuda`. On CUDA: bf16 autocast (losses in float32), channels_last,
+pinned memory and loader workers. Several GPUs: launch with `torchrun --nproc_per_node=N -m
+sodtool train mtgan ...`; both networks are wrapped in DDP, each rank reads a disjoint shard
+of the rows, only rank 0 writes files (checkpoints hold rank 0's RNG state; exact resumption is
+a CPU, single-process guarantee). The CUDA path has not been run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from sodtool.artefacts import Timer, atomic_path, config_dict, file_identity, read_manifest, write_manifest
+from sodtool.errors import InputError
+from sodtool.train_sr import (
+    Accumulator,
+    BatchStream,
+    HeldOut,
+    MetricsLog,
+    NonFiniteLossError,
+    all_finite,
+    check_common,
+    check_enough_rows,
+    check_positive,
+    evaluate_generator,
+    fill_preset,
+    fmt_terms,
+    last_record,
+    load_held_out,
+    load_resume,
+    make_train_loader,
+    native_sides,
+    open_pair,
+    remove_stale_manifest,
+    rng_state,
+    set_rng_state,
+    split_rows,
+    to_float,
+)
+
+STAGE = "train-mtgan"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(iterations=200, batch_size=8, disc_arch="resnet18", d_lr_step=100,
+                  log_every=10, checkpoint_every=50, sample_every=100, val_every=100),
+    "paper": dict(iterations=80_000, batch_size=64, disc_arch="resnet50", d_lr_step=40_000,
+                  log_every=100, checkpoint_every=2_000, sample_every=5_000, val_every=5_000),
+}
+
+
+@dataclass(frozen=True)
+class TrainMTGANConfig:
+    """Options of `sodtool train mtgan`. None = take the value from `preset`."""
+
+    hr: Path
+    lr: Path
+    sr: Path
+    out: Path
+    preset: str = "quick"
+    iterations: Optional[int] = None
+    batch_size: Optional[int] = None
+    disc_arch: Optional[str] = None
+    imagenet_weights: Optional[Path] = None
+    g_lr: float = 1e-4
+    d_lr: float = 0.01
+    d_momentum: float = 0.9
+    d_weight_decay: float = 1e-4
+    d_lr_step: Optional[int] = None
+    d_lr_gamma: float = 0.1
+    alpha: float = 1e-3
+    beta: float = 1e-2
+    gamma: float = 1e-2
+    tv_weight: float = 0.0
+    adversarial: str = "paper"
+    reg_branch: bool = True
+    adv: bool = True
+    cls: bool = True
+    reg: bool = True
+    val_fraction: float = 0.05
+    val_max: int = 256
+    val_seed: int = 0
+    val_every: Optional[int] = None
+    log_every: Optional[int] = None
+    checkpoint_every: Optional[int] = None
+    sample_every: Optional[int] = None
+    sample_count: int = 8
+    seed: int = 0
+    device: str = "auto"
+    num_workers: Optional[int] = None
+    # Test hook: checkpoint and return after this iteration (as if killed right after it).
+    stop_after: Optional[int] = None
+
+
+def resolve_config(cfg: TrainMTGANConfig) -> TrainMTGANConfig:
+    """Fill preset values and check every option; InputError names the option at fault."""
+    from sodtool.networks import ARCHS
+
+    cfg = fill_preset(cfg, PRESETS)
+    check_positive(cfg, ("iterations", "batch_size", "d_lr_step", "val_every", "log_every", "checkpoint_every",
+                         "sample_every", "val_max"))
+    check_positive(cfg, ("sample_count", "seed", "num_workers", "val_seed"), minimum=0)
+    check_common(cfg)
+    if cfg.disc_arch not in ARCHS:
+        raise InputError(f"unknown --disc-arch '{cfg.disc_arch}' (choose from {', '.join(ARCHS)})")
+    for name in ("g_lr", "d_lr"):
+        v = getattr(cfg, name)
+        if not (v > 0 and math.isfinite(v)):
+            raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+    for name in ("d_momentum", "d_weight_decay", "d_lr_gamma"):
+        v = getattr(cfg, name)
+        if not (v >= 0 and math.isfinite(v)):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    loss_weights(cfg)  # validates alpha / beta / gamma / tv / adversarial
+    return cfg
+
+
+def loss_weights(cfg: TrainMTGANConfig):
+    from sodtool.losses import LossWeights
+
+    return LossWeights(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, tv=cfg.tv_weight, adv=cfg.adv,
+                       cls=cfg.cls, reg=cfg.reg and cfg.reg_branch, adversarial=cfg.adversarial)
+
+
+def _label_rows(hr: Path, rows: np.ndarray) -> torch.Tensor:
+    from sodtool import store
+
+    with store.open_store(hr) as fh:
+        return torch.from_numpy(fh["label"][rows].astype(np.int64)) if len(rows) else torch.zeros(0, dtype=torch.int64)
+
+
+@torch.no_grad()
+def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, batch_size: int = 32) -> dict[str, float]:
+    """Held-out class accuracy of D (eval mode) on HR, SR (G in eval mode) and bicubic crops."""
+    from sodtool.networks import bicubic_upsample, unwrap
+
+    if len(held.rows) == 0:
+        return {}
+    g, d = unwrap(g), unwrap(d)
+    modes = (g.training, d.training)
+    g.eval()
+    d.eval()
+    correct = {"hr": 0, "sr": 0, "bicubic": 0}
+    try:
+        for i in range(0, len(held.rows), batch_size):
+            x = to_float(held.lr[i:i + batch_size], device)
+            u = labels[i:i + batch_size].to(device)
+            inputs = {"hr": to_float(held.hr[i:i + batch_size], device),
+                      "sr": g(x).float().clamp(0, 1),
+                      "bicubic": bicubic_upsample(x).clamp(0, 1)}
+            for k, img in inputs.items():
+                correct[k] += int((d(img).cls.argmax(1) == u).sum().item())
+    finally:
+        g.train(modes[0])
+        d.train(modes[1])
+    return {f"val_d_cls_acc_{k}": v / len(held.rows) for k, v in correct.items()}
+
+
+@torch.no_grad()
+def save_sample_grid(g, held: HeldOut, device, path: Path, count: int) -> None:
+    """PNG grid, one column per crop; rows: LR (nearest x4), bicubic, SR (clamped), HR."""
+    from PIL import Image
+
+    from sodtool.networks import bicubic_upsample, unwrap
+
+    n = min(count, len(held.rows))
+    if n == 0:
+        return
+    g = unwrap(g)
+    was = g.training
+    g.eval()
+    try:
+        x = to_float(held.lr[:n], device)
+        sr = g(x).float().clamp(0, 1).cpu()
+    finally:
+        g.train(was)
+    x = x.cpu()
+    rows = [torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest"),
+            bicubic_upsample(x).clamp(0, 1), sr, held.hr[:n].float() / 255.0]
+    s, gap = held.hr.shape[-1], 2
+    grid = np.full((4 * s + 3 * gap, n * s + (n - 1) * gap, 3), 255, np.uint8)
+    for r, imgs in enumerate(rows):
+        tiles = (imgs * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for c in range(n):
+            grid[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = tiles[c]
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+
+
+def train_step(g_model, d_model, d_params, opt_g, opt_d, sched_d, x, y, u, v, w, device):
+    """One MTGAN iteration on a batch: a D step (G fixed), then a G step (D fixed).
+
+    x: LR float [B, 3, s, s]; y: HR float [B, 3, S, S] (both [0, 1]); u: labels int64 [B];
+    v: raw box deltas float32 [B, 4]. `g_model` / `d_model` may be DDP wrappers; `d_params` are
+    D's trainable parameters. Returns (L_D, L_G, terms dict of detached scalars). Nothing here
+    checks for NaN: the caller does, before anything is saved.
+    """
+    from sodtool.device import autocast
+    from sodtool.losses import discriminator_loss, generator_loss
+    from sodtool.networks import unwrap
+
+    with autocast(device):
+        sr = g_model(x)
+    # Discriminator step, G fixed: D sees G's output detached.
+    with autocast(device):
+        d_real = d_model(y)
+        d_fake = d_model(sr.detach())
+        loss_d, terms_d = discriminator_loss(d_real, d_fake, u, v, w)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    sched_d.step()
+    # Generator step, D fixed: its parameters are frozen, and the plain module runs (not the DDP
+    # wrapper) because no D gradient is reduced in this step. sr's graph is reused: G has not
+    # changed since it was computed.
+    d = unwrap(d_model)
+    for p in d_params:
+        p.requires_grad_(False)
+    try:
+        with autocast(device):
+            loss_g, terms_g = generator_loss(sr, y, d(sr), u, v, w)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+    finally:
+        for p in d_params:
+            p.requires_grad_(True)
+    opt_g.step()
+    return loss_d, loss_g, {**terms_g, **terms_d}
+
+
+def train_mtgan(cfg: TrainMTGANConfig) -> dict:
+    """Train the MTGAN (Eq. 10 / 11) from an MSE-pretrained generator; write RUN/mtgan/."""
+    from sodtool.console import log, make_progress, summary_table
+    from sodtool.device import device_name, dist_env, init_distributed, resolve_device, seed_everything
+    from sodtool.networks import (
+        Discriminator,
+        discriminator_checkpoint,
+        generator_checkpoint,
+        generator_from_checkpoint,
+        save_checkpoint,
+    )
+
+    cfg = resolve_config(cfg)
+    w = loss_weights(cfg)
+    timer = Timer()
+    device = resolve_device(cfg.device)
+    ddp = init_distributed(device)
+    rank, world, local_rank = dist_env()
+    if device.type == "cuda" and device.index is None:  # "--device cuda": this process's GPU
+        device = torch.device("cuda", local_rank if ddp else torch.cuda.current_device())
+    main = rank == 0
+    out = Path(cfg.out)
+
+    pair = open_pair(cfg.hr, cfg.lr)
+    read_manifest(cfg.sr, "train-sr")
+    g_path = Path(cfg.sr) / "generator.pt"
+    train_rows, val_rows = split_rows(pair.rows, cfg.val_fraction, cfg.val_max, cfg.val_seed)
+    check_enough_rows(len(train_rows), cfg.batch_size, world, f"HR store {pair.hr}")
+    inputs = {"hr": pair.hr_identity, "lr": file_identity(pair.lr), "sr_generator": file_identity(g_path)}
+
+    seed_everything(cfg.seed)
+    g = generator_from_checkpoint(g_path, device).train()
+    d = Discriminator(pair.categories.num_classes, cfg.disc_arch, cfg.imagenet_weights, cfg.reg_branch).to(device).train()
+    if not w.adv:
+        # No loss reaches the real/fake head: freeze it, so that DDP does not wait for its gradients.
+        d.adv_head.requires_grad_(False)
+    d_params = [p for p in d.parameters() if p.requires_grad]
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.g_lr, betas=(0.9, 0.999))
+    opt_d = torch.optim.SGD(d_params, lr=cfg.d_lr, momentum=cfg.d_momentum, weight_decay=cfg.d_weight_decay)
+    sched_d = torch.optim.lr_scheduler.StepLR(opt_d, step_size=cfg.d_lr_step, gamma=cfg.d_lr_gamma)
+
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = load_resume(ckpt_path, cfg, inputs, STAGE)
+    step, stream_state, prior_s = 0, {"epoch": 0, "position": 0}, 0.0
+    if ckpt is not None:
+        g.load_state_dict(ckpt["generator"])
+        d.load_state_dict(ckpt["discriminator"])
+        opt_g.load_state_dict(ckpt["optimizer_g"])
+        opt_d.load_state_dict(ckpt["optimizer_d"])
+        sched_d.load_state_dict(ckpt["scheduler_d"])
+        set_rng_state(ckpt["rng"])
+        step, stream_state = int(ckpt["step"]), ckpt["stream"]
+        prior_s = float(ckpt.get("elapsed_s", 0.0))
+        if main:
+            log(f"resuming {ckpt_path} at iteration {step}/{cfg.iterations}")
+    channels_last = device.type == "cuda"
+    if channels_last:
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
+        g = g.to(memory_format=torch.channels_last)
+        d = d.to(memory_format=torch.channels_last)
+    if ddp:
+        ids = [device.index] if device.type == "cuda" else None
+        g_model = torch.nn.parallel.DistributedDataParallel(g, device_ids=ids)
+        d_model = torch.nn.parallel.DistributedDataParallel(d, device_ids=ids)
+    else:
+        g_model, d_model = g, d
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_manifest(out)
+    metrics_log = MetricsLog(out / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
+    held = load_held_out(pair, val_rows, native_sides(pair.hr)[val_rows] >= pair.hr_size) if main else None
+    held_labels = _label_rows(pair.hr, val_rows) if main else None
+    loader = make_train_loader(cfg, pair, train_rows, device, rank, world)
+    stream = BatchStream(loader, **stream_state)
+    categories = pair.categories.to_json()
+    extra = {"categories": categories, "loss_weights": dataclasses.asdict(w), "hr_size": pair.hr_size,
+             "lr_size": pair.lr_size, "stage": STAGE}
+
+    def save_state(at: int) -> None:
+        if main:
+            save_checkpoint({**generator_checkpoint(g), **discriminator_checkpoint(d), **extra,
+                             "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
+                             "scheduler_d": sched_d.state_dict(), "step": at, "stream": stream.state(),
+                             "rng": rng_state(), "config": config_dict(cfg), "inputs": inputs,
+                             "elapsed_s": prior_s + timer.elapsed}, ckpt_path)
+
+    def validate(at: int) -> dict:
+        if not main:
+            return {}
+        res = {**evaluate_generator(g, held, device), **evaluate_discriminator(g, d, held, held_labels, device)}
+        if res:
+            metrics_log.write({"step": at, "split": "val", **res})
+        return res
+
+    acc, seen, t_log = Accumulator(), 0, Timer()
+    last_terms: dict[str, float] = {}
+    with make_progress() as progress:
+        task = progress.add_task("train mtgan", total=cfg.iterations, completed=step, info="")
+        while step < cfg.iterations:
+            batch = stream.next()
+            x = to_float(batch["lr"], device, channels_last)
+            y = to_float(batch["hr"], device, channels_last)
+            u = batch["label"].to(device, non_blocking=True)
+            v = batch["target"].to(device, non_blocking=True)
+
+            loss_d, loss_g, terms = train_step(g_model, d_model, d_params, opt_g, opt_d, sched_d, x, y, u, v, w, device)
+            if not all_finite([loss_d, loss_g], ddp):
+                bad = {k: float(t) for k, t in terms.items() if not math.isfinite(float(t))}
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {step + 1} ({', '.join(f'{k}={val}' for k, val in bad.items())}); "
+                    f"stopped, the last good checkpoint {ckpt_path if ckpt_path.is_file() else '(none yet)'} is kept"
+                )
+            step += 1
+            seen += x.shape[0] * world
+            acc.add(terms)
+
+            if step % cfg.log_every == 0 or step == cfg.iterations:
+                last_terms = acc.means()
+                rate = seen / max(t_log.elapsed, 1e-9)
+                metrics_log.write({"step": step, "epoch": stream.epoch, "lr_g": opt_g.param_groups[0]["lr"],
+                                   "lr_d": opt_d.param_groups[0]["lr"], **last_terms, "crops_per_s": round(rate, 2)})
+                progress.update(task, info=fmt_terms(last_terms) + f" {rate:.1f} crops/s")
+                seen, t_log = 0, Timer()
+            if step % cfg.val_every == 0 and step < cfg.iterations:
+                validate(step)
+            if main and step % cfg.sample_every == 0:
+                save_sample_grid(g, held, device, out / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
+            progress.update(task, completed=step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.stop_after:
+                save_state(step)
+            if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.iterations:
+                return {"stopped_at": step}
+
+    val = validate(step)
+    if not last_terms and main:  # resumed at the end: nothing new was logged
+        rec = last_record(out / "metrics.jsonl", "g_total")
+        last_terms = {k: v for k, v in rec.items() if k.startswith(("g_", "d_"))}
+    metrics = {"iterations": step, "train_crops": int(len(train_rows)), "val_crops": int(len(val_rows)),
+               **{f"final_{k}": v for k, v in last_terms.items()}, **val,
+               "train_time_s": round(prior_s + timer.elapsed, 2)}
+    if main:
+        save_sample_grid(g, held, device, out / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
+        save_checkpoint({**generator_checkpoint(g), **discriminator_checkpoint(d), **extra, "step": step},
+                        out / "model.pt")
+        save_state(step)
+        write_manifest(out, STAGE, cfg, {"hr": pair.hr, "lr": pair.lr, "sr": g_path,
+                                              "imagenet_weights": cfg.imagenet_weights}, metrics, seed=cfg.seed,
+                       device=device_name(device), wall_time_s=timer.elapsed)
+        summary_table("train mtgan", metrics)
+    return metrics

@@ -1,0 +1,331 @@
+"""`train sr` and `train mtgan` on tiny stores (HR 32 / LR 8, light widths, ResNet-18).
+
+Covers: artefacts written, every loss term logged by name, exact resumption after a real
+SIGKILL (mtgan) and after the stop-after hook (sr), non-finite loss -> exit 3 with the last
+checkpoint kept, mismatched stores -> exit 2, switches recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sodtool.artefacts import file_identity
+
+HR, LR_SIZE, K = 32, 8, 3
+CATS = [{"id": 3, "name": "stripes"}, {"id": 7, "name": "dots"}, {"id": 9, "name": "rings"}]
+TINY_SR = ["--iterations", "6", "--batch-size", "4", "--channels", "8", "--up-channels", "8", "--num-blocks", "1",
+           "--val-every", "3", "--log-every", "2", "--checkpoint-every", "3", "--device", "cpu", "--seed", "0"]
+
+
+def _mtgan_args(n_iter: int, ckpt_every: int = 2) -> list[str]:
+    return ["--iterations", str(n_iter), "--batch-size", "4", "--disc-arch", "resnet18", "--d-lr-step", "3",
+            "--log-every", "1", "--checkpoint-every", str(ckpt_every), "--sample-every", "3", "--val-every", "3",
+            "--device", "cpu", "--seed", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: tiny convolutions gain nothing from more, and on a loaded 2-core machine
+    spinning OpenMP threads make them ~10x slower. Also keeps in- and out-of-process runs alike."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny stores, written with sodtool.store's writer and sodtool.downsample
+# --------------------------------------------------------------------------------------------
+
+
+def _crops(rng: np.random.Generator, n: int, labels: np.ndarray) -> np.ndarray:
+    """Smooth coloured patterns whose frequency depends on the label: [n, 3, HR, HR] uint8."""
+    yy, xx = np.mgrid[0:HR, 0:HR].astype(np.float32) / HR
+    out = np.empty((n, 3, HR, HR), np.uint8)
+    for i in range(n):
+        f = 1.0 + 2.0 * labels[i] + rng.uniform(0, 1)
+        phase = rng.uniform(0, 2 * np.pi, 3)
+        for c in range(3):
+            v = 0.5 + 0.4 * np.sin(2 * np.pi * f * (xx + 0.5 * yy) + phase[c])
+            out[i, c] = np.clip(v * 255 + rng.normal(0, 4, v.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def write_hr(path: Path, n: int = 48, seed: int = 0, categories=CATS, nan_row: int | None = None) -> Path:
+    """An HR store of n rows; every other window is 16 px wide (< HR: an upsampled crop)."""
+    from sodtool.store import SCHEMA, StoreWriter, hr_fields
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, K + 1, n).astype(np.int64)
+    labels[:4] = [1, 2, 3, 0]
+    roi = np.tile(np.array([[10, 10, 30, 30]], np.float32), (n, 1))
+    side = np.where(np.arange(n) % 2 == 0, 16.0, 64.0).astype(np.float32)
+    window = np.stack([20 - side / 2, 20 - side / 2, 20 + side / 2, 20 + side / 2], 1).astype(np.float32)
+    target = rng.normal(0, 0.1, (n, 4)).astype(np.float32) * (labels[:, None] > 0)
+    if nan_row is not None:
+        target[nan_row] = np.nan
+    attrs = {"categories": categories, "hr_size": HR, "context": 1.5, "mode": "train", "split": "train",
+             "detector": {"path": "none"}, "annotations": {"path": "none"}, "image_dir": "none"}
+    with StoreWriter(path, schema=SCHEMA, fields=hr_fields(HR), attrs=attrs, chunk_rows=4) as w:
+        w.append(hr=_crops(rng, n, labels), label=labels, target=target, roi=roi, gt_box=roi * (labels[:, None] > 0),
+                 iou=np.where(labels > 0, 0.7, 0.2).astype(np.float32), image_id=np.arange(n) // 4,
+                 score=np.full(n, 0.5, np.float32), det_label=np.maximum(labels, 1), window=window,
+                 source=np.zeros(n, np.uint8))
+    return path
+
+
+def write_lr(hr_path: Path, path: Path, categories=None) -> Path:
+    """The x4 twin of an HR store: `sodtool downsample`'s, or (with `categories`) a hand-made one
+    that names the right source but another category list."""
+    from sodtool.downsample import DownsampleConfig, downsample
+    from sodtool.store import LR_SCHEMA, StoreWriter, attr_str, lr_fields, open_store
+
+    if categories is None:
+        downsample(DownsampleConfig(src=hr_path, out=path, overwrite=True))
+        return path
+    with open_store(hr_path) as f:
+        hr = torch.from_numpy(f["hr"][:]).float()
+        digest = attr_str(f, "content_sha256")
+    lr = torch.nn.functional.interpolate(hr, size=(LR_SIZE, LR_SIZE), mode="bicubic", antialias=True, align_corners=False)
+    attrs = {"scale": 4, "categories": categories, "source": file_identity(hr_path), "source_content_sha256": digest}
+    with StoreWriter(path, schema=LR_SCHEMA, fields=lr_fields(LR_SIZE), attrs=attrs, chunk_rows=4) as w:
+        w.append(lr=lr.round().clamp(0, 255).to(torch.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("stores")
+    hr = write_hr(d / "rois_train.h5")
+    return hr, write_lr(hr, d / "rois_train_lr.h5")
+
+
+@pytest.fixture(scope="module")
+def sr_run(stores, tmp_path_factory) -> Path:
+    """A finished tiny `train sr` run (in-process, through the CLI)."""
+    from typer.testing import CliRunner
+
+    from sodtool.cli import app
+
+    hr, lr = stores
+    out = tmp_path_factory.mktemp("runs") / "sr"
+    res = CliRunner().invoke(app, ["train", "sr", "--hr", str(hr), "--lr", str(lr), "--out", str(out), *TINY_SR])
+    assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
+    return out
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = _state(a), _state(b)
+    for key in ("generator", "discriminator"):
+        if key not in sa:
+            continue
+        assert sa[key].keys() == sb[key].keys()
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), f"{key}.{k} differs"
+
+
+# --------------------------------------------------------------------------------------------
+# train sr
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_sr_writes_artefacts(sr_run):
+    from sodtool.networks import generator_from_checkpoint
+
+    assert {"generator.pt", "checkpoint.pt", "metrics.jsonl", "manifest.json"} <= {p.name for p in sr_run.iterdir()}
+    manifest = json.loads((sr_run / "manifest.json").read_text())
+    assert manifest["stage"] == "train-sr" and manifest["config"]["channels"] == 8
+    m = manifest["metrics"]
+    # 48 rows -> round(0.05 * 48) = 2 held out; half the windows are 16 px < 32 px (not native).
+    assert m["val_crops"] == 2 and m["train_crops"] == 46 and m["iterations"] == 6
+    for k in ("val_sr_psnr_rgb", "val_sr_psnr_y", "val_sr_ssim_rgb", "val_sr_ssim_y", "val_bicubic_psnr_rgb"):
+        assert np.isfinite(m[k]), k
+    lines = _lines(sr_run / "metrics.jsonl")
+    train = [x for x in lines if "g_mse" in x]
+    assert [x["step"] for x in train] == [2, 4, 6] and all(x["lr"] == 1e-4 for x in train)
+    assert [x["step"] for x in lines if x.get("split") == "val"] == [3, 6]
+    g = generator_from_checkpoint(sr_run / "generator.pt")
+    assert g(torch.rand(2, 3, LR_SIZE, LR_SIZE)).shape == (2, 3, HR, HR)
+
+
+def test_train_sr_resume_is_exact_and_min_native_size(stores, tmp_path):
+    from sodtool.train_sr import TrainSRConfig, train_sr
+
+    hr, lr = stores
+    # 23 target rows, batch 4: 5 batches per epoch; stop after 6 = epoch 1, position 1.
+    kw = dict(hr=hr, lr=lr, iterations=8, batch_size=4, channels=8, up_channels=8, num_blocks=1, val_every=5,
+              log_every=1, checkpoint_every=2, device="cpu", min_native_size=32)
+    full = train_sr(TrainSRConfig(out=tmp_path / "a", **kw))
+    # Only windows >= 32 px are targets: the odd rows, minus held-out ones.
+    assert full["train_crops"] == 23 and full["min_native_size"] == 32
+    assert train_sr(TrainSRConfig(out=tmp_path / "b", stop_after=6, **kw)) == {"stopped_at": 6}
+    assert _state(tmp_path / "b" / "checkpoint.pt")["stream"] == {"epoch": 1, "position": 1}
+    assert not (tmp_path / "b" / "manifest.json").exists()
+    train_sr(TrainSRConfig(out=tmp_path / "b", **kw))
+    _assert_same_weights(tmp_path / "a" / "generator.pt", tmp_path / "b" / "generator.pt")
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "crops_per_s"} for r in rows]  # noqa: E731
+    assert drop(_lines(tmp_path / "a" / "metrics.jsonl")) == drop(_lines(tmp_path / "b" / "metrics.jsonl"))
+
+
+# --------------------------------------------------------------------------------------------
+# train mtgan
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_mtgan_end_to_end(stores, sr_run, tmp_path, cli):
+    from sodtool.networks import discriminator_from_checkpoint, generator_from_checkpoint
+
+    hr, lr = stores
+    out = tmp_path / "mtgan"
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", out, *_mtgan_args(4))
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.pt", "checkpoint.pt", "metrics.jsonl", "manifest.json", "samples"} <= names
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter_0000003.png", "iter_0000004.png"]
+    from PIL import Image
+
+    grid = Image.open(out / "samples" / "iter_0000004.png")
+    assert grid.size == (2 * HR + 2, 4 * HR + 3 * 2)  # 2 held-out crops; rows LR, bicubic, SR, HR
+    train = [x for x in _lines(out / "metrics.jsonl") if "g_total" in x]
+    assert [x["step"] for x in train] == [1, 2, 3, 4]
+    expected = {"g_mse", "g_adv", "g_cls", "g_reg", "g_total", "d_adv_real", "d_adv_fake", "d_cls_real",
+                "d_cls_fake", "d_reg_real", "d_reg_fake", "d_total", "lr_g", "lr_d", "step"}
+    assert all(expected <= x.keys() for x in train)
+    assert "g_tv" not in train[0]
+    # D's SGD rate is divided by 10 after --d-lr-step 3 iterations.
+    assert [x["lr_d"] for x in train] == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    model = _state(out / "model.pt")
+    assert model["categories"] == CATS and model["loss_weights"]["alpha"] == 1e-3
+    assert model["discriminator_config"] == {"num_classes": K, "arch": "resnet18", "reg_branch": True}
+    d = discriminator_from_checkpoint(out / "model.pt")
+    g = generator_from_checkpoint(out / "model.pt")
+    o = d(g(torch.rand(2, 3, LR_SIZE, LR_SIZE)))
+    assert o.cls.shape == (2, K + 1) and o.reg.shape == (2, 4)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "train-mtgan" and manifest["config"]["adv"] is True
+    assert set(manifest["inputs"]) == {"hr", "lr", "sr", "imagenet_weights"}
+    # A rerun of the finished command resumes at the end: nothing trained, same weights.
+    before = _state(out / "model.pt")["generator"]
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", out, *_mtgan_args(4))
+    assert res.exit_code == 0
+    after = _state(out / "model.pt")["generator"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["final_g_total"] == train[-1]["g_total"]
+    # ... but not with another configuration.
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", out, *_mtgan_args(4), "--alpha", "0.5")
+    assert res.exit_code == 2 and "another configuration" in res.stderr and "alpha" in res.stderr
+
+
+def test_train_mtgan_switches_recorded(stores, sr_run, tmp_path, cli):
+    hr, lr = stores
+    out = tmp_path / "ablation"
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", out, *_mtgan_args(2),
+              "--no-reg-branch", "--no-adv", "--no-cls", "--adversarial", "nonsaturating", "--tv-weight", "0.1")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    cfg = json.loads((out / "manifest.json").read_text())["config"]
+    assert (cfg["reg_branch"], cfg["adv"], cfg["cls"], cfg["reg"]) == (False, False, False, True)
+    assert cfg["adversarial"] == "nonsaturating" and cfg["tv_weight"] == 0.1
+    line = [x for x in _lines(out / "metrics.jsonl") if "g_total" in x][-1]
+    assert {"g_mse", "g_tv", "d_cls_real", "d_cls_fake"} <= line.keys()
+    assert not {"g_adv", "g_cls", "g_reg", "d_adv_real", "d_reg_real"} & line.keys()
+    assert _state(out / "model.pt")["discriminator_config"]["reg_branch"] is False
+
+
+def test_train_mtgan_killed_and_resumed_is_exact(stores, sr_run, tmp_path):
+    """Uninterrupted run vs a run SIGKILLed after its first checkpoint and rerun: same weights."""
+    from sodtool.train_mtgan import TrainMTGANConfig, train_mtgan
+
+    hr, lr = stores
+    n = 14  # 46 training rows, batch 4: 11 batches per epoch, so the resumed run crosses an epoch
+    args = ["train", "mtgan", "--hr", str(hr), "--lr", str(lr), "--sr", str(sr_run), "--out", str(tmp_path / "b"),
+            *_mtgan_args(n, ckpt_every=3)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sodtool", "--quiet", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "b" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()
+    step = _state(ckpt)["step"]
+    assert 3 <= step < n and not (tmp_path / "b" / "manifest.json").exists()
+
+    from sodtool.cli import main
+
+    with pytest.raises(SystemExit) as e:  # the same command again resumes
+        main(["--quiet", *args])
+    assert e.value.code in (0, None)
+    cfg = TrainMTGANConfig(hr=hr, lr=lr, sr=sr_run, out=tmp_path / "a", iterations=n, batch_size=4,
+                           disc_arch="resnet18", d_lr_step=3, log_every=1, checkpoint_every=3, sample_every=3,
+                           val_every=3, device="cpu", seed=1)
+    train_mtgan(cfg)
+    _assert_same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
+    _assert_same_weights(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+    a, b = _state(tmp_path / "a" / "checkpoint.pt"), _state(tmp_path / "b" / "checkpoint.pt")
+    assert a["stream"] == b["stream"] and a["scheduler_d"] == b["scheduler_d"]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "crops_per_s"} for r in rows]  # noqa: E731
+    assert drop(_lines(tmp_path / "a" / "metrics.jsonl")) == drop(_lines(tmp_path / "b" / "metrics.jsonl"))
+
+
+def test_non_finite_loss_stops_with_checkpoint_kept(tmp_path, sr_run, cli):
+    """A NaN box target on a positive row of the third batch: exit 3 at iteration 3, checkpoint of 2 kept."""
+    from sodtool.store import make_loader
+    from sodtool.train_sr import split_rows
+
+    hr = write_hr(tmp_path / "rois_train.h5")
+    train_rows, _ = split_rows(48, 0.05, 256, 0)
+    loader = make_loader(hr, None, batch_size=4, shuffle=True, seed=1, drop_last=True, indices=train_rows)
+    loader.set_epoch(0)
+    third = list(loader)[2]
+    row = int(third["index"][third["label"] > 0][0])
+    hr = write_hr(tmp_path / "rois_train.h5", nan_row=row)  # same rows, same order: only the target differs
+    lr = write_lr(hr, tmp_path / "rois_train_lr.h5")
+    out = tmp_path / "nan"
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", out, *_mtgan_args(6, ckpt_every=1))
+    assert res.exit_code == 3, (res.stderr, res.exception)
+    assert "non-finite loss at iteration 3" in res.stderr and "d_reg_real=nan" in res.stderr
+    assert "last good checkpoint" in res.stderr
+    ckpt = _state(out / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["generator"].values() if v.is_floating_point())
+    assert not (out / "manifest.json").exists() and not (out / "model.pt").exists()
+
+
+def test_mismatched_stores_are_refused(stores, sr_run, tmp_path, cli):
+    hr, lr = stores
+    other_hr = write_hr(tmp_path / "other.h5", seed=5)
+    res = cli("train", "sr", "--hr", other_hr, "--lr", lr, "--out", tmp_path / "x", *TINY_SR)
+    assert res.exit_code == 2 and "was not made from HR store" in res.stderr and str(lr) in res.stderr
+    cats = [dict(c) for c in CATS]
+    cats[1]["name"] = "zigzag"
+    bad_lr = write_lr(hr, tmp_path / "bad_lr.h5", categories=cats)
+    res = cli("train", "mtgan", "--hr", hr, "--lr", bad_lr, "--sr", sr_run, "--out", tmp_path / "y", *_mtgan_args(2))
+    assert res.exit_code == 2 and "categories disagree" in res.stderr
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", tmp_path, "--out", tmp_path / "z", *_mtgan_args(2))
+    assert res.exit_code == 2 and "manifest.json" in res.stderr
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", sr_run, *_mtgan_args(2))
+    assert res.exit_code == 2 and "is not a checkpoint of `sodtool train mtgan`" in res.stderr
+    assert (sr_run / "manifest.json").exists()
+    res = cli("train", "sr", "--hr", hr, "--lr", lr, "--out", tmp_path / "w", *TINY_SR, "--batch-size", "64")
+    assert res.exit_code == 2 and "fewer than one batch" in res.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "w" / "manifest.json").exists()
