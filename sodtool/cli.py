@@ -326,7 +326,7 @@ def train_detector_cmd(
     train_sizes: Optional[str] = typer.Option(None, "--train-sizes", help="Multi-scale training: short sides drawn per image, comma-separated (e.g. 256,288,320,352)."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in training (preset: off for quick/bench, whose stripes-d/stripes-a classes are mirror images; on for coco)."),
     anchor_sizes: Optional[str] = typer.Option(None, "--anchor-sizes", help="Anchor size (px) per feature level, comma-separated, e.g. 16,32,64,128 (quick)."),
-    fpn_channels: Optional[int] = typer.Option(None, "--fpn-channels", help="FPN width (torchvision 256; quick 64, bench 128)."),
+    fpn_channels: Optional[int] = typer.Option(None, "--fpn-channels", help="FPN width (torchvision 256; quick/bench 128)."),
     returned_layers: Optional[str] = typer.Option(None, "--returned-layers", help="Trunk stages feeding the FPN, comma-separated (ResNet: 1..4 = strides 4..32, torchvision 1,2,3,4; MobileNetV3: 0..5, 2,3,4 = strides 8..32, torchvision 4,5; quick 2,3,4)."),
     roi_batch_size: Optional[int] = typer.Option(None, "--roi-batch-size", help="RoIs sampled per image for the box head (torchvision 512; quick 128)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Start from a whole detector: sodtool's model.pt or a torchvision detection state dict (e.g. fasterrcnn_resnet50_fpn_coco-258fb6c6.pth, fetched by hand)."),
@@ -373,8 +373,8 @@ def train_detector_cmd(
 @train_app.command("sr")
 @handles_input_errors
 def train_sr_cmd(
-    hr: Path = typer.Option(..., "--hr", help="HR ROI store rois_<split>.h5 (from crop-rois)."),
-    lr: Path = typer.Option(..., "--lr", help="Its LR twin rois_<split>_lr.h5 (from downsample)."),
+    hr: list[Path] = typer.Option(..., "--hr", help="HR ROI store rois_<split>.h5 (from crop-rois). Repeat --hr/--lr to train on several stores (e.g. two datasets; categories may differ)."),
+    lr: list[Path] = typer.Option(..., "--lr", help="Its LR twin rois_<split>_lr.h5 (from downsample); one per --hr, same order."),
     out: Path = typer.Option(..., "--out", help="Output folder, e.g. RUN/sr. Rerunning into it resumes from its checkpoint.pt."),
     preset: str = typer.Option("quick", "--preset", help="quick: light CPU widths (32/32), 300 iterations, batch 16; paper: Table 1 widths (64/256), 100k iterations, batch 64."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations (overrides the preset)."),
@@ -401,11 +401,13 @@ def train_sr_cmd(
     bad input, 3 if the loss becomes NaN/inf (the last checkpoint is kept).
 
     Example: sodtool train sr --hr runs/quick/rois_train.h5 --lr runs/quick/rois_train_lr.h5 --out runs/quick/sr
+
+    Example: sodtool train sr --hr runs/a/rois_train.h5 --lr runs/a/rois_train_lr.h5 --hr runs/b/rois_train.h5 --lr runs/b/rois_train_lr.h5 --out runs/ab/sr
     """
     from sodtool.train_sr import TrainSRConfig, train_sr
 
     _exit_on_nonfinite(train_sr, TrainSRConfig(
-        hr=hr, lr=lr, out=out, preset=preset, iterations=iterations, batch_size=batch_size,
+        hr=hr[0] if len(hr) == 1 else tuple(hr), lr=lr[0] if len(lr) == 1 else tuple(lr), out=out, preset=preset, iterations=iterations, batch_size=batch_size,
         learning_rate=learning_rate, channels=channels, up_channels=up_channels, num_blocks=num_blocks,
         min_native_size=min_native_size, val_fraction=val_fraction, val_max=val_max, val_every=val_every,
         log_every=log_every, checkpoint_every=checkpoint_every, seed=seed, device=device, num_workers=workers,
@@ -506,13 +508,17 @@ def crop_rois_cmd(
     compression: str = typer.Option("lzf", "--compression", help="HDF5 filter of the crops: lzf (fast), gzip (level 1, smaller, slower) or none."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store (only once the new one is complete)."),
+    gt_only: bool = typer.Option(False, "--gt-only", help="Train mode without a detector: ROIs are the jittered ground truth plus random background boxes (IoU < --fg-iou), e.g. SR training crops of real photos."),
 ) -> None:
     """Crop the ROIs of a split into an HDF5 store: HR crops, labels, box targets, provenance.
 
-    ROIs come from a detector checkpoint (--detector-weights) or its detections (--detections).
+    ROIs come from a detector checkpoint (--detector-weights) or its detections (--detections),
+    or, with --gt-only (train mode), from the ground truth alone.
     Writes --out atomically and <out>.manifest.json beside it. Subcommand `merge` joins shards.
 
     Example: sodtool crop-rois --detector frcnn --detector-weights runs/quick/detector/model.pt --data data/synth-quick --split train --mode train --out runs/quick/rois_train.h5
+
+    Example: sodtool crop-rois --gt-only --data data/coco128 --split train --out runs/sr-real/coco128/rois_train.h5
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -526,7 +532,7 @@ def crop_rois_cmd(
         score_thresh=score_thresh, max_rois=max_rois, fg_iou=fg_iou, bg_low=bg_low, fg_fraction=fg_fraction,
         rois_per_image=rois_per_image, gt_jitters=gt_jitters, jitter_iou=jitter_iou, shard=shard, seed=seed,
         device=device, batch_images=batch_images, compression=compression, skip_invalid=skip_invalid,
-        overwrite=overwrite))
+        overwrite=overwrite, gt_only=gt_only))
 
 
 @crop_rois_app.command("merge")

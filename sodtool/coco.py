@@ -335,7 +335,7 @@ def read_image_rgb(path: str | os.PathLike, expect_size: tuple[int, int] | None 
                 arr16 = np.asarray(rotated, dtype=np.float32)
                 rotated = Image.fromarray((arr16 / max(arr16.max(), 1.0) * 255).astype(np.uint8))
             rgb = rotated.convert("RGB")
-            arr = np.asarray(rgb, dtype=np.uint8)
+            arr = np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
     except FileNotFoundError:
         raise InputError(f"image file missing: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

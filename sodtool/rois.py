@@ -16,6 +16,17 @@ Test mode: the detector's top `max_rois` (100, the paper's protocol) detections 
 score >= `score_thresh` (default 0.05), scores and classes kept, each matched to the ground
 truth for analysis (label = class at IoU >= fg_iou, else 0).
 
+Ground-truth-only mode (`gt_only`, train mode, no detector; e.g. SR training crops cut from
+real photos): the ROIs are the jittered ground truth (as above, `gt_jitters` copies per box at
+IoU >= `jitter_iou`) plus random background boxes, as many as train mode would take
+(max(rois_per_image - positives, 3 * positives) for fg_fraction 0.25). A background box has the
+size of a random ground-truth box of the image, each side scaled by exp(N(0, 0.5)) (capped at
+the image's), at a uniform position inside the image, and is kept only at IoU < fg_iou with
+every ground-truth box (label 0, target zeros); an image crowded so that few such boxes fit
+gets fewer, an image without ground truth none (no rows). Backgrounds have `source` 2 (random
+box); `score` and `det_label` are 0 on every row; the store's `detector` attribute is
+{"family": "ground truth", "kind": "ground-truth", ...}.
+
 In both modes: `iou` is the IoU with the best-overlapping ground truth and `gt_box` that box
 (zeros when no ground truth overlaps), `target` = boxes.encode(roi, gt_box) for positives
 (computed in float64 from the stored float32 boxes) and zeros for backgrounds.
@@ -69,6 +80,11 @@ MODE_DEFAULTS = {"train": (0.01, 300), "test": (0.05, 100)}
 JITTER_SHIFT = 0.08
 JITTER_LOG_SCALE = 0.1
 JITTER_TRIES = 16
+# gt_only backgrounds: candidates drawn per wanted box, and the log-scale sigma of their sides.
+BG_TRIES = 8
+BG_LOG_SCALE = 0.5
+# Row `source` values: detector ROI, jittered ground truth, random background box (gt_only).
+SOURCE_DETECTOR, SOURCE_GT, SOURCE_RANDOM = 0, 1, 2
 # grid_sample calls are made over at most this many crops: small batches stay in cache (64 crops
 # at 2S were 5x slower per crop than 8, from page faults on the big temporaries).
 CROP_BATCH = 8
@@ -79,7 +95,8 @@ class CropRoisConfig:
     """Options of `sodtool crop-rois` (see the module docstring for the sampling rules).
 
     Exactly one of detector_weights (a RUN/detector/model.pt checkpoint, run on `device`) and
-    detections (a COCO results JSON, e.g. from `sodtool detect`) gives the ROIs. score_thresh /
+    detections (a COCO results JSON, e.g. from `sodtool detect`) gives the ROIs, or neither with
+    gt_only (train mode: jittered ground truth plus random backgrounds, no detector). score_thresh /
     max_rois None take the mode's default (train 0.01 / 300, test 0.05 / 100). shard "i/n"
     processes every n-th image from the i-th and writes `<out stem>.shard-i-of-n.h5`.
     """
@@ -110,6 +127,7 @@ class CropRoisConfig:
     compression: str = S.COMPRESSION
     skip_invalid: bool = False
     overwrite: bool = False
+    gt_only: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +327,48 @@ def rows_test(det: dict, gt: dict, cfg: CropRoisConfig) -> dict:
             "det_label": det["labels"].astype(np.int64), "source": np.zeros(len(det["boxes"]), np.uint8), **m}
 
 
+def random_backgrounds(gt: np.ndarray, n: int, rng: np.random.Generator, width: int, height: int,
+                       max_iou: float) -> np.ndarray:
+    """Up to `n` random boxes [n', 4] (xyxy float32, inside the image) with IoU < max_iou with every
+    ground-truth box [G, 4].
+
+    Each has the size of a random ground-truth box, each side scaled by exp(N(0, BG_LOG_SCALE))
+    and capped at the image's (at least 1 px), at a uniform position inside the image: the
+    objects' scales, as a detector's ROIs have. BG_TRIES * n candidates are drawn at once and the
+    first n acceptable ones kept, so a crowded image may get fewer; no ground truth, no boxes.
+    """
+    gt = np.asarray(gt, np.float64).reshape(-1, 4)
+    if n <= 0 or len(gt) == 0:
+        return np.zeros((0, 4), np.float32)
+    t = BG_TRIES * n
+    k = rng.integers(0, len(gt), t)
+    scale = np.exp(rng.standard_normal((t, 2)) * BG_LOG_SCALE)
+    bw = np.clip((gt[k, 2] - gt[k, 0]) * scale[:, 0], 1.0, width)
+    bh = np.clip((gt[k, 3] - gt[k, 1]) * scale[:, 1], 1.0, height)
+    x1 = rng.random(t) * (width - bw)
+    y1 = rng.random(t) * (height - bh)
+    cand = np.stack([x1, y1, x1 + bw, y1 + bh], axis=1).astype(np.float32)  # judge the boxes that will be stored
+    ok = np.flatnonzero(box_iou(cand, gt).max(axis=1) < max_iou)[:n]
+    return cand[ok]
+
+
+def sample_gt_only(gt: dict, width: int, height: int, cfg: CropRoisConfig, rng: np.random.Generator) -> dict:
+    """Ground-truth-only sampling of one image (gt_only; rules in the module docstring).
+
+    gt: boxes float32 [G, 4] xyxy, labels [G]. Returns per-row arrays like `sample_train`: the
+    jittered ground truth in ground-truth order (source 1), then the random backgrounds (source 2).
+    """
+    jit = jitter_boxes(gt["boxes"], cfg.gt_jitters, rng, width, height, cfg.jitter_iou)
+    n_fg = len(jit)
+    ratio_bg = int(round(n_fg * (1 - cfg.fg_fraction) / cfg.fg_fraction))
+    bg = random_backgrounds(gt["boxes"], max(cfg.rois_per_image - n_fg, ratio_bg), rng, width, height, cfg.fg_iou)
+    roi = np.concatenate([jit, bg]).astype(np.float32)
+    n = len(roi)
+    return {"roi": roi, "score": np.zeros(n, np.float32), "det_label": np.zeros(n, np.int64),
+            "source": np.concatenate([np.full(n_fg, SOURCE_GT, np.uint8), np.full(len(bg), SOURCE_RANDOM, np.uint8)]),
+            **match(roi, gt["boxes"], gt["labels"], cfg.fg_iou)}
+
+
 def prepare_detections(boxes, scores, labels, width: int, height: int, score_thresh: float, max_rois: int) -> dict:
     """Clip to the image, drop zero-area boxes and scores below the threshold, keep the top max_rois by score."""
     boxes = torch.as_tensor(np.asarray(boxes, np.float32)).reshape(-1, 4)
@@ -351,8 +411,16 @@ def resolve_config(cfg: CropRoisConfig) -> CropRoisConfig:
         raise InputError(f"--mode must be train or test, got '{cfg.mode}'")
     if cfg.detector not in FAMILIES:
         raise InputError(f"--detector '{cfg.detector}' is not supported (the only family is: {', '.join(FAMILIES)})")
-    if (cfg.detector_weights is None) == (cfg.detections is None):
-        raise InputError("give exactly one of --detector-weights (a detector checkpoint) and --detections (a COCO results JSON)")
+    if cfg.gt_only:
+        if cfg.mode != "train":
+            raise InputError(f"--gt-only samples training ROIs (--mode train); --mode {cfg.mode} needs a detector's "
+                             "top detections (--detector-weights or --detections)")
+        if cfg.detector_weights is not None or cfg.detections is not None:
+            given = "--detector-weights" if cfg.detector_weights is not None else "--detections"
+            raise InputError(f"--gt-only takes its ROIs from the ground truth: drop {given} (or drop --gt-only)")
+    elif (cfg.detector_weights is None) == (cfg.detections is None):
+        raise InputError("give exactly one of --detector-weights (a detector checkpoint) and --detections (a COCO "
+                         "results JSON), or --gt-only (train mode: jittered ground truth and random backgrounds)")
     if cfg.detections is not None and not Path(cfg.detections).is_file():
         raise InputError(f"--detections file not found: {cfg.detections}")
     weights = cfg.detector_weights
@@ -425,6 +493,17 @@ class _JsonDetections:
         return out
 
 
+class _GroundTruthOnly:
+    """The ROI source of gt_only: no detector; `sample_gt_only` makes the rows from the ground truth."""
+
+    def __init__(self, ann: Path) -> None:
+        self.identity = {"family": "ground truth", "kind": "ground-truth",
+                         "rois": "jittered ground truth + random backgrounds (IoU < fg_iou)", "file": _identity(ann)}
+
+    def __call__(self, image_ids: list[int], images: list[np.ndarray], thresh: float, max_rois: int) -> list[None]:
+        return [None] * len(image_ids)
+
+
 class _ModelDetections:
     """Detections from a detector checkpoint, run with sodtool.detector.predict."""
 
@@ -468,7 +547,9 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
     paths = resolve_split(cfg.data, cfg.split, cfg.ann, cfg.images)
     split = load_split(paths, skip_invalid=cfg.skip_invalid)
     dev = resolve_device(cfg.device)
-    if cfg.detections is not None:
+    if cfg.gt_only:
+        source = _GroundTruthOnly(paths.ann)
+    elif cfg.detections is not None:
         source = _JsonDetections(Path(cfg.detections), split)
     else:
         source = _ModelDetections(Path(cfg.detector_weights), dev, split.categories)
@@ -489,7 +570,8 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
     }
     if cfg.shard is not None:
         attrs["shard"] = f"{shard_i}/{shard_n}"
-    log(f"crop-rois: {len(image_ids)} images of {paths.ann} ({cfg.mode} mode) -> {out}")
+    log(f"crop-rois: {len(image_ids)} images of {paths.ann} ({cfg.mode} mode{', ground truth only' if cfg.gt_only else ''})"
+        f" -> {out}")
     counts = {"rows": 0, "positives": 0, "backgrounds": 0, "gt_rows": 0, "images_without_rows": 0}
     iou_pos_sum = 0.0
     crop_s = detect_s = 0.0
@@ -503,13 +585,16 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
             detect_s += t0.elapsed
             for iid, img, d in zip(batch_ids, images, dets):
                 h, w = img.shape[:2]
-                det = prepare_detections(d["boxes"], d["scores"], d["labels"], w, h, cfg.score_thresh, cfg.max_rois)
                 t = split.targets(iid)
                 gt = {"boxes": t["boxes"], "labels": t["labels"]}
-                if cfg.mode == "train":
-                    rows = sample_train(det, gt, w, h, cfg, image_rng(cfg.seed, iid))
+                if cfg.gt_only:
+                    rows = sample_gt_only(gt, w, h, cfg, image_rng(cfg.seed, iid))
                 else:
-                    rows = rows_test(det, gt, cfg)
+                    det = prepare_detections(d["boxes"], d["scores"], d["labels"], w, h, cfg.score_thresh, cfg.max_rois)
+                    if cfg.mode == "train":
+                        rows = sample_train(det, gt, w, h, cfg, image_rng(cfg.seed, iid))
+                    else:
+                        rows = rows_test(det, gt, cfg)
                 n = len(rows["roi"])
                 if n == 0:
                     counts["images_without_rows"] += 1
@@ -540,8 +625,12 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
         "content_sha256": digest,
         "wall_time_s": round(timer.elapsed, 3),
     }
-    det_key = "detections" if cfg.detections is not None else "detector_weights"
-    inputs = {"annotations": attrs["annotations"], "images": paths.images, det_key: source.identity["file"]}
+    inputs = {"annotations": attrs["annotations"], "images": paths.images}
+    if cfg.gt_only:
+        inputs["detector"] = {k: v for k, v in source.identity.items() if k != "file"}  # "ground truth"
+    else:
+        det_key = "detections" if cfg.detections is not None else "detector_weights"
+        inputs[det_key] = source.identity["file"]
     write_store_manifest(out, "crop-rois", cfg, inputs, metrics, seed=cfg.seed, device=device_name(dev),
                          wall_time_s=timer.elapsed)
     summary_table(f"crop-rois -> {out}", {k: v for k, v in metrics.items() if k != "content_sha256"})

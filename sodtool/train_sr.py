@@ -6,11 +6,16 @@ an ROI store, pixel MSE (mean over pixels of images in [0, 1]), Adam (lr 1e-4, b
 
 Inputs: `rois_<split>.h5` (HR crops) and its `rois_<split>_lr.h5` twin (written by
 `sodtool downsample`, which records the identity of the HR file it came from; a mismatch is
-refused, as are disagreeing category lists).
+refused, as are disagreeing category lists). Several pairs may be given (repeated --hr/--lr,
+e.g. crops of two datasets): MSE pretraining is class-agnostic, so their categories may differ;
+their HR sizes must agree. Each batch comes from one store; an epoch is one epoch of every
+store, their batches interleaved in an order drawn from (seed, epoch) (`MultiStoreLoader`), so
+the stores are mixed in proportion to their training rows. Held-out rows, `min_native_size`
+and the batch-size check apply to each store on its own. (`train mtgan` takes one pair.)
 
 Held-out rows: a fixed subset of the store (`val_fraction` of the rows, at most `val_max`,
 chosen by `val_seed` and the row count only, so `train sr` and `train mtgan` hold out the SAME
-rows) is never trained on. It is evaluated every `val_every` iterations and at the end: PSNR
+rows; with several stores, per store) is never trained on. It is evaluated every `val_every` iterations and at the end: PSNR
 and SSIM (RGB and Y channel, `sodtool.srmetrics`) of the generator and of plain bicubic
 upsampling of the LR crop, both against the HR crop, over all held-out rows and over the
 "native" ones (see `min_native_size`).
@@ -82,8 +87,8 @@ class NonFiniteLossError(RuntimeError):
 class TrainSRConfig:
     """Options of `sodtool train sr`. None = take the value from `preset`."""
 
-    hr: Path
-    lr: Path
+    hr: Path | tuple[Path, ...]  # one HR store, or several (each with its LR twin at the same place in `lr`)
+    lr: Path | tuple[Path, ...]
     out: Path
     preset: str = "quick"
     iterations: Optional[int] = None
@@ -130,6 +135,10 @@ def resolve_config(cfg: TrainSRConfig) -> TrainSRConfig:
     check_common(cfg)
     if not cfg.learning_rate > 0 or not math.isfinite(cfg.learning_rate):
         raise InputError(f"--learning-rate must be a positive number, got {cfg.learning_rate}")
+    paths = store_paths(cfg)
+    if len(paths) > 1 or isinstance(cfg.hr, (tuple, list)):
+        # Several stores: tuples of str, so that config_dict (checkpoint, manifest) is plain data.
+        cfg = dataclasses.replace(cfg, hr=tuple(str(h) for h, _ in paths), lr=tuple(str(l) for _, l in paths))
     return cfg
 
 
@@ -206,6 +215,25 @@ def open_pair(hr: Path, lr: Path) -> StorePair:
     if rows == 0:
         raise InputError(f"HR store {hr} holds no crops")
     return StorePair(hr, lr, rows, hr_size, lr_size, cats_hr, hr_identity)
+
+
+def store_paths(cfg) -> list[tuple[Path, Path]]:
+    """The (HR, LR) store paths of a config whose `hr` / `lr` are one path each or equally long tuples."""
+    hrs = [Path(p) for p in (cfg.hr if isinstance(cfg.hr, (tuple, list)) else [cfg.hr])]
+    lrs = [Path(p) for p in (cfg.lr if isinstance(cfg.lr, (tuple, list)) else [cfg.lr])]
+    if not hrs or len(hrs) != len(lrs):
+        raise InputError(f"give one --lr per --hr, in the same order (got {len(hrs)} --hr and {len(lrs)} --lr)")
+    for paths, opt in ((hrs, "--hr"), (lrs, "--lr")):
+        resolved = [p.resolve() for p in paths]
+        dup = [p for p, r in zip(paths, resolved) if resolved.count(r) > 1]
+        if dup:
+            raise InputError(f"{opt} {dup[0]} is given twice")
+    return list(zip(hrs, lrs))
+
+
+def input_names(i: int) -> tuple[str, str]:
+    """Names of the i-th store pair in `inputs` / the manifest: hr, lr, then hr_1, lr_1, ..."""
+    return ("hr", "lr") if i == 0 else (f"hr_{i}", f"lr_{i}")
 
 
 def split_rows(rows: int, fraction: float, cap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -390,6 +418,44 @@ def make_train_loader(cfg, pair: StorePair, indices: np.ndarray, device, rank: i
     return store.make_loader(pair.hr, pair.lr, **kwargs)
 
 
+class MultiStoreLoader:
+    """The batches of several stores' loaders (each from `make_train_loader`), interleaved.
+
+    An epoch is one epoch of every loader: all their batches (each batch from one store) in an
+    order of stores drawn from (seed, epoch). Deterministic and resumable like one loader:
+    `set_epoch(e)`, `len()` (batches per epoch), `iter_from(start)` (this epoch from batch
+    `start`, without reading the skipped ones). Every rank draws the same order, and each
+    sub-loader gives every rank as many batches, so DDP ranks stay in step.
+    """
+
+    def __init__(self, loaders: list, seed: int) -> None:
+        self.loaders, self.seed, self.epoch = list(loaders), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        for loader in self.loaders:
+            loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders)
+
+    def order(self) -> np.ndarray:
+        """The store index of each batch of this epoch, int64 [len(self)]."""
+        seq = np.repeat(np.arange(len(self.loaders)), [len(loader) for loader in self.loaders])
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, self.seed >> 32 & 0xFFFFFFFF, self.epoch]).permutation(seq)
+
+    def iter_from(self, start: int):
+        order = self.order()
+        start = max(0, int(start))
+        taken = np.bincount(order[:start], minlength=len(self.loaders))
+        its = [iter(loader.iter_from(int(k))) if k else iter(loader) for loader, k in zip(self.loaders, taken)]
+        for i in order[start:]:
+            yield next(its[i])
+
+    def __iter__(self):
+        return self.iter_from(0)
+
+
 def check_enough_rows(n_train: int, batch_size: int, world: int, what: str) -> None:
     if n_train < batch_size * world:
         raise InputError(f"{what} has {n_train} training rows, fewer than one batch "
@@ -434,6 +500,14 @@ class HeldOut:
     hr: torch.Tensor
     native: np.ndarray
     bicubic: Optional[dict] = None
+
+
+def concat_held_out(parts: list[HeldOut]) -> HeldOut:
+    """Several stores' held-out crops as one set (same crop sizes); `rows` are each store's row numbers."""
+    if len(parts) == 1:
+        return parts[0]
+    return HeldOut(np.concatenate([p.rows for p in parts]), torch.cat([p.lr for p in parts]),
+                   torch.cat([p.hr for p in parts]), np.concatenate([p.native for p in parts]))
 
 
 def load_held_out(pair: StorePair, rows: np.ndarray, native: np.ndarray) -> HeldOut:
@@ -534,22 +608,34 @@ def train_sr(cfg: TrainSRConfig) -> dict:
     main = rank == 0
     out = Path(cfg.out)
 
-    pair = open_pair(cfg.hr, cfg.lr)
-    train_rows, val_rows = split_rows(pair.rows, cfg.val_fraction, cfg.val_max, cfg.val_seed)
-    sides = native_sides(pair.hr)
-    native = sides >= pair.hr_size
-    if cfg.min_native_size > 0:
-        train_rows = train_rows[sides[train_rows] >= cfg.min_native_size]
-    check_enough_rows(len(train_rows), cfg.batch_size, world,
-                      f"HR store {pair.hr}"
-                      + (f" with --min-native-size {cfg.min_native_size}" if cfg.min_native_size else ""))
-    inputs = {"hr": pair.hr_identity, "lr": file_identity(pair.lr)}
+    pairs = [open_pair(h, l) for h, l in store_paths(cfg)]
+    pair = pairs[0]
+    for other in pairs[1:]:
+        if other.hr_size != pair.hr_size:
+            raise InputError(f"HR store {other.hr} has {other.hr_size} px crops but {pair.hr} has {pair.hr_size} px: "
+                             "the stores trained together must have one crop size")
+    splits = []  # per store: (train rows, held-out rows, native bool [rows])
+    inputs = {}
+    for i, p in enumerate(pairs):
+        train_rows, val_rows = split_rows(p.rows, cfg.val_fraction, cfg.val_max, cfg.val_seed)
+        sides = native_sides(p.hr)
+        if cfg.min_native_size > 0:
+            train_rows = train_rows[sides[train_rows] >= cfg.min_native_size]
+        check_enough_rows(len(train_rows), cfg.batch_size, world,
+                          f"HR store {p.hr}"
+                          + (f" with --min-native-size {cfg.min_native_size}" if cfg.min_native_size else ""))
+        splits.append((train_rows, val_rows, sides >= p.hr_size))
+        name_hr, name_lr = input_names(i)
+        inputs[name_hr], inputs[name_lr] = p.hr_identity, file_identity(p.lr)
 
     seed_everything(cfg.seed)
     g = Generator(cfg.channels, cfg.up_channels, cfg.num_blocks).to(device)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999))
     ckpt_path = out / "checkpoint.pt"
     ckpt = load_resume(ckpt_path, cfg, inputs, STAGE)
+    if ckpt is not None and set(ckpt.get("inputs", {})) != set(inputs):
+        raise InputError(f"{ckpt_path} was trained on {len(ckpt.get('inputs', {})) // 2} store pair(s), "
+                         f"not {len(pairs)}; use another --out to train on these")
     step, stream_state, prior_s = 0, {"epoch": 0, "position": 0}, 0.0
     if ckpt is not None:
         g.load_state_dict(ckpt["generator"])
@@ -570,8 +656,9 @@ def train_sr(cfg: TrainSRConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_manifest(out)
     metrics_log = MetricsLog(out / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
-    held = load_held_out(pair, val_rows, native[val_rows]) if main else None
-    loader = make_train_loader(cfg, pair, train_rows, device, rank, world)
+    held = concat_held_out([load_held_out(p, v, nat[v]) for p, (_, v, nat) in zip(pairs, splits)]) if main else None
+    loaders = [make_train_loader(cfg, p, t, device, rank, world) for p, (t, _, _) in zip(pairs, splits)]
+    loader = loaders[0] if len(loaders) == 1 else MultiStoreLoader(loaders, cfg.seed)
     stream = BatchStream(loader, **stream_state)
 
     def save_state(at: int) -> None:
@@ -622,15 +709,19 @@ def train_sr(cfg: TrainSRConfig) -> dict:
                 return {"stopped_at": step}
 
     val = validate(step)
-    metrics = {"iterations": step, "train_crops": int(len(train_rows)), "val_crops": int(len(val_rows)),
-               "min_native_size": cfg.min_native_size, **val,
+    metrics = {"iterations": step, "train_crops": int(sum(len(t) for t, _, _ in splits)),
+               "val_crops": int(sum(len(v) for _, v, _ in splits)), "min_native_size": cfg.min_native_size, **val,
                "train_time_s": round(prior_s + timer.elapsed, 2),
                "final_g_mse": last_record(out / "metrics.jsonl", "g_mse").get("g_mse")}
+    if len(pairs) > 1:
+        metrics["train_crops_per_store"] = [int(len(t)) for t, _, _ in splits]
+        metrics["val_crops_per_store"] = [int(len(v)) for _, v, _ in splits]
     if main:
         save_checkpoint({**generator_checkpoint(g), "stage": STAGE, "step": step, "hr_size": pair.hr_size,
                          "lr_size": pair.lr_size}, out / "generator.pt")
         save_state(step)
-        write_manifest(out, STAGE, cfg, {"hr": pair.hr, "lr": pair.lr}, metrics, seed=cfg.seed,
+        files = {name: path for i, p in enumerate(pairs) for name, path in zip(input_names(i), (p.hr, p.lr))}
+        write_manifest(out, STAGE, cfg, files, metrics, seed=cfg.seed,
                        device=device_name(device), wall_time_s=timer.elapsed)
         summary_table("train sr", {k: v for k, v in metrics.items() if not k.startswith("val_native_ssim")})
     return metrics

@@ -534,3 +534,88 @@ def test_sample_train_counts():
          "scores": np.full(320, 0.5, np.float32), "labels": np.ones(320, np.int64)}
     rows = sample_train(d, crowd, w, h, cfg, np.random.default_rng(1))
     assert (rows["label"] > 0).sum() == 80 and (rows["label"] == 0).sum() == 240
+
+
+# ------------------------------------------------------------------------------------------
+# Ground-truth-only ROIs (--gt-only: no detector)
+
+
+def test_gt_only_store(synth, tmp_path, cli):
+    """Positives are exactly the jittered ground truth (IoU >= jitter_iou, targets decode to the GT);
+    the rest are random backgrounds (IoU < fg_iou, label 0, zero targets); provenance says 'ground truth'."""
+    from sodtool.coco import CategoryMap
+
+    data = synth / "data"
+    out = tmp_path / "run" / "rois_gt.h5"
+    res = cli("-q", "crop-rois", "--gt-only", "--data", data, "--split", "train", "--hr-size", 64, "--out", out)
+    assert res.exit_code == 0, res.stderr
+    rows = read_store(out)
+    ann = json.loads((data / "annotations" / "instances_train.json").read_text())
+    cats = CategoryMap.from_json(ann["categories"])
+    images = {im["id"]: im for im in ann["images"]}
+    src, pos = rows["source"], rows["label"] > 0
+    assert set(np.unique(src).tolist()) == {1, 2}
+    assert (pos == (src == 1)).all() and pos.sum() == 2 * len(ann["annotations"])
+    assert (rows["iou"][pos] >= 0.7).all()
+    assert (rows["iou"][~pos] < 0.5).all() and (rows["target"][~pos] == 0).all()
+    assert (rows["score"] == 0).all() and (rows["det_label"] == 0).all()
+    dec = B.decode(torch.from_numpy(rows["roi"][pos]).double(), torch.from_numpy(rows["target"][pos]).double())
+    np.testing.assert_allclose(dec.numpy(), rows["gt_box"][pos], atol=1e-4, rtol=0)
+    by_image: dict[int, list] = {}
+    for a in ann["annotations"]:
+        x, y, w, h = a["bbox"]
+        by_image.setdefault(a["image_id"], []).append(([x, y, x + w, y + h], cats.to_label(a["category_id"])))
+    for r in np.flatnonzero(pos):
+        gts = by_image[int(rows["image_id"][r])]
+        k = int(np.argmin([np.abs(np.array(g) - rows["gt_box"][r]).max() for g, _ in gts]))
+        np.testing.assert_allclose(gts[k][0], rows["gt_box"][r], atol=1e-3)
+        assert gts[k][1] == rows["label"][r]
+    for r in range(len(rows["roi"])):
+        im = images[int(rows["image_id"][r])]
+        x1, y1, x2, y2 = rows["roi"][r]
+        assert 0 <= x1 < x2 <= im["width"] and 0 <= y1 < y2 <= im["height"]
+    np.testing.assert_allclose(rows["window"], B.square_windows(torch.from_numpy(rows["roi"]), 1.5).numpy(),
+                               rtol=1e-6, atol=1e-4)
+    _, counts = np.unique(rows["image_id"], return_counts=True)
+    assert len(counts) == 6 and (counts >= 64).all()  # train mode's budget: at least rois_per_image rows
+    info = S.store_info(out)
+    assert info["mode"] == "train" and info["detector"]["family"] == "ground truth"
+    assert info["detector"]["file"]["sha256"] == info["annotations"]["sha256"]
+    man = json.loads((tmp_path / "run" / "rois_gt.h5.manifest.json").read_text())
+    assert man["config"]["gt_only"] is True and man["inputs"]["detector"]["family"] == "ground truth"
+    assert "detections" not in man["inputs"] and "detector_weights" not in man["inputs"]
+    # Seeded per image: a shard holds exactly the unsharded store's rows of its images.
+    cfg = CropRoisConfig(out=tmp_path / "s.h5", data=data, gt_only=True, hr_size=64, shard="1/2")
+    crop_rois(cfg)
+    part = read_store(tmp_path / "s.shard-1-of-2.h5")
+    sel = np.isin(rows["image_id"], part["image_id"])
+    for k in ("roi", "label", "target", "source", "hr"):
+        assert np.array_equal(part[k], rows[k][sel]), k
+
+
+def test_random_backgrounds_avoid_the_ground_truth():
+    from sodtool.rois import box_iou, random_backgrounds
+
+    gt = np.array([[0, 0, 300, 200], [310, 0, 400, 100]], np.float32)
+    bg = random_backgrounds(gt, 50, np.random.default_rng(0), 400, 300, 0.5)
+    assert bg.shape == (50, 4) and bg.dtype == np.float32
+    assert (box_iou(bg, gt).max(axis=1) < 0.5).all()
+    assert (bg[:, 0] >= 0).all() and (bg[:, 2] <= 400).all() and (bg[:, 1] >= 0).all() and (bg[:, 3] <= 300).all()
+    assert ((bg[:, 2] > bg[:, 0]) & (bg[:, 3] > bg[:, 1])).all()
+    # No ground truth: no scale to draw from, no boxes; an image filled by one object: none fit.
+    assert random_backgrounds(gt[:0], 10, np.random.default_rng(0), 400, 300, 0.5).shape == (0, 4)
+    full = np.array([[0, 0, 40, 40]], np.float32)
+    assert len(random_backgrounds(full, 10, np.random.default_rng(0), 40, 40, 0.01)) < 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gt-only", "--mode", "test"], "--gt-only samples training ROIs (--mode train)"),
+    (["--gt-only", "--detections", "DETS"], "--gt-only takes its ROIs from the ground truth: drop --detections"),
+    (["--gt-only", "--detector-weights", "model.pt"], "drop --detector-weights"),
+    ([], "or --gt-only"),
+])
+def test_cli_gt_only_errors(synth, tmp_path, cli, args, message):
+    args = [str(synth / "dets_train.json") if a == "DETS" else a for a in args]
+    res = cli("crop-rois", "--data", synth / "data", "--out", tmp_path / "r.h5", *args)
+    assert res.exit_code == 2 and message in res.stderr, res.stderr
+    assert not (tmp_path / "r.h5").exists()

@@ -185,6 +185,65 @@ def test_train_sr_resume_is_exact_and_min_native_size(stores, tmp_path):
     assert drop(_lines(tmp_path / "a" / "metrics.jsonl")) == drop(_lines(tmp_path / "b" / "metrics.jsonl"))
 
 
+def test_train_sr_on_several_stores(stores, tmp_path, cli):
+    """Two store pairs (other categories, one generator): interleaved batches, per-store held-out
+    rows, exact resumption across an epoch, inputs named hr, lr, hr_1, lr_1."""
+    from sodtool.errors import InputError
+    from sodtool.store import make_loader
+    from sodtool.train_sr import MultiStoreLoader, TrainSRConfig, train_sr
+
+    hr, lr = stores
+    cats2 = [{"id": 1, "name": "car"}, {"id": 2, "name": "truck"}, {"id": 5, "name": "bus"}]
+    hr2 = write_hr(tmp_path / "b.h5", n=40, seed=3, categories=cats2)
+    lr2 = write_lr(hr2, tmp_path / "b_lr.h5")
+    # The loader: every batch of each store's epoch once, in a seeded interleaving; iter_from resumes.
+    subs = [make_loader(h, l_, batch_size=4, shuffle=True, seed=2, drop_last=True) for h, l_ in ((hr, lr), (hr2, lr2))]
+    multi = MultiStoreLoader(subs, seed=2)
+    multi.set_epoch(1)
+    got = list(multi)
+    order = multi.order()
+    assert len(got) == len(multi) == 12 + 10 and sorted(order.tolist()) == [0] * 12 + [1] * 10
+    assert order[:12].tolist() != [0] * 12  # mixed, not one store after the other
+    alone = []
+    for s_ in subs:
+        s_.set_epoch(1)
+        alone.append(iter(list(s_)))
+    for b, i in zip(got, order):
+        assert torch.equal(b["hr"], next(alone[i])["hr"])
+    multi.set_epoch(1)
+    assert all(torch.equal(a["hr"], b["hr"]) for a, b in zip(list(multi.iter_from(7)), got[7:]))
+    multi.set_epoch(2)
+    assert not np.array_equal(multi.order(), order)
+    # Training through the CLI: both stores' held-out rows, inputs and per-store counts recorded.
+    out = tmp_path / "sr2"
+    res = cli("train", "sr", "--hr", hr, "--lr", lr, "--hr", hr2, "--lr", lr2, "--out", out, *TINY_SR)
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"hr", "lr", "hr_1", "lr_1"}
+    assert manifest["config"]["hr"] == [str(hr), str(hr2)]
+    m = manifest["metrics"]
+    assert m["train_crops_per_store"] == [46, 38] and m["train_crops"] == 84  # 2 held out of each
+    assert m["val_crops"] == 4 and m["val_crops_per_store"] == [2, 2] and np.isfinite(m["val_sr_psnr_y"])
+    # Killed mid-run (after an epoch boundary) and resumed: the same weights and log.
+    kw = dict(hr=(hr, hr2), lr=(lr, lr2), iterations=13, batch_size=4, channels=8, up_channels=8, num_blocks=1,
+              val_every=5, log_every=1, checkpoint_every=4, device="cpu", min_native_size=32)
+    train_sr(TrainSRConfig(out=tmp_path / "a", **kw))  # 23 + 20 targets: 5 + 5 batches per epoch
+    assert train_sr(TrainSRConfig(out=tmp_path / "b", stop_after=11, **kw)) == {"stopped_at": 11}
+    assert _state(tmp_path / "b" / "checkpoint.pt")["stream"] == {"epoch": 1, "position": 1}
+    train_sr(TrainSRConfig(out=tmp_path / "b", **kw))
+    _assert_same_weights(tmp_path / "a" / "generator.pt", tmp_path / "b" / "generator.pt")
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "crops_per_s"} for r in rows]  # noqa: E731
+    assert drop(_lines(tmp_path / "a" / "metrics.jsonl")) == drop(_lines(tmp_path / "b" / "metrics.jsonl"))
+    # Resuming with another set of stores, unequal --hr/--lr counts, a store given twice: refused.
+    with pytest.raises(InputError, match="trained on 2 store pair"):
+        train_sr(TrainSRConfig(out=tmp_path / "b", **{**kw, "hr": hr, "lr": lr}))
+    res = cli("train", "sr", "--hr", hr, "--lr", lr, "--hr", hr2, "--out", tmp_path / "x", *TINY_SR)
+    assert res.exit_code == 2 and "one --lr per --hr" in res.stderr
+    res = cli("train", "sr", "--hr", hr, "--lr", lr, "--hr", hr, "--lr", lr, "--out", tmp_path / "x", *TINY_SR)
+    assert res.exit_code == 2 and "is given twice" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # train mtgan
 # --------------------------------------------------------------------------------------------
