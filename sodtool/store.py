@@ -12,7 +12,7 @@ HR file `rois_<split>.h5` (schema "sodtool.rois/1"), N rows in image order:
     score     float32 [N]           baseline detector score (0 for added ground-truth rows)
     det_label int64   [N]           baseline class 1..K (0 for added ground-truth rows)
     window    float32 [N, 4]        the square crop window, xyxy image pixels (may leave the image)
-    source    uint8   [N]           0 = detector ROI, 1 = jittered ground truth
+    source    uint8   [N]           0 = detector ROI, 1 = jittered ground truth, 2 = random background box (--gt-only)
 
 File attributes: `schema`, `categories` (JSON of CategoryMap.to_json()), `hr_size`, `context`,
 `mode` ("train" | "test"), `split`, `detector` (JSON identity), `annotations` (JSON
