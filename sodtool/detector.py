@@ -28,7 +28,6 @@ Checkpoint files (all read with `torch.load(weights_only=True)`):
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -285,6 +284,23 @@ def build_detector(arch: str, num_classes: int, *, min_size: int = 800, max_size
 # ----------------------------------------------------------------------------------------------
 # Weight files
 # ----------------------------------------------------------------------------------------------
+
+def save_detector(path: str | os.PathLike, model: nn.Module, arch: str, build: dict, categories) -> Path:
+    """Write sodtool's model.pt (format MODEL_FORMAT) atomically; `build` as from resolve_build."""
+    from sodtool.artefacts import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save({
+            "format": MODEL_FORMAT,
+            "arch": arch,
+            "num_classes": categories.num_classes + 1,
+            "categories": json.dumps(categories.to_json()),
+            "build": build,
+            "model": model.state_dict(),
+        }, tmp)
+    return path
+
 
 def _torch_load(path: str | os.PathLike, what: str) -> Any:
     p = Path(path)
@@ -971,7 +987,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     Rerunning the same command resumes from checkpoint.pt at its step with the same data order.
     Returns the metrics (COCO AP of minival under "AP", "AP50", ... when `eval`).
     """
-    from sodtool.artefacts import MANIFEST, Timer, atomic_path, config_dict, write_json, write_manifest
+    from sodtool.artefacts import MANIFEST, Timer, config_dict, write_json, write_manifest
     from sodtool.coco import load_split, resolve_split
     from sodtool.console import log, make_progress, summary_table, warn
     from sodtool.device import autocast, device_name, resolve_device, seed_everything
@@ -1095,15 +1111,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
 
     model.transform.min_size = (int(build["min_size"]),)
     model.eval()
-    with atomic_path(model_path) as tmp:
-        torch.save({
-            "format": MODEL_FORMAT,
-            "arch": arch,
-            "num_classes": categories.num_classes + 1,
-            "categories": json.dumps(categories.to_json()),
-            "build": build,
-            "model": model.state_dict(),
-        }, tmp)
+    save_detector(model_path, model, arch, build, categories)
 
     metrics: dict[str, Any] = {
         "iterations": cfg.iterations, "resumed_from_step": start, "train_time_s": round(train_time, 3),

@@ -456,3 +456,15 @@ def test_resume_refuses_other_settings(cli, plain_ds, tmp_path):
     res = cli(*base, "--iterations", "2", "--lr", "0.001", "--no-resume")
     assert res.exit_code == 0, res.stderr
     assert json.loads((out / "manifest.json").read_text())["config"]["lr"] == 0.001
+
+
+def test_epochs_and_multiscale_training(cli, plain_ds, tmp_path):
+    out = tmp_path / "ms"
+    res = cli("train", "detector", "--data", plain_ds, "--out", out, "--epochs", "1", "--train-sizes", "48,64",
+              "--no-eval", *TINY)
+    assert res.exit_code == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["iterations"] == 3  # 6 images, batch 2
+    assert manifest["config"]["train_sizes"] == [48, 64]
+    det = D.load_detector(out, "cpu")
+    assert det.model.transform.min_size == (64,)  # tests run at --min-size, not the training sizes
