@@ -142,24 +142,38 @@ def versions() -> dict:
     return out
 
 
+def sidecar_manifest_path(output_file: str | os.PathLike) -> Path:
+    """The manifest of a single-file output beside it: rois_train.h5 -> rois_train.h5.manifest.json,
+    detections_minival.json -> detections_minival.manifest.json (RUN/ holds several stages' files)."""
+    p = Path(output_file)
+    name = p.name[:-5] if p.name.endswith(".json") else p.name
+    return p.with_name(name + ".manifest.json")
+
+
 def write_manifest(
     out_dir: str | os.PathLike,
     stage: str,
     config: Any,
-    inputs: dict[str, str | os.PathLike | None],
+    inputs: dict[str, Any],
     metrics: dict,
     *,
     seed: int | None,
     device: str,
     wall_time_s: float,
     outputs: list[str] | None = None,
+    path: str | os.PathLike | None = None,
 ) -> Path:
-    """Write `out_dir/manifest.json`: the mark that the folder is finished. Call it last."""
+    """Write `out_dir/manifest.json` (or `path`, for a single-file output's sidecar manifest):
+    the mark that the output is finished. Call it last.
+
+    `inputs` values are paths (identified here: hash, or size + mtime) or identities already
+    computed (dicts)."""
     out_dir = Path(out_dir)
     manifest = {
         "stage": stage,
         "config": config_dict(config) if dataclasses.is_dataclass(config) else config,
-        "inputs": {k: (file_identity(v) if v is not None and Path(v).exists() else None) for k, v in inputs.items()},
+        "inputs": {k: (v if isinstance(v, dict) else file_identity(v) if v is not None and Path(v).exists() else None)
+                   for k, v in inputs.items()},
         "outputs": outputs or sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".") and p.name != MANIFEST),
         "versions": versions(),
         "device": device,
@@ -169,7 +183,7 @@ def write_manifest(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "metrics": metrics,
     }
-    return write_json(out_dir / MANIFEST, manifest)
+    return write_json(Path(path) if path is not None else out_dir / MANIFEST, manifest)
 
 
 def read_manifest(run_dir: str | os.PathLike, expected_stage: str | None = None) -> dict:

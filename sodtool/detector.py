@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1196,8 +1195,9 @@ def _detector_file(cfg: DetectConfig) -> Path:
 
 def manifest_path_for(results_path: Path) -> Path:
     """detections_minival.json -> detections_minival.manifest.json (the file's own manifest)."""
-    name = results_path.name[:-5] if results_path.name.endswith(".json") else results_path.name
-    return results_path.with_name(name + ".manifest.json")
+    from sodtool.artefacts import sidecar_manifest_path
+
+    return sidecar_manifest_path(results_path)
 
 
 def detect(cfg: DetectConfig) -> dict:
@@ -1207,9 +1207,7 @@ def detect(cfg: DetectConfig) -> dict:
     written atomically, then its manifest (`<out stem>.manifest.json`) last. With `evaluate`
     and a split that has annotations, the metrics include COCO AP.
     """
-    import socket
-
-    from sodtool.artefacts import Timer, config_dict, file_identity, versions, write_json
+    from sodtool.artefacts import Timer, write_json, write_manifest
     from sodtool.coco import load_split, resolve_split
     from sodtool.console import summary_table
     from sodtool.device import device_name, resolve_device, seed_everything
@@ -1240,20 +1238,9 @@ def detect(cfg: DetectConfig) -> dict:
         from sodtool.evaluate import coco_evaluate
 
         metrics.update(coco_evaluate(split.coco, results))
-    manifest = {
-        "stage": "detect",
-        "config": config_dict(cfg),
-        "inputs": {"detector": det.identity, "annotations": file_identity(paths.ann)},
-        "outputs": [out.name],
-        "versions": versions(),
-        "device": device_name(dev),
-        "host": socket.gethostname(),
-        "seed": cfg.seed,
-        "wall_time_s": round(timer.elapsed, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "metrics": metrics,
-    }
-    write_json(manifest_path_for(out), manifest)
+    write_manifest(out.parent, "detect", cfg, {"detector": det.identity, "annotations": paths.ann}, metrics,
+                   seed=cfg.seed, device=device_name(dev), wall_time_s=timer.elapsed, outputs=[out.name],
+                   path=manifest_path_for(out))
     shown = {"results": str(out), **{k: metrics[k] for k in ("images", "detections", "images_per_s")}}
     shown.update({k: metrics[k] for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large") if k in metrics})
     summary_table(f"detect {cfg.split}", shown)

@@ -402,7 +402,10 @@ def shard_path(out: Path, i: int, n: int) -> Path:
 
 
 def manifest_path(store_path: Path) -> Path:
-    return Path(store_path).with_name(Path(store_path).name + ".manifest.json")
+    """rois_train.h5 -> rois_train.h5.manifest.json."""
+    from sodtool.artefacts import sidecar_manifest_path
+
+    return sidecar_manifest_path(store_path)
 
 
 def resolve_config(cfg: CropRoisConfig) -> CropRoisConfig:
@@ -639,29 +642,12 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
 
 def write_store_manifest(store_path: Path, stage: str, config: Any, inputs: dict, metrics: dict, *,
                          seed: int | None, device: str, wall_time_s: float) -> Path:
-    """The sidecar `<store>.manifest.json`: the fields of artefacts.write_manifest for one file.
+    """The sidecar `<store>.manifest.json` (artefacts.write_manifest for one file)."""
+    from sodtool.artefacts import write_manifest
 
-    `inputs` values are paths (identified here) or identities already computed (dicts)."""
-    import socket
-    import time
-
-    from sodtool.artefacts import config_dict, file_identity, versions, write_json
-
-    manifest = {
-        "stage": stage,
-        "config": config_dict(config) if dataclasses.is_dataclass(config) else config,
-        "inputs": {k: (v if isinstance(v, dict) else file_identity(v) if v is not None and Path(v).exists() else None)
-                   for k, v in inputs.items()},
-        "outputs": [Path(store_path).name],
-        "versions": versions(),
-        "device": device,
-        "host": socket.gethostname(),
-        "seed": seed,
-        "wall_time_s": round(wall_time_s, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "metrics": metrics,
-    }
-    return write_json(manifest_path(store_path), manifest)
+    store_path = Path(store_path)
+    return write_manifest(store_path.parent, stage, config, inputs, metrics, seed=seed, device=device,
+                          wall_time_s=wall_time_s, outputs=[store_path.name], path=manifest_path(store_path))
 
 
 # --------------------------------------------------------------------------------------------
