@@ -303,7 +303,7 @@ def train_detector_cmd(
     detector: str = typer.Option("frcnn", "--detector", help="Detector family (only frcnn: torchvision Faster R-CNN)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
     out: Path = typer.Option(Path("runs/detector"), "--out", help="Output folder, e.g. RUN/detector. Rerunning into it resumes from its checkpoint.pt."),
-    preset: str = typer.Option("quick", "--preset", help="quick: MobileNetV3-FPN from scratch, 320 px, batch 4, 800 iterations (minutes on a 2-core CPU); bench: the same, wider, 4000 iterations; coco: the paper's ResNet-50-C4, 800/1333 px, batch 16, lr 0.02, 90k iterations, lr /10 at 60k and 80k (GPU, with --backbone-weights)."),
+    preset: str = typer.Option("quick", "--preset", help="quick: MobileNetV3-FPN from scratch, 320 px, batch 4, 800 iterations (minutes on a 2-core CPU); bench: the same network, 2400 iterations (about 16 minutes on 2 cores); coco: the paper's ResNet-50-C4, 800/1333 px, batch 16, lr 0.02, 90k iterations, lr /10 at 60k and 80k (GPU, with --backbone-weights)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="resnet50_fpn, resnet101_fpn, resnet50_c4, resnet18_fpn or mobilenet_v3_fpn (default: the preset's, or the --weights file's)."),
     train_split: str = typer.Option("train", "--train-split", help="Split to train on."),
     train_ann: Optional[Path] = typer.Option(None, "--train-ann", help="Training annotation file (overrides --data/--train-split)."),
@@ -326,7 +326,7 @@ def train_detector_cmd(
     train_sizes: Optional[str] = typer.Option(None, "--train-sizes", help="Multi-scale training: short sides drawn per image, comma-separated (e.g. 256,288,320,352)."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in training (preset: off for quick/bench, whose stripes-d/stripes-a classes are mirror images; on for coco)."),
     anchor_sizes: Optional[str] = typer.Option(None, "--anchor-sizes", help="Anchor size (px) per feature level, comma-separated, e.g. 16,32,64,128 (quick)."),
-    fpn_channels: Optional[int] = typer.Option(None, "--fpn-channels", help="FPN width (torchvision 256; quick 64, bench 128)."),
+    fpn_channels: Optional[int] = typer.Option(None, "--fpn-channels", help="FPN width (torchvision 256; quick and bench 64)."),
     returned_layers: Optional[str] = typer.Option(None, "--returned-layers", help="Trunk stages feeding the FPN, comma-separated (ResNet: 1..4 = strides 4..32, torchvision 1,2,3,4; MobileNetV3: 0..5, 2,3,4 = strides 8..32, torchvision 4,5; quick 2,3,4)."),
     roi_batch_size: Optional[int] = typer.Option(None, "--roi-batch-size", help="RoIs sampled per image for the box head (torchvision 512; quick 64, up to half of them positive)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Start from a whole detector: sodtool's model.pt or a torchvision detection state dict (e.g. fasterrcnn_resnet50_fpn_coco-258fb6c6.pth, fetched by hand)."),
@@ -376,7 +376,7 @@ def train_sr_cmd(
     hr: list[Path] = typer.Option(..., "--hr", help="HR ROI store rois_<split>.h5 (from crop-rois). Repeat --hr/--lr to train on several stores (e.g. two datasets; categories may differ)."),
     lr: list[Path] = typer.Option(..., "--lr", help="Its LR twin rois_<split>_lr.h5 (from downsample); one per --hr, same order."),
     out: Path = typer.Option(..., "--out", help="Output folder, e.g. RUN/sr. Rerunning into it resumes from its checkpoint.pt."),
-    preset: str = typer.Option("quick", "--preset", help="quick: light CPU widths (32/32), 300 iterations, batch 16; paper: Table 1 widths (64/256), 100k iterations, batch 64."),
+    preset: str = typer.Option("quick", "--preset", help="quick: light CPU widths (32/32), 300 iterations, batch 16; bench: the same, 1000 iterations; paper: Table 1 widths (64/256), 100k iterations, batch 64."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations (overrides the preset)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process (overrides the preset)."),
     learning_rate: float = typer.Option(1e-4, "--learning-rate", help="Adam learning rate (betas 0.9, 0.999)."),
@@ -427,10 +427,11 @@ def train_mtgan_cmd(
     disc_arch: Optional[str] = typer.Option(None, "--disc-arch", help="Discriminator trunk: resnet18, resnet34, resnet50 (paper) or resnet101."),
     imagenet_weights: Optional[Path] = typer.Option(None, "--imagenet-weights", help="torchvision ImageNet state dict file for the D trunk (fetched by hand; nothing is downloaded)."),
     g_lr: float = typer.Option(1e-4, "--g-lr", help="Adam learning rate of G."),
-    d_lr: float = typer.Option(0.01, "--d-lr", help="SGD learning rate of D."),
+    d_lr: Optional[float] = typer.Option(None, "--d-lr", help="SGD learning rate of D (paper 0.01 for an ImageNet-initialised D; the from-scratch presets use more, see --preset)."),
     d_momentum: float = typer.Option(0.9, "--d-momentum", help="SGD momentum of D."),
     d_weight_decay: float = typer.Option(1e-4, "--d-weight-decay", help="SGD weight decay of D."),
     d_lr_step: Optional[int] = typer.Option(None, "--d-lr-step", help="Divide D's learning rate by 10 every N iterations (paper 40k)."),
+    d_warmup: Optional[int] = typer.Option(None, "--d-warmup", help="First N iterations train D only, G fixed (BasicSR's net_d_init_iters; paper 0)."),
     alpha: float = typer.Option(1e-3, "--alpha", help="Weight of the adversarial loss (Eq. 10/11)."),
     beta: float = typer.Option(1e-2, "--beta", help="Weight of the classification loss."),
     gamma: float = typer.Option(1e-2, "--gamma", help="Weight of the box regression loss."),
@@ -465,7 +466,7 @@ def train_mtgan_cmd(
     _exit_on_nonfinite(train_mtgan, TrainMTGANConfig(
         hr=hr, lr=lr, sr=sr, out=out, preset=preset, iterations=iterations, batch_size=batch_size,
         disc_arch=disc_arch, imagenet_weights=imagenet_weights, g_lr=g_lr, d_lr=d_lr, d_momentum=d_momentum,
-        d_weight_decay=d_weight_decay, d_lr_step=d_lr_step, alpha=alpha, beta=beta, gamma=gamma,
+        d_weight_decay=d_weight_decay, d_lr_step=d_lr_step, d_warmup=d_warmup, alpha=alpha, beta=beta, gamma=gamma,
         tv_weight=tv_weight, adversarial=adversarial, reg_branch=not no_reg_branch, adv=not no_adv,
         cls=not no_cls, reg=not no_reg, val_fraction=val_fraction, val_max=val_max, val_every=val_every,
         log_every=log_every, checkpoint_every=checkpoint_every, sample_every=sample_every, seed=seed,
@@ -562,6 +563,7 @@ def downsample_cmd(
     batch: int = typer.Option(256, "--batch", help="Rows read per step."),
     compression: str = typer.Option("none", "--compression", help="HDF5 filter of the LR crops: none (default: 32 px crops barely compress), lzf or gzip."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing LR store (only once the new one is complete)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes reading and downsampling (default: one per CPU core, at most 4; 0 = this process). The output does not depend on it."),
 ) -> None:
     """Write the 4x bicubic (antialiased) low-resolution twin of every crop, same row order.
 
@@ -572,7 +574,7 @@ def downsample_cmd(
     from sodtool.downsample import DownsampleConfig, downsample
 
     downsample(DownsampleConfig(src=src, out=out, scale=scale, batch=batch, overwrite=overwrite,
-                                compression=compression))
+                                compression=compression, workers=workers))
 
 
 @app.command("detect")

@@ -62,12 +62,14 @@ from sodtool.errors import InputError
 STAGE = "train-sr"
 SCALE = 4
 
-# Widths: "quick" is a light CPU configuration (minutes on 2 cores), "paper" Table 1.
+# Widths: "quick" and "bench" are a light CPU configuration (minutes on 2 cores), "paper" Table 1.
 # The paper gives no schedule for its MSE pretraining; 100k Adam iterations at batch 64 is our
 # choice (SRGAN's SRResNet used 1e6 at batch 16 on ImageNet).
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(iterations=300, batch_size=16, channels=32, up_channels=32, num_blocks=5,
                   val_every=100, log_every=10, checkpoint_every=100),
+    "bench": dict(iterations=1000, batch_size=16, channels=32, up_channels=32, num_blocks=5,
+                  val_every=250, log_every=25, checkpoint_every=250),
     "paper": dict(iterations=100_000, batch_size=64, channels=64, up_channels=256, num_blocks=5,
                   val_every=5_000, log_every=100, checkpoint_every=2_000),
 }
@@ -463,21 +465,22 @@ def check_enough_rows(n_train: int, batch_size: int, world: int, what: str) -> N
 
 
 class Accumulator:
-    """Running sums of detached scalar terms, on device (no host sync until `means`)."""
+    """Running means of detached scalar terms, on device (no host sync until `means`). Each term
+    is averaged over the steps that reported it (MTGAN's D warm-up steps have no G terms)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
         for k, v in terms.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self) -> dict[str, float]:
-        out = {k: float(v.item()) / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
+        out = {k: float(v.item()) / self.counts[k] for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
         return out
 
 

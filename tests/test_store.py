@@ -373,8 +373,34 @@ def test_downsample_interrupted_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D, "bicubic_down", failing)
     with pytest.raises(KeyboardInterrupt):
-        D.downsample(D.DownsampleConfig(src=src, batch=16))
+        D.downsample(D.DownsampleConfig(src=src, batch=16, workers=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rois_train.h5"]
+
+
+def test_downsample_workers_same_bytes_and_worker_error_leaves_no_file(tmp_path, monkeypatch):
+    from sodtool import downsample as D
+
+    src = tmp_path / "rois_train.h5"
+    write_hr(src, n=100, size=32)
+    one = D.downsample(D.DownsampleConfig(src=src, out=tmp_path / "one.h5", batch=16, workers=0))
+    two = D.downsample(D.DownsampleConfig(src=src, out=tmp_path / "two.h5", batch=16, workers=2))
+    assert two["workers"] == 2 and one["workers"] == 0
+    assert one["content_sha256"] == two["content_sha256"]
+    with S.open_store(tmp_path / "one.h5", S.LR_SCHEMA) as a, S.open_store(tmp_path / "two.h5", S.LR_SCHEMA) as b:
+        np.testing.assert_array_equal(a["lr"][:], b["lr"][:])
+
+    # A failure inside a worker process reaches the caller; no output is left.
+    real = D.bicubic_down
+
+    def failing(hr, scale):
+        if hr.shape[0] < 16:  # the last, short slab
+            raise RuntimeError("disk on fire")
+        return real(hr, scale)
+
+    monkeypatch.setattr(D, "bicubic_down", failing)  # before the fork: the workers inherit it
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        D.downsample(D.DownsampleConfig(src=src, out=tmp_path / "three.h5", batch=16, workers=2))
+    assert not any(p.name.startswith("three") for p in tmp_path.iterdir())
 
 
 def test_downsample_wrong_scale_refused(tmp_path, cli):

@@ -27,9 +27,9 @@ TINY_SR = ["--iterations", "6", "--batch-size", "4", "--channels", "8", "--up-ch
            "--val-every", "3", "--log-every", "2", "--checkpoint-every", "3", "--device", "cpu", "--seed", "0"]
 
 
-def _mtgan_args(n_iter: int, ckpt_every: int = 2) -> list[str]:
+def _mtgan_args(n_iter: int, ckpt_every: int = 2, d_warmup: int = 0) -> list[str]:
     return ["--iterations", str(n_iter), "--batch-size", "4", "--disc-arch", "resnet18", "--d-lr-step", "3",
-            "--log-every", "1", "--checkpoint-every", str(ckpt_every), "--sample-every", "3", "--val-every", "3",
+            "--d-lr", "0.01", "--d-warmup", str(d_warmup), "--log-every", "1", "--checkpoint-every", str(ckpt_every), "--sample-every", "3", "--val-every", "3",
             "--device", "cpu", "--seed", "1"]
 
 
@@ -293,6 +293,30 @@ def test_train_mtgan_end_to_end(stores, sr_run, tmp_path, cli):
     assert res.exit_code == 2 and "another configuration" in res.stderr and "alpha" in res.stderr
 
 
+def test_train_mtgan_d_warmup_trains_d_alone(stores, sr_run, tmp_path, cli):
+    hr, lr = stores
+    out = tmp_path / "warm"
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", out, *_mtgan_args(4, d_warmup=2))
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    train = [x for x in _lines(out / "metrics.jsonl") if "d_total" in x]
+    assert [("g_total" in x) for x in train] == [False, False, True, True]
+    g0 = _state(sr_run / "generator.pt")["generator"]
+    g2 = _state(out / "checkpoint.pt")["generator"]  # step 4 now: G trained in steps 3 and 4
+    assert _state(out / "checkpoint.pt")["step"] == 4
+    assert any(not torch.equal(g0[k], g2[k]) for k in g0 if g0[k].is_floating_point())
+    # Stopped right after the warm-up: G is still the MSE-pretrained one, D has moved.
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", tmp_path / "w2",
+              *_mtgan_args(4, d_warmup=2), "--stop-after", "2")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    ck = _state(tmp_path / "w2" / "checkpoint.pt")
+    assert ck["step"] == 2
+    assert all(torch.equal(g0[k], ck["generator"][k]) for k in g0)
+    # A warm-up as long as the run is refused: G would never train.
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", tmp_path / "w3",
+              *_mtgan_args(4, d_warmup=4))
+    assert res.exit_code == 2 and "--d-warmup" in res.stderr
+
+
 def test_train_mtgan_switches_recorded(stores, sr_run, tmp_path, cli):
     hr, lr = stores
     out = tmp_path / "ablation"
@@ -314,8 +338,9 @@ def test_train_mtgan_killed_and_resumed_is_exact(stores, sr_run, tmp_path):
 
     hr, lr = stores
     n = 14  # 46 training rows, batch 4: 11 batches per epoch, so the resumed run crosses an epoch
+    # ... and the end of the D warm-up (5 iterations), if it is killed at the first checkpoint (3).
     args = ["train", "mtgan", "--hr", str(hr), "--lr", str(lr), "--sr", str(sr_run), "--out", str(tmp_path / "b"),
-            *_mtgan_args(n, ckpt_every=3)]
+            *_mtgan_args(n, ckpt_every=3, d_warmup=5)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sodtool", "--quiet", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -335,8 +360,8 @@ def test_train_mtgan_killed_and_resumed_is_exact(stores, sr_run, tmp_path):
         main(["--quiet", *args])
     assert e.value.code in (0, None)
     cfg = TrainMTGANConfig(hr=hr, lr=lr, sr=sr_run, out=tmp_path / "a", iterations=n, batch_size=4,
-                           disc_arch="resnet18", d_lr_step=3, log_every=1, checkpoint_every=3, sample_every=3,
-                           val_every=3, device="cpu", seed=1)
+                           disc_arch="resnet18", d_lr=0.01, d_lr_step=3, d_warmup=5, log_every=1, checkpoint_every=3,
+                           sample_every=3, val_every=3, device="cpu", seed=1)
     train_mtgan(cfg)
     _assert_same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
     _assert_same_weights(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
