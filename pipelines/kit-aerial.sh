@@ -35,4 +35,6 @@ sodtool downsample "$RUN/rois_minival.h5" --out "$RUN/rois_minival_lr.h5" --over
 
 sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
   --out "$RUN/eval_minival"
-cat "$RUN/eval_minival/table.md"
+sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
+  --score fused --no-figures --out "$RUN/eval_minival_fused"
+cat "$RUN/eval_minival/table.md" "$RUN/eval_minival_fused/table.md"

@@ -421,7 +421,7 @@ def train_mtgan_cmd(
     lr: Path = typer.Option(..., "--lr", help="Its LR twin rois_<split>_lr.h5 (from downsample)."),
     sr: Path = typer.Option(..., "--sr", help="The `train sr` run folder whose generator.pt initialises G."),
     out: Path = typer.Option(..., "--out", help="Output folder, e.g. RUN/mtgan. Rerunning into it resumes from its checkpoint.pt."),
-    preset: str = typer.Option("quick", "--preset", help="quick: ResNet-18 D, 200 iterations, batch 8, D lr /10 at 100; paper: ResNet-50 D, 80k iterations, batch 64, D lr /10 every 40k."),
+    preset: str = typer.Option("quick", "--preset", help="quick: ResNet-18 D from scratch, batch 32, D lr 0.5, 150 D-only warm-up + 100 adversarial iterations, D lr /10 at 200; bench: the same, 1500 + 500 iterations, /10 at 1750; paper: ResNet-50 D, 80k iterations, batch 64, D lr 0.01 /10 every 40k, no warm-up."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations, one D and one G step each (overrides the preset)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process (overrides the preset)."),
     disc_arch: Optional[str] = typer.Option(None, "--disc-arch", help="Discriminator trunk: resnet18, resnet34, resnet50 (paper) or resnet101."),

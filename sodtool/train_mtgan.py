@@ -258,7 +258,8 @@ def train_step(g_model, d_model, d_params, opt_g, opt_d, sched_d, x, y, u, v, w,
 
     x: LR float [B, 3, s, s]; y: HR float [B, 3, S, S] (both [0, 1]); u: labels int64 [B];
     v: raw box deltas float32 [B, 4]. `g_model` / `d_model` may be DDP wrappers; `d_params` are
-    D's trainable parameters. Returns (L_D, L_G, terms dict of detached scalars). Nothing here
+    D's trainable parameters. Returns (L_D, L_G, terms dict of detached scalars); L_G is None, and
+    the terms are D's alone, for a D-only step. Nothing here
     checks for NaN: the caller does, before anything is saved.
     """
     from sodtool.device import autocast
