@@ -79,8 +79,8 @@ from sodtool.train_sr import (
     native_sides,
     open_pair,
     remove_stale_manifest,
+    resume_position,
     rng_state,
-    set_rng_state,
     split_rows,
     to_float,
 )
@@ -309,7 +309,7 @@ def train_step(g_model, d_model, d_params, opt_g, opt_d, sched_d, x, y, u, v, w,
 
 def train_mtgan(cfg: TrainMTGANConfig) -> dict:
     """Train the MTGAN (Eq. 10 / 11) from an MSE-pretrained generator; write RUN/mtgan/."""
-    from sodtool.console import log, make_progress, summary_table
+    from sodtool.console import make_progress, summary_table
     from sodtool.device import device_name, dist_env, init_distributed, resolve_device, seed_everything
     from sodtool.networks import (
         Discriminator,
@@ -350,18 +350,13 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
 
     ckpt_path = out / "checkpoint.pt"
     ckpt = load_resume(ckpt_path, cfg, inputs, STAGE)
-    step, stream_state, prior_s = 0, {"epoch": 0, "position": 0}, 0.0
     if ckpt is not None:
         g.load_state_dict(ckpt["generator"])
         d.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["optimizer_g"])
         opt_d.load_state_dict(ckpt["optimizer_d"])
         sched_d.load_state_dict(ckpt["scheduler_d"])
-        set_rng_state(ckpt["rng"])
-        step, stream_state = int(ckpt["step"]), ckpt["stream"]
-        prior_s = float(ckpt.get("elapsed_s", 0.0))
-        if main:
-            log(f"resuming {ckpt_path} at iteration {step}/{cfg.iterations}")
+    step, stream_state, prior_s = resume_position(ckpt, ckpt_path, cfg.iterations, main)
     channels_last = device.type == "cuda"
     if channels_last:
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels

@@ -386,6 +386,20 @@ def load_resume(path: Path, cfg, inputs: dict[str, dict], stage: str) -> Optiona
     return ckpt
 
 
+def resume_position(ckpt: Optional[dict], path: Path, iterations: int, announce: bool) -> tuple[int, dict, float]:
+    """(step, loader stream state, elapsed seconds) to continue a run from: zeros without a
+    checkpoint; else the checkpoint's, with its RNG states restored (the caller loads the weights)."""
+    if ckpt is None:
+        return 0, {"epoch": 0, "position": 0}, 0.0
+    from sodtool.console import log
+
+    set_rng_state(ckpt["rng"])
+    step = int(ckpt["step"])
+    if announce:
+        log(f"resuming {path} at iteration {step}/{iterations}")
+    return step, ckpt["stream"], float(ckpt.get("elapsed_s", 0.0))
+
+
 def remove_stale_manifest(out: Path) -> None:
     """A folder being (re)trained is not finished: drop a manifest left by an earlier run."""
     m = Path(out) / MANIFEST
@@ -597,7 +611,7 @@ def sr_step(model, opt, x: torch.Tensor, y: torch.Tensor, device) -> torch.Tenso
 
 def train_sr(cfg: TrainSRConfig) -> dict:
     """Pretrain the generator with pixel MSE; write RUN/sr/ (see the module docstring)."""
-    from sodtool.console import log, make_progress, summary_table
+    from sodtool.console import make_progress, summary_table
     from sodtool.device import device_name, dist_env, init_distributed, resolve_device, seed_everything
     from sodtool.networks import Generator, generator_checkpoint, save_checkpoint
 
@@ -639,15 +653,10 @@ def train_sr(cfg: TrainSRConfig) -> dict:
     if ckpt is not None and set(ckpt.get("inputs", {})) != set(inputs):
         raise InputError(f"{ckpt_path} was trained on {len(ckpt.get('inputs', {})) // 2} store pair(s), "
                          f"not {len(pairs)}; use another --out to train on these")
-    step, stream_state, prior_s = 0, {"epoch": 0, "position": 0}, 0.0
     if ckpt is not None:
         g.load_state_dict(ckpt["generator"])
         opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        step, stream_state = int(ckpt["step"]), ckpt["stream"]
-        prior_s = float(ckpt.get("elapsed_s", 0.0))
-        if main:
-            log(f"resuming {ckpt_path} at iteration {step}/{cfg.iterations}")
+    step, stream_state, prior_s = resume_position(ckpt, ckpt_path, cfg.iterations, main)
     channels_last = device.type == "cuda"
     if channels_last:
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
