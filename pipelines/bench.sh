@@ -4,13 +4,13 @@
 # on a 2-core CPU when the bench data exist (making them takes 5 more); the README's measured
 # results say how long each stage took.
 #
-#   bash pipelines/bench.sh [RUN]          # writes data/synth-bench and RUN (default runs/bench)
+#   bash pipelines/bench.sh [RUN] [DATA]   # defaults: runs/bench data/synth-bench (made if missing)
 #
 # Rerunning resumes the training stages from their checkpoints and rewrites the other outputs.
 set -euo pipefail
 
-DATA=data/synth-bench
 RUN=${1:-runs/bench}
+DATA=${2:-data/synth-bench}
 HR=64   # as the quickstart: LR 16
 
 if [ ! -f "$DATA/manifest.json" ]; then
