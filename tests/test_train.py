@@ -317,6 +317,28 @@ def test_train_mtgan_d_warmup_trains_d_alone(stores, sr_run, tmp_path, cli):
     assert res.exit_code == 2 and "--d-warmup" in res.stderr
 
 
+def test_train_mtgan_d_optimizer(stores, sr_run, tmp_path, cli):
+    """The CPU presets train D with AdamW, --d-optimizer sgd (the paper's) with momentum; both resolved in the manifest."""
+    from sodtool.train_mtgan import PRESETS
+
+    assert (PRESETS["quick"]["d_optimizer"], PRESETS["bench"]["d_optimizer"], PRESETS["paper"]["d_optimizer"]) == \
+        ("adam", "adam", "sgd")
+    hr, lr = stores
+    for name, state_key, group_key in (("adam", "exp_avg_sq", "betas"), ("sgd", "momentum_buffer", "momentum")):
+        out = tmp_path / name
+        args = [] if name == "adam" else ["--d-optimizer", "sgd"]  # adam: the quick preset's own
+        res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", out, *_mtgan_args(2), *args)
+        assert res.exit_code == 0, (res.stderr, res.exception)
+        assert json.loads((out / "manifest.json").read_text())["config"]["d_optimizer"] == name
+        opt = _state(out / "checkpoint.pt")["optimizer_d"]
+        assert all(state_key in st for st in opt["state"].values()) and opt["state"]
+        assert group_key in opt["param_groups"][0] and opt["param_groups"][0]["lr"] == 0.01
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", tmp_path / "bad", *_mtgan_args(2),
+              "--d-optimizer", "rmsprop")
+    assert res.exit_code == 2 and "unknown --d-optimizer 'rmsprop' (choose from sgd, adam)" in res.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_train_mtgan_switches_recorded(stores, sr_run, tmp_path, cli):
     hr, lr = stores
     out = tmp_path / "ablation"
