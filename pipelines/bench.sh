@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The synthetic bench preset end to end: 4000 training and 500 minival images, every stage of the
-# quickstart with the bench presets (longer detector, SR and MTGAN training). About 70 minutes
-# on a 2-core CPU when the bench data exist (making them takes 5 more); the README's measured
+# quickstart with the bench presets (longer detector, SR and MTGAN training). About 50 minutes
+# on a 2-core CPU when the bench data exist (making them takes 2-5 more); the README's measured
 # results say how long each stage took.
 #
 #   bash pipelines/bench.sh [RUN] [DATA]   # defaults: runs/bench data/synth-bench (made if missing)
