@@ -39,12 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sodtool import boxes as B  # noqa: E402
-from sodtool import store as S  # noqa: E402
-from sodtool.console import set_quiet  # noqa: E402
-from sodtool.downsample import DownsampleConfig, bicubic_down, default_workers, downsample  # noqa: E402
-from sodtool.rois import crop_windows, jitter_boxes  # noqa: E402
-from sodtool.synth import image_rng, make_image  # noqa: E402
+from sodtool import boxes as B, store as S
+from sodtool.console import set_quiet
+from sodtool.resample import bicubic_down
+from sodtool.rois import crop_windows, jitter_boxes
+from sodtool.stages.downsample import DownsampleConfig, default_workers, downsample
+from sodtool.stages.synth import image_rng, make_image
 
 HR = 128
 ROIS_PER_IMAGE = 100

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sodtool.device import device_name, resolve_device, seed_everything  # noqa: E402
-from sodtool.networks import Generator, count_parameters  # noqa: E402
-from sodtool.srmetrics import bicubic_upscale, psnr, ssim, to_uint8_range  # noqa: E402
+from sodtool.device import device_name, resolve_device, seed_everything
+from sodtool.models.networks import Generator, count_parameters
+from sodtool.resample import bicubic_up
+from sodtool.srmetrics import psnr, ssim, to_uint8_range
 
 
 def load_crops(folder: Path, n_crops: int, hr: int, seed: int, first: int, last: int) -> torch.Tensor:
@@ -66,7 +67,7 @@ def evaluate(g: torch.nn.Module, lr: torch.Tensor, hr: torch.Tensor, dev) -> dic
         for i in range(0, len(lr), 32):
             x = lr[i:i + 32].float().div(255).to(dev)
             sr = to_uint8_range(g(x).float().cpu())
-            bic = to_uint8_range(bicubic_upscale(x.cpu(), 4))
+            bic = to_uint8_range(bicubic_up(x.cpu(), 4))
             for j in range(len(x)):
                 y = hr[i + j].float() / 255
                 res["psnr_y"].append(psnr(sr[j], y, border=4, y_channel=True))
@@ -101,7 +102,8 @@ def run(residual: bool, args, data, dev) -> dict:
             curve.append({"step": step, "train_mse": round(loss.item(), 6), **evaluate(g, val_lr, val_hr, dev)})
             print(json.dumps({"residual_bicubic": residual, **curve[-1]}), file=sys.stderr)
     if args.save is not None:
-        from sodtool.networks import generator_checkpoint, save_checkpoint
+        from sodtool.checkpoint import save as save_checkpoint
+        from sodtool.models.networks import generator_checkpoint
 
         save_checkpoint(generator_checkpoint(g), args.save / ("residual" if residual else "plain") / "generator.pt")
     return {

@@ -2,7 +2,7 @@
 
 Prints one JSON object on stdout: crops/s of full MTGAN iterations (G forward, D forward on HR
 and SR, D backward + SGD step, D forward on SR + G backward + Adam step, exactly
-`sodtool.train_mtgan.train_step`), crops/s of `train sr` MSE steps, seconds per iteration, and
+`sodtool.stages.train_mtgan.train_step`), crops/s of `train sr` MSE steps, seconds per iteration, and
 the FLOPs of one iteration counted with torch.utils.flop_counter.FlopCounterMode (convolutions
 and matmuls, forward and backward); on CUDA also the achieved TFLOP/s and its fraction of the
 GPU's dense bf16 peak.
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from sodtool.device import device_name, resolve_device
     from sodtool.losses import LossWeights
-    from sodtool.networks import Discriminator, Generator
-    from sodtool.train_mtgan import train_step
-    from sodtool.train_sr import sr_step
+    from sodtool.models.networks import Discriminator, Generator
+    from sodtool.stages.train_mtgan import train_step
+    from sodtool.stages.train_sr import sr_step
 
     cfg = dict(PRESETS[args.preset])
     for k in cfg:

@@ -209,3 +209,32 @@ class Timer:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+def same_file(recorded: Any, actual: dict) -> bool:
+    """Whether a recorded `file_identity` names the same bytes as `actual`: by digest where both
+    have one, else by size and mtime."""
+    if not isinstance(recorded, dict):
+        return False
+    if "sha256" in recorded and "sha256" in actual:
+        return recorded["sha256"] == actual["sha256"]
+    return recorded.get("size") == actual.get("size") and recorded.get("mtime") == actual.get("mtime")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a JSON-lines file such as metrics.jsonl, in order ([] if there is no file).
+
+    Lines that do not parse (one cut by a kill) and values that are not objects are skipped.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out

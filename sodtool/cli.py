@@ -1,8 +1,18 @@
 """The `sodtool` command line: thin Typer wrappers that parse options into each stage's config.
 
 Heavy modules (torch, torchvision, pycocotools) are imported inside the commands so that
-`sodtool --help` stays quick. Bad input (`InputError`) ends with one line on stderr and exit
-code 2; `sodtool --debug ...` shows the traceback.
+`sodtool --help` stays quick; that includes the stage modules holding the config dataclasses
+(`sodtool.stages.*` import torch: 1.5-4 s each).
+
+Option defaults therefore restate the config dataclasses' field defaults as literals: Typer
+reads defaults from the function signatures when it builds the command tree, before any
+command runs, so taking them from the dataclasses would import every stage (and torch) on
+`sodtool --help`. The dataclasses stay the one source of truth through
+tests/test_cli.py::test_option_defaults_match_config_fields, which fails on any option whose
+default differs from its field's (and lists the intentional differences with their reasons).
+
+Bad input (`InputError`) ends with one line on stderr and exit code 2; `sodtool --debug ...`
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from typing import Optional
 import functools
 
 import typer
+from typer.core import TyperGroup
 
 from sodtool import __version__
 from sodtool.errors import InputError
@@ -42,19 +53,50 @@ def handles_input_errors(fn):
     return wrapper
 
 
+class OrderedGroup(TyperGroup):
+    """A command group whose --help lists its subcommands in the order of `order`, then any
+    others in the order they were added (click sorts them by name; Typer 0.29 keeps the order
+    of creation, but lists a group's plain commands before its sub-groups).
+
+    Only `list_commands`, a plain click hook, is overridden; see handles_input_errors for why
+    nothing more of the group is customised.
+    """
+
+    order: tuple[str, ...] = ()
+
+    def list_commands(self, ctx) -> list[str]:
+        rank = {name: i for i, name in enumerate(self.order)}
+        return sorted(self.commands, key=lambda name: rank.get(name, len(rank)))  # stable: added order
+
+
+class PipelineGroup(OrderedGroup):
+    """`sodtool --help` in pipeline order: make the data, train the detector, detect, crop its
+    ROIs, downsample them, train SR and the MTGAN on them (under `train`), evaluate."""
+
+    order = ("data", "train", "detect", "crop-rois", "downsample", "eval", "info")
+
+
+class TrainGroup(OrderedGroup):
+    """`sodtool train --help`: the three trainings in the order the pipeline runs them."""
+
+    order = ("detector", "sr", "mtgan")
+
+
 app = typer.Typer(
+    cls=PipelineGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-data_app = typer.Typer(help="Make, import and describe COCO-format datasets.", no_args_is_help=True)
-train_app = typer.Typer(help="Train the detector, the SR generator and the MTGAN.", no_args_is_help=True)
+data_app = typer.Typer(cls=OrderedGroup, help="Make, import and describe COCO-format datasets.", no_args_is_help=True)
+train_app = typer.Typer(cls=TrainGroup, no_args_is_help=True,
+                        help="Train the detector (before detect), then the SR generator and the MTGAN (after downsample).")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 # `sodtool eval --results FILE` is the group's callback (invoke_without_command); subcommands
 # such as `sodtool eval sr` are added to eval_app by their own modules' commands below.
-eval_app = typer.Typer(invoke_without_command=True)
+eval_app = typer.Typer(cls=OrderedGroup, invoke_without_command=True)
 app.add_typer(eval_app, name="eval")
 
 
@@ -157,7 +199,7 @@ def eval_results(
     if rescoring:
         if mtgan is None:
             raise InputError(f"{', '.join(rescoring)} need --mtgan (the MTGAN run folder or model.pt) for rescoring")
-        from sodtool.rescore import RescoreConfig, rescore_eval
+        from sodtool.stages.eval_mtgan import RescoreConfig, rescore_eval
 
         rescore_eval(RescoreConfig(mtgan=mtgan, data=data, split=split, ann=ann, images=images, detector=detector,
                                    rois=rois, ablations=tuple(ablation or ()), out=out, score=score,
@@ -168,7 +210,7 @@ def eval_results(
         typer.echo("sodtool: error: give --results FILE (a COCO results JSON), or --mtgan RUN/mtgan with "
                    "--detector or --rois (MTGAN rescoring), or a subcommand; see 'sodtool eval --help'", err=True)
         raise typer.Exit(2)
-    from sodtool.evaluate import EvalResultsConfig, evaluate_results
+    from sodtool.stages.eval_results import EvalResultsConfig, evaluate_results
 
     evaluate_results(EvalResultsConfig(results=results, ann=ann, images=images, data=data, split=split, out=out))
 
@@ -191,7 +233,7 @@ def eval_sr_cmd(
 
     Example: sodtool eval sr --generator runs/quick/sr/generator.pt --data ../shared/data/sr/Set5 --out runs/quick/eval_sr_set5
     """
-    from sodtool.eval_sr import EvalSRConfig, eval_sr
+    from sodtool.stages.eval_sr import EvalSRConfig, eval_sr
 
     eval_sr(EvalSRConfig(generator=generator, data=data, out=out, scale=scale, border=border, device=device, save_images=save_images))
 
@@ -221,7 +263,7 @@ def data_synth(
 
     Example: sodtool data synth --preset quick --out data/synth-quick --seed 0
     """
-    from sodtool.synth import SynthConfig, synthesize
+    from sodtool.stages.synth import SynthConfig, synthesize
 
     synthesize(SynthConfig(out=out, preset=preset, train_images=train_images, minival_images=minival_images,
                            image_size=image_size, classes=classes, seed=seed, workers=workers, overwrite=overwrite))
@@ -242,7 +284,7 @@ def data_stats(
 
     Example: sodtool data stats --data data/synth-quick --split train
     """
-    from sodtool.stats import StatsConfig, dataset_stats
+    from sodtool.stages.stats import StatsConfig, dataset_stats
 
     dataset_stats(StatsConfig(data=data, split=split, ann=ann, images=images, out=out))
 
@@ -267,7 +309,7 @@ def data_import_yolo(
 
     Example: sodtool data import-yolo ../shared/data/kit-aerial --out data/kit-aerial --val-fraction 0.2 --seed 0
     """
-    from sodtool.yolo import ImportYoloConfig, import_yolo
+    from sodtool.stages.import_yolo import ImportYoloConfig, import_yolo
 
     import_yolo(ImportYoloConfig(src=src, out=out, classes=classes, images=images, labels=labels,
                                  val_fraction=val_fraction, train_list=train_list, minival_list=minival_list,
@@ -276,7 +318,7 @@ def data_import_yolo(
 
 def _exit_on_nonfinite(fn, cfg) -> None:
     """Run a training stage; a NaN / inf loss ends with one line and exit code 3 (2 = bad input)."""
-    from sodtool.train_sr import NonFiniteLossError
+    from sodtool.errors import NonFiniteLossError
 
     try:
         fn(cfg)
@@ -354,7 +396,7 @@ def train_detector_cmd(
 
     Example: sodtool train detector --data data/coco --preset coco --backbone-weights resnet50-0676ba61.pth --out runs/coco/detector
     """
-    from sodtool.detector import TrainDetectorConfig, train_detector
+    from sodtool.stages.train_detector import TrainDetectorConfig, train_detector
 
     _exit_on_nonfinite(train_detector, TrainDetectorConfig(
         data=data, out=out, detector=detector, preset=preset, train_split=train_split, train_ann=train_ann,
@@ -404,7 +446,7 @@ def train_sr_cmd(
 
     Example: sodtool train sr --hr runs/a/rois_train.h5 --lr runs/a/rois_train_lr.h5 --hr runs/b/rois_train.h5 --lr runs/b/rois_train_lr.h5 --out runs/ab/sr
     """
-    from sodtool.train_sr import TrainSRConfig, train_sr
+    from sodtool.stages.train_sr import TrainSRConfig, train_sr
 
     _exit_on_nonfinite(train_sr, TrainSRConfig(
         hr=hr[0] if len(hr) == 1 else tuple(hr), lr=lr[0] if len(lr) == 1 else tuple(lr), out=out, preset=preset, iterations=iterations, batch_size=batch_size,
@@ -462,7 +504,7 @@ def train_mtgan_cmd(
 
     Example: sodtool train mtgan --hr runs/quick/rois_train.h5 --lr runs/quick/rois_train_lr.h5 --sr runs/quick/sr --out runs/quick/mtgan
     """
-    from sodtool.train_mtgan import TrainMTGANConfig, train_mtgan
+    from sodtool.stages.train_mtgan import TrainMTGANConfig, train_mtgan
 
     _exit_on_nonfinite(train_mtgan, TrainMTGANConfig(
         hr=hr, lr=lr, sr=sr, out=out, preset=preset, iterations=iterations, batch_size=batch_size,
@@ -476,7 +518,7 @@ def train_mtgan_cmd(
 
 # `sodtool crop-rois ...` is the group's callback (invoke_without_command), so that
 # `sodtool crop-rois merge OUT SHARDS...` can sit beside it.
-crop_rois_app = typer.Typer(invoke_without_command=True)
+crop_rois_app = typer.Typer(cls=OrderedGroup, invoke_without_command=True)
 app.add_typer(crop_rois_app, name="crop-rois")
 
 
@@ -526,7 +568,7 @@ def crop_rois_cmd(
         return
     if out is None:
         raise InputError("give --out (the store to write, e.g. runs/quick/rois_train.h5); see 'sodtool crop-rois --help'")
-    from sodtool.rois import CropRoisConfig, crop_rois
+    from sodtool.stages.crop_rois import CropRoisConfig, crop_rois
 
     crop_rois(CropRoisConfig(
         out=out, data=data, split=split, ann=ann, images=images, mode=mode, detector=detector,
@@ -550,7 +592,7 @@ def crop_rois_merge_cmd(
 
     Example: sodtool crop-rois merge runs/quick/rois_train.h5 runs/quick/rois_train.shard-0-of-2.h5 runs/quick/rois_train.shard-1-of-2.h5
     """
-    from sodtool.rois import merge_shards
+    from sodtool.stages.crop_rois import merge_shards
 
     merge_shards(out, shards, overwrite=overwrite)
 
@@ -572,7 +614,7 @@ def downsample_cmd(
 
     Example: sodtool downsample runs/quick/rois_train.h5
     """
-    from sodtool.downsample import DownsampleConfig, downsample
+    from sodtool.stages.downsample import DownsampleConfig, downsample
 
     downsample(DownsampleConfig(src=src, out=out, scale=scale, batch=batch, overwrite=overwrite,
                                 compression=compression, workers=workers))
@@ -609,7 +651,7 @@ def detect_cmd(
 
     Example: sodtool detect --detector frcnn --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --data data/coco --split minival --out runs/coco/detections_minival.json
     """
-    from sodtool.detector import DetectConfig, detect
+    from sodtool.stages.detect import DetectConfig, detect
 
     detect(DetectConfig(detector=detector, weights=weights, data=data, split=split, ann=ann, images=images, out=out,
                         score_thresh=score_thresh, max_per_image=max_per_image, batch_size=batch_size,

@@ -195,6 +195,23 @@ def xyxy_to_xywh(b: Sequence[float]) -> list[float]:
     return [x1, y1, x2 - x1, y2 - y1]
 
 
+def to_coco_results(image_id: int, det: dict, categories: CategoryMap) -> list[dict]:
+    """One image's detections -> COCO results entries.
+
+    det: boxes [N, 4] xyxy image pixels, scores [N], labels [N] in 1..K. Entries carry the
+    dataset's category ids and bbox [x, y, w, h] rounded to 3 decimals (1/1000 px), score to 6:
+    finer than COCOeval can tell apart, and the same rounding for every results file sodtool writes.
+    """
+    boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return []
+    cat_ids = categories.labels_to_ids(det["labels"])
+    xywh = np.stack([boxes[:, 0], boxes[:, 1], np.maximum(boxes[:, 2] - boxes[:, 0], 0.0),
+                     np.maximum(boxes[:, 3] - boxes[:, 1], 0.0)], axis=1)
+    return [{"image_id": int(image_id), "category_id": int(c), "bbox": [round(float(v), 3) for v in b],
+             "score": round(float(s), 6)} for b, c, s in zip(xywh, cat_ids, det["scores"])]
+
+
 def load_split(paths: SplitPaths, *, skip_invalid: bool = False, check_files: bool = True) -> CocoSplit:
     """Load and validate a COCO annotation file with pycocotools (policy in the module docstring)."""
     data = read_json(paths.ann, "annotation file")

@@ -14,7 +14,6 @@ image pixels. Every function writes its PNG atomically and returns the path.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -194,19 +193,6 @@ def _name(names: Sequence[str], label: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # Loss curves
 # ----------------------------------------------------------------------------------------------
-
-def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The JSON objects of a metrics.jsonl, skipping lines that do not parse (a run killed mid-line)."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
 
 def loss_series(records: Sequence[dict]) -> dict[str, tuple[list[float], list[float]]]:
     """Loss term name -> (steps, values) from the training lines (not the "split": "val" ones)."""

@@ -1,8 +1,8 @@
-"""Super-resolution quality metrics: PSNR and SSIM in RGB and on the Y channel, bicubic upscaling.
+"""Super-resolution quality metrics: PSNR and SSIM in RGB and on the Y channel.
 
 Conventions (those of the SR literature's MATLAB evaluation scripts and BasicSR):
-- Images are float tensors in [0, 1], [3, H, W] (or [1, H, W] for a single channel; [B, 3, H, W]
-  for `bicubic_upscale`).
+- Images are float tensors in [0, 1], [3, H, W] (or [1, H, W] for a single channel). The bicubic
+  baselines are `sodtool.resample.bicubic_up`.
   Metrics are computed on the 0..255 scale (data range 255) in float64. Quantise network
   outputs to 8 bits first (`to_uint8_range`) to measure what a saved PNG would hold.
 - Y channel: ITU-R BT.601 luma as MATLAB's rgb2ycbcr,
@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 BT601 = (65.481, 128.553, 24.966)
 SSIM_WINDOW = 11
@@ -118,51 +117,3 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
     den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
     return num / den
-
-
-def bicubic_upscale(lr: torch.Tensor, scale: int = 4, *, kernel: str = "torch") -> torch.Tensor:
-    """Bicubic upscaling of [B, 3, h, w] or [3, h, w] float images by an integer `scale`, clamped to [0, 1].
-
-    kernel="torch": PyTorch's F.interpolate (cubic a = -0.75, edge pixels replicated), the
-    upsampling the generator's bicubic skip uses. kernel="matlab": MATLAB imresize's bicubic
-    (Keys cubic a = -0.5, mirrored edges), with which the published bicubic baselines were
-    computed; provided to compare with those numbers.
-    """
-    squeeze = lr.dim() == 3
-    x = lr.unsqueeze(0) if squeeze else lr
-    if kernel == "torch":
-        out = F.interpolate(x.float(), scale_factor=scale, mode="bicubic", align_corners=False)
-    elif kernel == "matlab":
-        h, w = x.shape[-2:]
-        wh = _matlab_cubic_matrix(h, scale).to(x.device)
-        ww = _matlab_cubic_matrix(w, scale).to(x.device)
-        out = (wh @ x.double() @ ww.T).to(torch.float32)
-    else:
-        raise ValueError(f"unknown bicubic kernel '{kernel}' (torch or matlab)")
-    out = out.clamp(0.0, 1.0)
-    return out.squeeze(0) if squeeze else out
-
-
-def _keys_cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
-    ax = x.abs()
-    ax2, ax3 = ax**2, ax**3
-    near = (a + 2) * ax3 - (a + 3) * ax2 + 1
-    far = a * ax3 - 5 * a * ax2 + 8 * a * ax - 4 * a
-    return torch.where(ax <= 1, near, torch.where(ax < 2, far, torch.zeros_like(ax)))
-
-
-def _matlab_cubic_matrix(n_in: int, scale: int) -> torch.Tensor:
-    """[n_in * scale, n_in] interpolation matrix of MATLAB imresize(..., 'bicubic') upscaling."""
-    n_out = n_in * scale
-    u = torch.arange(1, n_out + 1, dtype=torch.float64) / scale + 0.5 * (1 - 1 / scale)  # 1-based input coords
-    left = torch.floor(u - 2)
-    taps = left.unsqueeze(1) + torch.arange(0, 5, dtype=torch.float64).unsqueeze(0)  # kernel width 4 (+1)
-    weights = _keys_cubic(u.unsqueeze(1) - taps)
-    weights = weights / weights.sum(dim=1, keepdim=True)
-    idx = taps.long() - 1  # 0-based, then mirror (MATLAB's symmetric padding)
-    period = 2 * n_in
-    idx = torch.remainder(idx, period)
-    idx = torch.where(idx >= n_in, period - 1 - idx, idx)
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    m.scatter_add_(1, idx, weights)
-    return m

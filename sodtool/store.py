@@ -52,7 +52,8 @@ import h5py
 import numpy as np
 import torch
 
-from sodtool.artefacts import atomic_path
+from sodtool.artefacts import atomic_path, sidecar_manifest_path, write_manifest
+from sodtool.coco import CategoryMap
 from sodtool.errors import InputError
 
 SCHEMA = "sodtool.rois/1"
@@ -142,8 +143,6 @@ def attr_json(f: h5py.File, key: str) -> Any:
 
 def store_categories(path: str | os.PathLike):
     """The CategoryMap recorded in an HR or LR store."""
-    from sodtool.coco import CategoryMap
-
     with open_store(path, expect_schema=None) as f:
         try:
             return CategoryMap.from_json(attr_json(f, "categories"))
@@ -576,3 +575,17 @@ def make_loader(hr_path: str | os.PathLike, lr_path: str | os.PathLike | None, *
                                   rank=rank, world_size=world_size, drop_last=drop_last, window_chunks=window_chunks)
     return RoiLoader(ds, sampler, num_workers=num_workers, pin_memory=pin_memory,
                      persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+
+
+def manifest_path(store_path: str | os.PathLike) -> Path:
+    """rois_train.h5 -> rois_train.h5.manifest.json (the store's sidecar manifest)."""
+    return sidecar_manifest_path(store_path)
+
+
+def write_store_manifest(store_path: str | os.PathLike, stage: str, config: Any, inputs: dict, metrics: dict, *,
+                         seed: int | None, device: str, wall_time_s: float) -> Path:
+    """The sidecar `<store>.manifest.json` (artefacts.write_manifest for one file): the RUN/ folder
+    holds several stages' files, so a folder-level manifest.json would claim the whole folder."""
+    store_path = Path(store_path)
+    return write_manifest(store_path.parent, stage, config, inputs, metrics, seed=seed, device=device,
+                          wall_time_s=wall_time_s, outputs=[store_path.name], path=manifest_path(store_path))

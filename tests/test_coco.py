@@ -12,8 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sodtool.coco import (CategoryMap, SplitPaths, load_split, read_image_rgb, resolve_split, size_bucket,
-                          validate_coco_dict, xywh_to_xyxy, xyxy_to_xywh)
+from sodtool.coco import (
+    CategoryMap,
+    SplitPaths,
+    load_split,
+    read_image_rgb,
+    resolve_split,
+    size_bucket,
+    validate_coco_dict,
+    xywh_to_xyxy,
+    xyxy_to_xywh,
+)
 from sodtool.errors import InputError
 
 # Categories with COCO-like gaps: labels 1..3 <-> ids 1, 3, 90.

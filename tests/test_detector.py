@@ -18,13 +18,18 @@ import pytest
 import torch
 from PIL import Image
 
-from sodtool import detector as D
 from sodtool.coco import CategoryMap, load_split, resolve_split
+from sodtool.engine import StepBatchSampler
+from sodtool.errors import InputError
+from sodtool.models.detector_weights import COCO_CATEGORIES, MODEL_FORMAT, infer_arch, load_backbone_weights
+from sodtool.models.detectors import load_detector, predict
+from sodtool.models.frcnn import ARCHS as DETECTOR_ARCHS, build_detector
+from sodtool.stages.train_detector import DetectionDataset, PRESETS as DETECTOR_PRESETS, TrainDetectorConfig, _initial_model, _lr_factor, resolve_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_CATS = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
 PLAIN_CATS = [{"id": 1, "name": "ring"}, {"id": 2, "name": "square"}, {"id": 5, "name": "cross"}]
-QUICK_ARCH = D.PRESETS["quick"]["arch"]
+QUICK_ARCH = DETECTOR_PRESETS["quick"]["arch"]
 # Options that make a training run take a second or two on a CPU (the quick preset's trunk).
 TINY = ["--min-size", "64", "--max-size", "64", "--fpn-channels", "16", "--anchor-sizes", "8,16,32,64",
         "--roi-batch-size", "16", "--batch-size", "2", "--device", "cpu", "--log-every", "1"]
@@ -98,11 +103,11 @@ def trained(plain_ds, tmp_path_factory) -> Path:
 # Architectures
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", D.ARCHS)
+@pytest.mark.parametrize("arch", DETECTOR_ARCHS)
 def test_every_arch_builds_trains_and_detects(arch):
     torch.manual_seed(0)
     # Few RoIs / proposals: C4's layer4 head runs once per RoI.
-    model = D.build_detector(arch, 4, min_size=64, max_size=96, box_batch_size_per_image=32,
+    model = build_detector(arch, 4, min_size=64, max_size=96, box_batch_size_per_image=32,
                              rpn_post_nms_top_n_test=50)
     model.train()
     images = [torch.rand(3, 64, 80), torch.rand(3, 64, 64)]
@@ -115,7 +120,7 @@ def test_every_arch_builds_trains_and_detects(arch):
     with torch.no_grad():
         out = model(images)
     assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
-    assert D.infer_arch(model.state_dict()) == arch
+    assert infer_arch(model.state_dict()) == arch
 
 
 @pytest.mark.parametrize("arch,tv_name", [("resnet50_fpn", "fasterrcnn_resnet50_fpn"),
@@ -123,13 +128,13 @@ def test_every_arch_builds_trains_and_detects(arch):
 def test_layout_is_torchvisions(arch, tv_name):
     import torchvision
 
-    ours = D.build_detector(arch, 5).state_dict()
+    ours = build_detector(arch, 5).state_dict()
     theirs = getattr(torchvision.models.detection, tv_name)(weights=None, weights_backbone=None, num_classes=5).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
 
 
 def test_c4_is_detectrons_layout():
-    m = D.build_detector("resnet50_c4", 3, min_size=64, max_size=64)
+    m = build_detector("resnet50_c4", 3, min_size=64, max_size=64)
     assert m.backbone.out_channels == 1024
     assert m.roi_heads.box_roi_pool.output_size == (14, 14)
     assert m.roi_heads.box_predictor.cls_score.in_features == 2048
@@ -145,7 +150,7 @@ def test_coco_category_table_matches_torchvision():
     names = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
     table = {i: n for i, n in enumerate(names) if n not in ("__background__", "N/A")}
     assert {k: v.replace(" ", "") for k, v in table.items()} == {
-        k: v.replace(" ", "") for k, v in D.COCO_CATEGORIES.items()}
+        k: v.replace(" ", "") for k, v in COCO_CATEGORIES.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,20 +158,20 @@ def test_coco_category_table_matches_torchvision():
 # ------------------------------------------------------------------------------------------------
 
 def test_batch_stream_resumes_mid_epoch_with_the_same_batches():
-    full = iter(D.BatchStream(7, 3, seed=5))
+    full = iter(StepBatchSampler(7, 3, seed=5))
     first = [next(full) for _ in range(6)]  # crosses two epoch boundaries
-    later = iter(D.BatchStream(7, 3, seed=5, start_step=4))
+    later = iter(StepBatchSampler(7, 3, seed=5, start_step=4))
     assert [next(later) for _ in range(2)] == first[4:]
     epoch0 = [i for b in first[:2] for i, _ in b] + [first[2][0][0]]
     assert sorted(epoch0) == list(range(7))
-    other = iter(D.BatchStream(7, 3, seed=6))
+    other = iter(StepBatchSampler(7, 3, seed=6))
     assert [next(other) for _ in range(6)] != first
-    assert all(not f for b in D.BatchStream(7, 3, seed=5, hflip=False).epoch(0)[1:] for f in b)
+    assert all(not f for b in StepBatchSampler(7, 3, seed=5, hflip=False).epoch(0)[1:] for f in b)
 
 
 def test_dataset_hflip_mirrors_image_and_boxes(coco_ds):
     split = load_split(resolve_split(coco_ds, "train"))
-    ds = D.DetectionDataset(split)
+    ds = DetectionDataset(split)
     img, t = ds[(0, False)]
     fimg, ft = ds[(0, True)]
     w = img.shape[2]
@@ -179,8 +184,8 @@ def test_dataset_hflip_mirrors_image_and_boxes(coco_ds):
 
 
 def test_lr_schedule_warmup_and_steps():
-    cfg = D.TrainDetectorConfig(warmup_iters=10, warmup_factor=0.1, milestones=(20, 30), gamma=0.1)
-    f = D._lr_factor(cfg)
+    cfg = TrainDetectorConfig(warmup_iters=10, warmup_factor=0.1, milestones=(20, 30), gamma=0.1)
+    f = _lr_factor(cfg)
     assert f(0) == pytest.approx(0.1)
     assert f(5) == pytest.approx(0.55)
     assert f(10) == 1.0 and f(19) == 1.0
@@ -202,17 +207,17 @@ def test_training_writes_the_run_folder(trained, plain_ds):
     for k in ("loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "lr"):
         assert all(np.isfinite(x[k]) for x in lines)
     ckpt = torch.load(trained / "model.pt", weights_only=True)
-    assert ckpt["format"] == D.MODEL_FORMAT and ckpt["arch"] == QUICK_ARCH and ckpt["num_classes"] == 4
+    assert ckpt["format"] == MODEL_FORMAT and ckpt["arch"] == QUICK_ARCH and ckpt["num_classes"] == 4
     assert json.loads(ckpt["categories"]) == PLAIN_CATS
     assert ckpt["build"]["min_size"] == 64 and ckpt["build"]["anchor_sizes"] == [[8], [16], [32], [64]]
 
 
 def test_load_detector_and_predict_contract(trained, plain_ds):
     split = load_split(resolve_split(plain_ds, "minival"))
-    det = D.load_detector(trained / "model.pt", "cpu", split.categories)
+    det = load_detector(trained / "model.pt", "cpu", split.categories)
     assert det.arch == QUICK_ARCH and det.categories == split.categories and det.identity["sha256"]
     imgs = [split.load_image(i) for i in split.image_ids]
-    outs = D.predict(det, imgs, score_thresh=0.0, max_per_image=7, batch_size=2)
+    outs = predict(det, imgs, score_thresh=0.0, max_per_image=7, batch_size=2)
     assert len(outs) == len(imgs)
     for o, im in zip(outs, imgs):
         assert o["boxes"].dtype == np.float32 and o["boxes"].shape == (len(o["scores"]), 4)
@@ -222,10 +227,10 @@ def test_load_detector_and_predict_contract(trained, plain_ds):
         assert np.all((o["labels"] >= 1) & (o["labels"] <= 3))
         assert np.all(o["boxes"][:, 2] <= im.shape[1]) and np.all(o["boxes"][:, 3] <= im.shape[0])
     # The run folder works as well as the file; other categories are refused.
-    assert D.load_detector(trained, "cpu").categories == split.categories
+    assert load_detector(trained, "cpu").categories == split.categories
     other = CategoryMap.from_json(COCO_CATS)
-    with pytest.raises(D.InputError, match="categories disagree"):
-        D.load_detector(trained / "model.pt", "cpu", other)
+    with pytest.raises(InputError, match="categories disagree"):
+        load_detector(trained / "model.pt", "cpu", other)
 
 
 def test_detect_writes_results_and_manifest(cli, trained, plain_ds, tmp_path):
@@ -269,10 +274,10 @@ def test_torchvision_coco_state_dict_detects_with_dataset_ids(cli, coco_ds, tv_c
 
     # predict == the raw model's outputs restricted to the dataset's COCO ids, relabelled 1..3.
     split = load_split(resolve_split(coco_ds, "minival"))
-    det = D.load_detector(tv_coco_file, "cpu", split.categories, min_size=64, max_size=64)
+    det = load_detector(tv_coco_file, "cpu", split.categories, min_size=64, max_size=64)
     assert det.label_map[[1, 3, 18]].tolist() == [1, 2, 3] and det.label_map.sum() == 6
     img = split.load_image(split.image_ids[0])
-    got = D.predict(det, [img], score_thresh=0.0, max_per_image=100)[0]
+    got = predict(det, [img], score_thresh=0.0, max_per_image=100)[0]
     det.model.roi_heads.detections_per_img = 100_000
     det.model.roi_heads.score_thresh = 0.0
     with torch.no_grad():
@@ -288,8 +293,8 @@ def test_torchvision_coco_state_dict_detects_with_dataset_ids(cli, coco_ds, tv_c
 def test_torchvision_coco_state_dict_trains_through_weights(cli, coco_ds, tv_coco_file, tmp_path):
     # The starting model keeps the predictor rows of background, person (1), car (3) and dog (18).
     cats = load_split(resolve_split(coco_ds, "train")).categories
-    cfg = D.resolve_train_config(D.TrainDetectorConfig(weights=tv_coco_file, min_size=64, max_size=64), 6)
-    model, arch, build, _ = D._initial_model(cfg, cats)
+    cfg = resolve_train_config(TrainDetectorConfig(weights=tv_coco_file, min_size=64, max_size=64), 6)
+    model, arch, build, _ = _initial_model(cfg, cats)
     assert arch == "resnet50_fpn" and build["norm"] == "frozen_bn" and build["frozen_bn_eps"] == 0.0
     tv = torch.load(tv_coco_file, weights_only=True)
     pred = model.roi_heads.box_predictor
@@ -341,7 +346,7 @@ def test_sodtool_model_of_another_dataset_is_refused(cli, trained, coco_ds, tmp_
 
 @pytest.mark.parametrize("content,message", [
     (None, "detector weights file not found"),
-    (b"not a checkpoint", "not a PyTorch weights file that loads with weights_only=True"),
+    (b"not a checkpoint", "cannot be read as a weights-only torch file"),
     ([1, 2, 3], "not a state dict"),
 ])
 def test_bad_weight_files_exit_2(cli, plain_ds, tmp_path, content, message):
@@ -364,9 +369,9 @@ def test_backbone_weights_load_and_wrong_trunk_is_refused(cli, plain_ds, tmp_pat
     torch.manual_seed(0)
     r18 = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), r18)
-    model = D.build_detector("resnet18_fpn", 4, norm="frozen_bn")
+    model = build_detector("resnet18_fpn", 4, norm="frozen_bn")
     sd = torch.load(r18, weights_only=True)
-    assert D.load_backbone_weights(model, "resnet18_fpn", r18) == len(sd) - 2  # all but fc.weight / fc.bias
+    assert load_backbone_weights(model, "resnet18_fpn", r18) == len(sd) - 2  # all but fc.weight / fc.bias
     assert torch.equal(model.backbone.body.layer3[1].conv2.weight, sd["layer3.1.conv2.weight"])
     assert torch.equal(model.backbone.body.bn1.running_var, sd["bn1.running_var"])
     res = cli("train", "detector", "--data", plain_ds, "--out", tmp_path / "r", "--arch", "resnet50_fpn",
@@ -451,7 +456,7 @@ def test_resume_refuses_other_settings(cli, plain_ds, tmp_path):
     assert cli(*base, "--iterations", "2").exit_code == 0
     res = cli(*base, "--iterations", "2", "--lr", "0.001")
     assert res.exit_code == 2, res.stderr
-    assert "was written by a run with lr=0.02, this run has lr=0.001" in res.stderr and "--no-resume" in res.stderr
+    assert "was made with another configuration (lr 0.02 -> 0.001)" in res.stderr and "--no-resume" in res.stderr
     assert (out / "model.pt").is_file() and (out / "manifest.json").is_file()  # a refusal loses nothing
     res = cli(*base, "--iterations", "2", "--lr", "0.001", "--no-resume")
     assert res.exit_code == 0, res.stderr
@@ -466,5 +471,5 @@ def test_epochs_and_multiscale_training(cli, plain_ds, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["iterations"] == 3  # 6 images, batch 2
     assert manifest["config"]["train_sizes"] == [48, 64]
-    det = D.load_detector(out, "cpu")
+    det = load_detector(out, "cpu")
     assert det.model.transform.min_size == (64,)  # tests run at --min-size, not the training sizes

@@ -9,7 +9,7 @@ import torch
 
 from sodtool.errors import InputError
 from sodtool.losses import LossWeights, box_loss, discriminator_loss, generator_loss, total_variation
-from sodtool.networks import DiscOut, Discriminator, Generator, set_requires_grad
+from sodtool.models.networks import DiscOut, Discriminator, Generator, set_requires_grad
 
 # A tiny batch: N = 3, K = 2; row 0 is background.
 LABEL = torch.tensor([0, 1, 2])

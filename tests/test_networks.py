@@ -8,19 +8,19 @@ import torchvision
 from torch import nn
 
 from sodtool.errors import InputError
-from sodtool.networks import (
+from sodtool.models.networks import (
     DiscOut,
     Discriminator,
     Generator,
-    bicubic_upsample,
     discriminator_checkpoint,
     discriminator_config,
     discriminator_from_checkpoint,
     generator_checkpoint,
     generator_config,
     generator_from_checkpoint,
-    save_checkpoint,
 )
+from sodtool.checkpoint import save as save_checkpoint
+from sodtool.resample import bicubic_up
 
 LIGHT = dict(channels=32, up_channels=64, num_blocks=2)
 
@@ -56,7 +56,7 @@ def test_generator_residual_bicubic_adds_the_bicubic_image():
     plain.load_state_dict(g.state_dict())
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(g(x), plain(x) + bicubic_upsample(x, 4))
+        torch.testing.assert_close(g(x), plain(x) + bicubic_up(x, 4))
 
 
 def test_generator_init_statistics():

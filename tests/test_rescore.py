@@ -29,8 +29,8 @@ HR, K = 32, 3
 def save_mtgan(path: Path, categories: list[dict], *, seed: int = 0, zero_reg: bool = False,
                reg_branch: bool = True, hr_size: int = HR) -> Path:
     """A randomly initialised MTGAN model.pt with the keys `train mtgan` writes."""
-    from sodtool.networks import (Discriminator, Generator, discriminator_checkpoint, generator_checkpoint,
-                                  save_checkpoint)
+    from sodtool.checkpoint import save as save_checkpoint
+    from sodtool.models.networks import Discriminator, Generator, discriminator_checkpoint, generator_checkpoint
 
     torch.manual_seed(seed)
     g = Generator(channels=8, up_channels=8, num_blocks=1)
@@ -47,9 +47,9 @@ def save_mtgan(path: Path, categories: list[dict], *, seed: int = 0, zero_reg: b
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Dataset, a detections JSON, test/train ROI stores (+ LR twin), MTGAN runs with loss logs."""
-    from sodtool.downsample import DownsampleConfig, downsample
-    from sodtool.rois import CropRoisConfig, crop_rois
-    from sodtool.synth import SynthConfig, synthesize
+    from sodtool.stages.downsample import DownsampleConfig, downsample
+    from sodtool.stages.crop_rois import CropRoisConfig, crop_rois
+    from sodtool.stages.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("rescore")
     data = root / "data"
@@ -93,7 +93,7 @@ def world(tmp_path_factory):
 
 
 def _cfg(world, out: Path, **kw):
-    from sodtool.rescore import RescoreConfig
+    from sodtool.stages.eval_mtgan import RescoreConfig
 
     base = dict(mtgan=world["mtgan"], data=world["data"], split="minival", rois=world["rois"], out=out,
                 device="cpu", batch_size=16)
@@ -214,7 +214,8 @@ def test_figures_are_pngs(evaluated):
 
 def test_zero_deltas_give_the_rois(world, tmp_path):
     """A D whose regression head outputs zeros leaves every ROI where it was (clipped)."""
-    from sodtool.rescore import refine_boxes, rescore_eval
+    from sodtool.rescoring import refine_boxes
+    from sodtool.stages.eval_mtgan import rescore_eval
 
     rois = torch.tensor([[10.0, 20.0, 30.0, 50.0], [300.5, 1.5, 400.0, 80.0]])
     assert torch.equal(refine_boxes(rois, torch.zeros(2, 4), 1000, 1000), rois)
@@ -238,7 +239,7 @@ def test_zero_deltas_give_the_rois(world, tmp_path):
 
 
 def test_class_scores_fused_and_disc():
-    from sodtool.rescore import class_scores
+    from sodtool.rescoring import class_scores
 
     probs = torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]])
     s = torch.tensor([0.8, 0.4])
@@ -253,7 +254,7 @@ def test_class_scores_fused_and_disc():
 
 
 def test_select_detections_nms_per_class_and_topk():
-    from sodtool.rescore import select_detections
+    from sodtool.rescoring import select_detections
 
     boxes = torch.tensor([[0.0, 0, 10, 10], [1.0, 0, 11, 10], [50.0, 50, 60, 60]])
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.0005]])
@@ -275,7 +276,7 @@ def test_fused_mode_and_missing_lr_twin_match(world, tmp_path):
     score may differ)."""
     import shutil
 
-    from sodtool.rescore import rescore_eval
+    from sodtool.stages.eval_mtgan import rescore_eval
 
     lone = tmp_path / "alone" / "rois_minival.h5"
     lone.parent.mkdir()
@@ -297,10 +298,10 @@ def test_fused_mode_and_missing_lr_twin_match(world, tmp_path):
 
 def test_store_and_direct_detector_give_the_same_results(world, tmp_path):
     """crop-rois --mode test + downsample + eval --rois == eval --detector (same crops, same numbers)."""
-    from sodtool.detector import build_detector
-    from sodtool.downsample import DownsampleConfig, downsample
-    from sodtool.rescore import rescore_eval
-    from sodtool.rois import CropRoisConfig, crop_rois
+    from sodtool.models.frcnn import build_detector
+    from sodtool.stages.downsample import DownsampleConfig, downsample
+    from sodtool.stages.eval_mtgan import rescore_eval
+    from sodtool.stages.crop_rois import CropRoisConfig, crop_rois
 
     det_path = save_tiny_detector(tmp_path / "detector" / "model.pt", world["cats"], build_detector)
     rois = tmp_path / "rois_minival.h5"
@@ -320,8 +321,9 @@ def test_store_and_direct_detector_give_the_same_results(world, tmp_path):
 
 
 def save_tiny_detector(path: Path, cats: list[dict], build_detector) -> Path:
-    """A random ResNet-18 FPN Faster R-CNN in sodtool's model.pt format (see sodtool.detector)."""
-    from sodtool.detector import MODEL_FORMAT, resolve_build
+    """A random ResNet-18 FPN Faster R-CNN in sodtool's model.pt format (see sodtool.models.detector_weights)."""
+    from sodtool.models.detector_weights import MODEL_FORMAT
+    from sodtool.models.frcnn import resolve_build
 
     opts = dict(min_size=192, max_size=192, fpn_channels=16, representation_size=32, rpn_pre_nms_top_n_test=200,
                 rpn_post_nms_top_n_test=150)
@@ -379,7 +381,7 @@ def test_mode_errors(world, cli, tmp_path):
 
 
 def test_hr_size_mismatch_is_refused(world, tmp_path):
-    from sodtool.rescore import rescore_eval
+    from sodtool.stages.eval_mtgan import rescore_eval
 
     big = save_mtgan(tmp_path / "big.pt", world["cats"], hr_size=64)
     with pytest.raises(InputError, match="64 px crops"):

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sodtool import boxes as B
-from sodtool import store as S
+from sodtool import boxes as B, store as S
 from sodtool.errors import InputError
-from sodtool.rois import CropRoisConfig, crop_rois, crop_windows, jitter_boxes, merge_shards
+from sodtool.rois import crop_windows, jitter_boxes
+from sodtool.stages.crop_rois import CropRoisConfig, crop_rois, merge_shards
 
 
 # ------------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def gt_jittered_detections(ann_path: Path, seed: int = 0, per_gt: int = 12, clut
 def synth(tmp_path_factory) -> Path:
     """A small synthetic dataset (sodtool data synth) with stand-in detections for train and minival."""
     from sodtool.console import set_quiet
-    from sodtool.synth import SynthConfig, synthesize
+    from sodtool.stages.synth import SynthConfig, synthesize
 
     set_quiet(True)
     root = tmp_path_factory.mktemp("synth")
@@ -65,7 +65,7 @@ def synth(tmp_path_factory) -> Path:
 def kit(tmp_path_factory, shared_data) -> Path:
     """kit-aerial imported with `sodtool data import-yolo`, with stand-in detections for its train split."""
     from sodtool.console import set_quiet
-    from sodtool.yolo import ImportYoloConfig, import_yolo
+    from sodtool.stages.import_yolo import ImportYoloConfig, import_yolo
 
     set_quiet(True)
     root = tmp_path_factory.mktemp("kit")
@@ -430,22 +430,23 @@ def test_cli_detections_for_another_split_refused(synth, tmp_path, cli):
 
 
 # ------------------------------------------------------------------------------------------
-# ROIs from a detector checkpoint (sodtool.detector)
+# ROIs from a detector checkpoint (sodtool.models.detectors)
 
 
 @pytest.fixture(scope="module")
 def model_file(synth) -> Path:
     """An untrained but real, small Faster R-CNN in sodtool's model.pt format: random detections."""
-    from sodtool import detector as D
+    from sodtool.models.detector_weights import MODEL_FORMAT
+    from sodtool.models.frcnn import build_detector, resolve_build
     from sodtool.coco import load_split, resolve_split
 
     cats = load_split(resolve_split(synth / "data", "train")).categories
     torch.manual_seed(0)
-    build = D.resolve_build("resnet18_fpn", min_size=256, max_size=256, fpn_channels=32, representation_size=64)
-    model = D.build_detector("resnet18_fpn", cats.num_classes + 1, **build)
+    build = resolve_build("resnet18_fpn", min_size=256, max_size=256, fpn_channels=32, representation_size=64)
+    model = build_detector("resnet18_fpn", cats.num_classes + 1, **build)
     path = synth / "detector" / "model.pt"
     path.parent.mkdir(exist_ok=True)
-    torch.save({"format": D.MODEL_FORMAT, "arch": "resnet18_fpn", "num_classes": cats.num_classes + 1,
+    torch.save({"format": MODEL_FORMAT, "arch": "resnet18_fpn", "num_classes": cats.num_classes + 1,
                 "categories": json.dumps(cats.to_json()), "build": build, "model": model.state_dict()}, path)
     return path
 

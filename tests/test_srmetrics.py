@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from sodtool.resample import bicubic_up
 from sodtool.srmetrics import (
-    bicubic_upscale,
     gaussian_window,
     psnr,
     rgb_to_grey,
@@ -140,11 +140,11 @@ def test_against_skimage_if_installed():
 
 def test_bicubic_shapes_and_constant():
     lr = smooth_image(7, 8, 12)
-    assert bicubic_upscale(lr, 4).shape == (3, 32, 48)
-    assert bicubic_upscale(lr.unsqueeze(0), 4).shape == (1, 3, 32, 48)
+    assert bicubic_up(lr, 4).clamp(0, 1).shape == (3, 32, 48)
+    assert bicubic_up(lr.unsqueeze(0), 4).clamp(0, 1).shape == (1, 3, 32, 48)
     c = torch.full((3, 6, 6), 0.3)
     for k in ("torch", "matlab"):
-        torch.testing.assert_close(bicubic_upscale(c, 4, kernel=k), torch.full((3, 24, 24), 0.3))
+        torch.testing.assert_close(bicubic_up(c, 4, kernel=k).clamp(0, 1), torch.full((3, 24, 24), 0.3))
 
 
 def test_matlab_kernel_reproduces_quadratics_and_weights():
@@ -156,8 +156,8 @@ def test_matlab_kernel_reproduces_quadratics_and_weights():
     lr = f(xs).view(1, 1, n).expand(3, 4, n).float()
     pos = (torch.arange(4 * n, dtype=torch.float64) + 0.5) / 4 - 0.5
     inner = slice(12, 4 * n - 12)
-    up_m = bicubic_upscale(lr, 4, kernel="matlab")[0, 0].double()
-    up_t = bicubic_upscale(lr, 4, kernel="torch")[0, 0].double()
+    up_m = bicubic_up(lr, 4, kernel="matlab").clamp(0, 1)[0, 0].double()
+    up_t = bicubic_up(lr, 4, kernel="torch").clamp(0, 1)[0, 0].double()
     torch.testing.assert_close(up_m[inner], f(pos)[inner], rtol=0, atol=1e-6)
     assert (up_t[inner] - f(pos)[inner]).abs().max() > 1e-5
     # first output pixel by hand: taps at distances 1.625, 0.625, 0.375, 1.375 from the mirrored edge
@@ -169,7 +169,7 @@ def test_matlab_kernel_reproduces_quadratics_and_weights():
     # MATLAB mirrors index 0 -> 1 and -1 -> 2 (symmetric padding): taps (-1, 0, 1, 2) -> (2, 1, 1, 2)
     vals = [v[1], v[0], v[0], v[1]]
     expected = sum(wi * vi for wi, vi in zip(w, vals)) / sum(w)
-    got = bicubic_upscale(v.view(1, 1, 5).expand(3, 1, 5), 4, kernel="matlab")  # height 1: vertical is identity
+    got = bicubic_up(v.view(1, 1, 5).expand(3, 1, 5), 4, kernel="matlab").clamp(0, 1)  # height 1: vertical is identity
     assert got[0, 0, 0].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
@@ -197,7 +197,8 @@ def _write_sr_folder(root, extra_hr_px: int = 0):
 def test_eval_sr_cli_tiny_folder(tmp_path, cli):
     import json
 
-    from sodtool.networks import Generator, generator_checkpoint, save_checkpoint
+    from sodtool.checkpoint import save as save_checkpoint
+    from sodtool.models.networks import Generator, generator_checkpoint
 
     data = tmp_path / "set"
     _write_sr_folder(data, extra_hr_px=3)  # img_0's HR has 3 px too many: cropped
@@ -219,12 +220,12 @@ def test_eval_sr_cli_tiny_folder(tmp_path, cli):
 
     hr = torch.from_numpy(np.array(Image.open(data / "HR" / "img_1.png"))).permute(2, 0, 1).float() / 255
     lr = torch.from_numpy(np.array(Image.open(data / "LR" / "img_1.png"))).permute(2, 0, 1).float() / 255
-    up = hwc(to_uint8_range(bicubic_upscale(lr, 4)))[4:-4, 4:-4]
+    up = hwc(to_uint8_range(bicubic_up(lr, 4).clamp(0, 1)))[4:-4, 4:-4]
     assert rows["img_1.png"]["bicubic"]["psnr_y"] == pytest.approx(np_psnr(np_y(up), np_y(hwc(hr)[4:-4, 4:-4])), abs=1e-9)
     # greyscale: Y metrics on the grey level itself
     g_hr = np.array(Image.open(data / "HR" / "img_2.png"), dtype=np.float64)[4:-4, 4:-4]
     g_lr = torch.from_numpy(np.array(Image.open(data / "LR" / "img_2.png"))).float().div(255).expand(3, -1, -1)
-    g_up = to_uint8_range(bicubic_upscale(g_lr, 4))[0].double().numpy()[4:-4, 4:-4] * 255
+    g_up = to_uint8_range(bicubic_up(g_lr, 4).clamp(0, 1))[0].double().numpy()[4:-4, 4:-4] * 255
     assert rows["img_2.png"]["bicubic"]["psnr_y"] == pytest.approx(np_psnr(g_up, g_hr), abs=1e-6)
     for r in m["images"]:
         for meth in m["mean"]:
@@ -256,7 +257,7 @@ def test_eval_sr_bad_inputs(tmp_path, cli):
 
 def test_eval_sr_set5_bicubic_matches_published(shared_data):
     """MATLAB-kernel bicubic reproduces the literature's Set5 x4 number (28.43 dB, Y, border 4)."""
-    from sodtool.eval_sr import EvalSRConfig, eval_sr
+    from sodtool.stages.eval_sr import EvalSRConfig, eval_sr
 
     m = eval_sr(EvalSRConfig(generator=None, data=shared_data / "sr" / "Set5", device="cpu"))
     assert round(m["mean"]["bicubic_matlab"]["psnr_y"], 2) == 28.43

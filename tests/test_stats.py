@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sodtool.coco import SplitPaths, coco_from_dict, load_split
-from sodtool.stats import HIST_EDGES, bin_labels, compute_stats, histogram_text, size_histogram
+from sodtool.stages.stats import HIST_EDGES, bin_labels, compute_stats, histogram_text, size_histogram
 
 
 def ann(aid, iid, cid, bbox, area=None, crowd=0):

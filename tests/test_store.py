@@ -70,7 +70,7 @@ def write_hr(path: Path, n: int = 203, size: int = 16, batches=(5, 13, 1, 30), s
 def pair(tmp_path_factory) -> tuple[Path, Path, dict]:
     """An HR store of 203 rows (16 px crops) and its LR twin."""
     from sodtool.console import set_quiet
-    from sodtool.downsample import DownsampleConfig, downsample
+    from sodtool.stages.downsample import DownsampleConfig, downsample
 
     set_quiet(True)
     d = tmp_path_factory.mktemp("pair")
@@ -317,7 +317,7 @@ def test_stale_or_foreign_lr_refused(tmp_path, pair):
     hr2 = tmp_path / "h2.h5"
     write_hr(hr2, categories=cats2)
     # The LR twin of hr2 with hr's categories pasted in: refused.
-    from sodtool.downsample import DownsampleConfig, downsample
+    from sodtool.stages.downsample import DownsampleConfig, downsample
 
     downsample(DownsampleConfig(src=hr2, out=tmp_path / "h2_lr.h5"))
     with h5py.File(tmp_path / "h2_lr.h5", "a") as f:
@@ -358,7 +358,7 @@ def test_downsample_exact_bicubic_and_attributes(tmp_path, cli):
 
 
 def test_downsample_interrupted_leaves_no_file(tmp_path, monkeypatch):
-    from sodtool import downsample as D
+    from sodtool.stages import downsample as D
 
     src = tmp_path / "rois_train.h5"
     write_hr(src, n=100, size=32)
@@ -378,7 +378,7 @@ def test_downsample_interrupted_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_downsample_workers_same_bytes_and_worker_error_leaves_no_file(tmp_path, monkeypatch):
-    from sodtool import downsample as D
+    from sodtool.stages import downsample as D
 
     src = tmp_path / "rois_train.h5"
     write_hr(src, n=100, size=32)

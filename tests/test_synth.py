@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sodtool import synth
 from sodtool.coco import load_split, resolve_split, size_bucket
 from sodtool.errors import InputError
-from sodtool.synth import PATTERNS, SynthConfig, render_object, synthesize
+from sodtool.stages import synth
+from sodtool.stages.synth import PATTERNS, SynthConfig, render_object, synthesize
 
 TRAIN, MINIVAL, SIZE = 40, 12, 256
 

@@ -44,7 +44,7 @@ def one_thread():
 
 
 # --------------------------------------------------------------------------------------------
-# Tiny stores, written with sodtool.store's writer and sodtool.downsample
+# Tiny stores, written with sodtool.store's writer and sodtool.stages.downsample
 # --------------------------------------------------------------------------------------------
 
 
@@ -87,7 +87,7 @@ def write_hr(path: Path, n: int = 48, seed: int = 0, categories=CATS, nan_row: i
 def write_lr(hr_path: Path, path: Path, categories=None) -> Path:
     """The x4 twin of an HR store: `sodtool downsample`'s, or (with `categories`) a hand-made one
     that names the right source but another category list."""
-    from sodtool.downsample import DownsampleConfig, downsample
+    from sodtool.stages.downsample import DownsampleConfig, downsample
     from sodtool.store import LR_SCHEMA, StoreWriter, attr_str, lr_fields, open_store
 
     if categories is None:
@@ -148,7 +148,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_train_sr_writes_artefacts(sr_run):
-    from sodtool.networks import generator_from_checkpoint
+    from sodtool.models.networks import generator_from_checkpoint
 
     assert {"generator.pt", "checkpoint.pt", "metrics.jsonl", "manifest.json"} <= {p.name for p in sr_run.iterdir()}
     manifest = json.loads((sr_run / "manifest.json").read_text())
@@ -167,7 +167,7 @@ def test_train_sr_writes_artefacts(sr_run):
 
 
 def test_train_sr_resume_is_exact_and_min_native_size(stores, tmp_path):
-    from sodtool.train_sr import TrainSRConfig, train_sr
+    from sodtool.stages.train_sr import TrainSRConfig, train_sr
 
     hr, lr = stores
     # 23 target rows, batch 4: 5 batches per epoch; stop after 6 = epoch 1, position 1.
@@ -190,7 +190,8 @@ def test_train_sr_on_several_stores(stores, tmp_path, cli):
     rows, exact resumption across an epoch, inputs named hr, lr, hr_1, lr_1."""
     from sodtool.errors import InputError
     from sodtool.store import make_loader
-    from sodtool.train_sr import MultiStoreLoader, TrainSRConfig, train_sr
+    from sodtool.srdata import MultiStoreLoader
+    from sodtool.stages.train_sr import TrainSRConfig, train_sr
 
     hr, lr = stores
     cats2 = [{"id": 1, "name": "car"}, {"id": 2, "name": "truck"}, {"id": 5, "name": "bus"}]
@@ -250,7 +251,7 @@ def test_train_sr_on_several_stores(stores, tmp_path, cli):
 
 
 def test_train_mtgan_end_to_end(stores, sr_run, tmp_path, cli):
-    from sodtool.networks import discriminator_from_checkpoint, generator_from_checkpoint
+    from sodtool.models.networks import discriminator_from_checkpoint, generator_from_checkpoint
 
     hr, lr = stores
     out = tmp_path / "mtgan"
@@ -319,7 +320,7 @@ def test_train_mtgan_d_warmup_trains_d_alone(stores, sr_run, tmp_path, cli):
 
 def test_train_mtgan_d_optimizer(stores, sr_run, tmp_path, cli):
     """The CPU presets train D with AdamW, --d-optimizer sgd (the paper's) with momentum; both resolved in the manifest."""
-    from sodtool.train_mtgan import PRESETS
+    from sodtool.stages.train_mtgan import PRESETS
 
     assert (PRESETS["quick"]["d_optimizer"], PRESETS["bench"]["d_optimizer"], PRESETS["paper"]["d_optimizer"]) == \
         ("adam", "adam", "sgd")
@@ -356,7 +357,7 @@ def test_train_mtgan_switches_recorded(stores, sr_run, tmp_path, cli):
 
 def test_train_mtgan_killed_and_resumed_is_exact(stores, sr_run, tmp_path):
     """Uninterrupted run vs a run SIGKILLed after its first checkpoint and rerun: same weights."""
-    from sodtool.train_mtgan import TrainMTGANConfig, train_mtgan
+    from sodtool.stages.train_mtgan import TrainMTGANConfig, train_mtgan
 
     hr, lr = stores
     n = 14  # 46 training rows, batch 4: 11 batches per epoch, so the resumed run crosses an epoch
@@ -396,7 +397,7 @@ def test_train_mtgan_killed_and_resumed_is_exact(stores, sr_run, tmp_path):
 def test_non_finite_loss_stops_with_checkpoint_kept(tmp_path, sr_run, cli):
     """A NaN box target on a positive row of the third batch: exit 3 at iteration 3, checkpoint of 2 kept."""
     from sodtool.store import make_loader
-    from sodtool.train_sr import split_rows
+    from sodtool.srdata import split_rows
 
     hr = write_hr(tmp_path / "rois_train.h5")
     train_rows, _ = split_rows(48, 0.05, 256, 0)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from sodtool.coco import load_split, resolve_split
 from sodtool.errors import InputError
-from sodtool.yolo import ImportYoloConfig, import_yolo, read_classes
+from sodtool.stages.import_yolo import ImportYoloConfig, import_yolo, read_classes
 
 
 def _coco(path: Path):

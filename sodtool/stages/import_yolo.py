@@ -42,6 +42,7 @@ import numpy as np
 
 from sodtool.artefacts import Timer, write_json, write_manifest
 from sodtool.coco import read_image_rgb, size_bucket
+from sodtool.console import log, summary_table, track, warn
 from sodtool.errors import InputError
 
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"}
@@ -343,8 +344,6 @@ def import_yolo(cfg: ImportYoloConfig) -> dict:
     (label files without an image, dropped with skip_orphan_labels), unlisted_images (in
     neither list), and COCO size buckets small / medium / large of the boxes.
     """
-    from sodtool.console import log, summary_table, track, warn
-
     timer = Timer()
     src = Path(cfg.src)
     if not src.is_dir():

@@ -51,6 +51,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from sodtool import __version__
 from sodtool.artefacts import MANIFEST, Timer, read_json, write_json, write_manifest
 from sodtool.coco import size_bucket
+from sodtool.console import log, make_progress, print_table
 from sodtool.errors import InputError
 
 STAGE = "data-synth"
@@ -542,8 +543,6 @@ def synthesize(cfg: SynthConfig) -> dict:
     Metrics: per split (`train`, `minival`) images, objects, distractors, size-bucket counts and
     fractions, per-class counts, occlusion; plus `wall_time_s` and `images_per_s`.
     """
-    from sodtool.console import log, make_progress, print_table
-
     timer = Timer()
     cfg = resolve_config(cfg)
     out = Path(cfg.out)

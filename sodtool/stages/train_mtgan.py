@@ -1,7 +1,7 @@
 """`sodtool train mtgan`: the multi-task GAN of the paper (Eq. 10 and 11, Sec. 4.2).
 
 The generator starts from the MSE-pretrained `RUN/sr/generator.pt`; the discriminator is a
-torchvision ResNet trunk with real/fake, class (K+1) and box heads (sodtool.networks). Each
+torchvision ResNet trunk with real/fake, class (K+1) and box heads (sodtool.models.networks). Each
 iteration takes one batch (x LR crops, y HR crops, u labels, v raw box deltas) and makes
 
 1. one discriminator step, G fixed: sr = G(x) is computed once and D sees `sr.detach()`;
@@ -57,34 +57,22 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
-from sodtool.artefacts import Timer, atomic_path, config_dict, file_identity, read_manifest, write_manifest
-from sodtool.errors import InputError
-from sodtool.train_sr import (
-    Accumulator,
-    BatchStream,
-    HeldOut,
-    MetricsLog,
-    NonFiniteLossError,
-    all_finite,
-    check_common,
-    check_enough_rows,
-    check_positive,
-    evaluate_generator,
-    fill_preset,
-    fmt_terms,
-    last_record,
-    load_held_out,
-    load_resume,
-    make_train_loader,
-    native_sides,
-    open_pair,
-    remove_stale_manifest,
-    resume_position,
-    rng_state,
-    split_rows,
-    to_float,
-)
+from sodtool import checkpoint
+from sodtool.artefacts import Timer, atomic_path, file_identity, read_manifest, write_manifest
+from sodtool.console import make_progress, summary_table
+from sodtool.device import autocast, device_name, seed_everything
+from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, check_positive, due, fill_preset,
+                            fmt_terms, last_record, load_resume, open_run_dir, resume_position, save_training_state,
+                            setup_device, stop_requested, to_float, use_channels_last, wrap_ddp)
+from sodtool.errors import InputError, NonFiniteLossError
+from sodtool.losses import LossWeights, discriminator_loss, generator_loss
+from sodtool.models.networks import (ARCHS, Discriminator, discriminator_checkpoint, generator_checkpoint,
+                                     generator_from_checkpoint, unwrap)
+from sodtool.resample import SCALE, bicubic_up
+from sodtool.srdata import (HeldOut, check_common, check_enough_rows, evaluate_generator, label_rows, load_held_out,
+                            make_train_loader, native_sides, open_pair, split_rows)
 
 STAGE = "train-mtgan"
 
@@ -157,8 +145,6 @@ class TrainMTGANConfig:
 
 def resolve_config(cfg: TrainMTGANConfig) -> TrainMTGANConfig:
     """Fill preset values and check every option; InputError names the option at fault."""
-    from sodtool.networks import ARCHS
-
     cfg = fill_preset(cfg, PRESETS)
     check_positive(cfg, ("iterations", "batch_size", "d_lr_step", "val_every", "log_every", "checkpoint_every",
                          "sample_every", "val_max"))
@@ -183,25 +169,14 @@ def resolve_config(cfg: TrainMTGANConfig) -> TrainMTGANConfig:
 
 
 def loss_weights(cfg: TrainMTGANConfig):
-    from sodtool.losses import LossWeights
-
     return LossWeights(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, tv=cfg.tv_weight, adv=cfg.adv,
                        cls=cfg.cls, reg=cfg.reg and cfg.reg_branch, adversarial=cfg.adversarial)
-
-
-def _label_rows(hr: Path, rows: np.ndarray) -> torch.Tensor:
-    from sodtool import store
-
-    with store.open_store(hr) as fh:
-        return torch.from_numpy(fh["label"][rows].astype(np.int64)) if len(rows) else torch.zeros(0, dtype=torch.int64)
 
 
 @torch.no_grad()
 def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, batch_size: int = 32) -> dict[str, float]:
     """Held-out class accuracy of D (eval mode) on HR, SR (G in eval mode) and bicubic crops: on all
     rows, and on the object rows alone (`_fg_`)."""
-    from sodtool.networks import bicubic_upsample, unwrap
-
     if len(held.rows) == 0:
         return {}
     g, d = unwrap(g), unwrap(d)
@@ -216,7 +191,7 @@ def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, ba
             u = labels[i:i + batch_size].to(device)
             inputs = {"hr": to_float(held.hr[i:i + batch_size], device),
                       "sr": g(x).float().clamp(0, 1),
-                      "bicubic": bicubic_upsample(x).clamp(0, 1)}
+                      "bicubic": bicubic_up(x).clamp(0, 1)}
             for k, img in inputs.items():
                 hit = d(img).cls.argmax(1) == u
                 correct[k] += int(hit.sum().item())
@@ -234,10 +209,6 @@ def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, ba
 @torch.no_grad()
 def save_sample_grid(g, held: HeldOut, device, path: Path, count: int) -> None:
     """PNG grid, one column per crop; rows: LR (nearest x4), bicubic, SR (clamped), HR."""
-    from PIL import Image
-
-    from sodtool.networks import bicubic_upsample, unwrap
-
     n = min(count, len(held.rows))
     if n == 0:
         return
@@ -250,8 +221,8 @@ def save_sample_grid(g, held: HeldOut, device, path: Path, count: int) -> None:
     finally:
         g.train(was)
     x = x.cpu()
-    rows = [torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest"),
-            bicubic_upsample(x).clamp(0, 1), sr, held.hr[:n].float() / 255.0]
+    rows = [torch.nn.functional.interpolate(x, scale_factor=SCALE, mode="nearest"),
+            bicubic_up(x).clamp(0, 1), sr, held.hr[:n].float() / 255.0]
     s, gap = held.hr.shape[-1], 2
     grid = np.full((4 * s + 3 * gap, n * s + (n - 1) * gap, 3), 255, np.uint8)
     for r, imgs in enumerate(rows):
@@ -271,10 +242,6 @@ def train_step(g_model, d_model, d_params, opt_g, opt_d, sched_d, x, y, u, v, w,
     the terms are D's alone, for a D-only step. Nothing here
     checks for NaN: the caller does, before anything is saved.
     """
-    from sodtool.device import autocast
-    from sodtool.losses import discriminator_loss, generator_loss
-    from sodtool.networks import unwrap
-
     if g_step:
         with autocast(device):
             sr = g_model(x)
@@ -318,24 +285,10 @@ def train_step(g_model, d_model, d_params, opt_g, opt_d, sched_d, x, y, u, v, w,
 
 def train_mtgan(cfg: TrainMTGANConfig) -> dict:
     """Train the MTGAN (Eq. 10 / 11) from an MSE-pretrained generator; write RUN/mtgan/."""
-    from sodtool.console import make_progress, summary_table
-    from sodtool.device import device_name, dist_env, init_distributed, resolve_device, seed_everything
-    from sodtool.networks import (
-        Discriminator,
-        discriminator_checkpoint,
-        generator_checkpoint,
-        generator_from_checkpoint,
-        save_checkpoint,
-    )
-
     cfg = resolve_config(cfg)
     w = loss_weights(cfg)
     timer = Timer()
-    device = resolve_device(cfg.device)
-    ddp = init_distributed(device)
-    rank, world, local_rank = dist_env()
-    if device.type == "cuda" and device.index is None:  # "--device cuda": this process's GPU
-        device = torch.device("cuda", local_rank if ddp else torch.cuda.current_device())
+    device, ddp, rank, world = setup_device(cfg.device)
     main = rank == 0
     out = Path(cfg.out)
 
@@ -371,23 +324,12 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
         opt_d.load_state_dict(ckpt["optimizer_d"])
         sched_d.load_state_dict(ckpt["scheduler_d"])
     step, stream_state, prior_s = resume_position(ckpt, ckpt_path, cfg.iterations, main)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
-        g = g.to(memory_format=torch.channels_last)
-        d = d.to(memory_format=torch.channels_last)
-    if ddp:
-        ids = [device.index] if device.type == "cuda" else None
-        g_model = torch.nn.parallel.DistributedDataParallel(g, device_ids=ids)
-        d_model = torch.nn.parallel.DistributedDataParallel(d, device_ids=ids)
-    else:
-        g_model, d_model = g, d
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_manifest(out)
+    channels_last = use_channels_last(device, g, d)
+    g_model, d_model = wrap_ddp(g, device, ddp), wrap_ddp(d, device, ddp)
+    open_run_dir(out, main)
     metrics_log = MetricsLog(out / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
     held = load_held_out(pair, val_rows, native_sides(pair.hr)[val_rows] >= pair.hr_size) if main else None
-    held_labels = _label_rows(pair.hr, val_rows) if main else None
+    held_labels = label_rows(pair.hr, val_rows) if main else None
     loader = make_train_loader(cfg, pair, train_rows, device, rank, world)
     stream = BatchStream(loader, **stream_state)
     categories = pair.categories.to_json()
@@ -396,11 +338,11 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
 
     def save_state(at: int) -> None:
         if main:
-            save_checkpoint({**generator_checkpoint(g), **discriminator_checkpoint(d), **extra,
-                             "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
-                             "scheduler_d": sched_d.state_dict(), "step": at, "stream": stream.state(),
-                             "rng": rng_state(), "config": config_dict(cfg), "inputs": inputs,
-                             "elapsed_s": prior_s + timer.elapsed}, ckpt_path)
+            save_training_state(ckpt_path, {**generator_checkpoint(g), **discriminator_checkpoint(d), **extra,
+                                            "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
+                                            "scheduler_d": sched_d.state_dict()},
+                                step=at, cfg=cfg, inputs=inputs, stage=STAGE, elapsed_s=prior_s + timer.elapsed,
+                                stream=stream.state())
 
     def validate(at: int) -> dict:
         if not main:
@@ -410,7 +352,7 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
             metrics_log.write({"step": at, "split": "val", **res})
         return res
 
-    acc, seen, t_log = Accumulator(), 0, Timer()
+    window = LossWindow()
     last_terms: dict[str, float] = {}
     with make_progress() as progress:
         task = progress.add_task("train mtgan", total=cfg.iterations, completed=step, info="")
@@ -431,24 +373,20 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
                     f"stopped, the last good checkpoint {ckpt_path if ckpt_path.is_file() else '(none yet)'} is kept"
                 )
             step += 1
-            seen += x.shape[0] * world
-            acc.add(terms)
-
-            if step % cfg.log_every == 0 or step == cfg.iterations:
-                last_terms = acc.means()
-                rate = seen / max(t_log.elapsed, 1e-9)
+            window.add(terms, x.shape[0] * world)
+            if due(step, cfg.log_every, cfg.iterations):
+                last_terms, rate = window.flush()
                 metrics_log.write({"step": step, "epoch": stream.epoch, "lr_g": opt_g.param_groups[0]["lr"],
                                    "lr_d": opt_d.param_groups[0]["lr"], **last_terms, "crops_per_s": round(rate, 2)})
                 progress.update(task, info=fmt_terms(last_terms) + f" {rate:.1f} crops/s")
-                seen, t_log = 0, Timer()
             if step % cfg.val_every == 0 and step < cfg.iterations:
                 validate(step)
-            if main and step % cfg.sample_every == 0:
+            if main and due(step, cfg.sample_every):
                 save_sample_grid(g, held, device, out / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
             progress.update(task, completed=step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.stop_after:
+            if due(step, cfg.checkpoint_every, cfg.stop_after):
                 save_state(step)
-            if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.iterations:
+            if stop_requested(cfg, step):
                 return {"stopped_at": step}
 
     val = validate(step)
@@ -460,7 +398,7 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
                "train_time_s": round(prior_s + timer.elapsed, 2)}
     if main:
         save_sample_grid(g, held, device, out / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
-        save_checkpoint({**generator_checkpoint(g), **discriminator_checkpoint(d), **extra, "step": step},
+        checkpoint.save({**generator_checkpoint(g), **discriminator_checkpoint(d), **extra, "step": step},
                         out / "model.pt")
         save_state(step)
         write_manifest(out, STAGE, cfg, {"hr": pair.hr, "lr": pair.lr, "sr": g_path,

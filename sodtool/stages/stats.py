@@ -14,7 +14,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sodtool.coco import size_bucket
+from sodtool.artefacts import Timer, atomic_path, write_json, write_manifest
+from sodtool.coco import SplitPaths, load_split, size_bucket
+from sodtool.console import log, print_table, summary_table, warn
+from sodtool.evaluate import resolve_ground_truth
 
 # sqrt(area) bin edges in pixels; the last bin is open ("256+").
 HIST_EDGES = (0, 8, 16, 24, 32, 48, 64, 96, 128, 256)
@@ -104,11 +107,6 @@ def dataset_stats(cfg: StatsConfig) -> dict:
 
     Returns the statistics dict (the content of stats_<split>.json).
     """
-    from sodtool.artefacts import Timer, write_json, write_manifest
-    from sodtool.coco import SplitPaths, load_split
-    from sodtool.console import log, print_table, summary_table, warn
-    from sodtool.evaluate import resolve_ground_truth
-
     timer = Timer()
     ann, images = resolve_ground_truth(cfg.data, cfg.split, cfg.ann, cfg.images)
     split = load_split(SplitPaths(ann=ann, images=images or ann.parent), check_files=False)
@@ -169,8 +167,6 @@ def _bin_bucket(i: int) -> str:
 def draw_size_histogram(counts: list[int], path: Path, title: str = "") -> Path:
     """Draw the sqrt(area) histogram as a PNG (PIL only): bars coloured by COCO size bucket,
     axis labels, y ticks, and dashed lines at the 32 and 96 px thresholds."""
-    from sodtool.artefacts import atomic_path
-
     if len(counts) != len(HIST_EDGES):
         raise ValueError(f"expected {len(HIST_EDGES)} counts, got {len(counts)}")
     W, H = 900, 520

@@ -21,7 +21,7 @@ The files are `RUN/sr/generator.pt` (generator keys only), `RUN/mtgan/model.pt` 
 and categories) and `RUN/mtgan/checkpoint.pt` (the same plus optimiser states, step, ... for
 resuming). Any other key is ignored here. `generator_checkpoint(g)` / `discriminator_checkpoint(d)`
 return the network's part of that dict; a trainer merges them with its own keys and writes the
-file with `save_checkpoint(obj, path)` (atomic).
+file with `sodtool.checkpoint.save(obj, path)` (atomic).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from sodtool import checkpoint
 from sodtool.errors import InputError
+from sodtool.resample import SCALE, bicubic_up
 
-SCALE = 4
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -140,13 +140,8 @@ class Generator(nn.Module):
             trunk = trunk + feat
         out = self.tail(self.upsample(trunk))
         if self.residual_bicubic:
-            out = out + bicubic_upsample(x, self.scale)
+            out = out + bicubic_up(x, self.scale)
         return out
-
-
-def bicubic_upsample(x: torch.Tensor, scale: int = SCALE) -> torch.Tensor:
-    """Bicubic (a = -0.75, PyTorch's kernel) upsampling of [B, C, h, w] by `scale`, unclamped."""
-    return F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +219,7 @@ class Discriminator(nn.Module):
 
 def _load_imagenet(trunk: nn.Module, path: Path, arch: str) -> None:
     """Load a torchvision ImageNet state dict into `trunk` (fc ignored); mismatch -> InputError."""
-    state = _torch_load(path, "ImageNet weights file")
+    state = checkpoint.load(path, "ImageNet weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -327,35 +322,17 @@ def discriminator_checkpoint(d: nn.Module) -> dict:
     return {"discriminator": _cpu_state(d), "discriminator_config": discriminator_config(d)}
 
 
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
-    """torch.save a plain dict atomically (temp file renamed into place)."""
-    from sodtool.artefacts import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", what: str = "checkpoint") -> dict:
-    """torch.load(weights_only=True) a checkpoint dict; missing / corrupt / not a dict -> InputError."""
-    obj = _torch_load(Path(path), what, map_location=device)
-    if not isinstance(obj, dict):
-        raise InputError(f"{what} {path} does not hold a dict (got {type(obj).__name__})")
-    return obj
-
-
 def generator_from_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> Generator:
     """The Generator stored in `path` (RUN/sr/generator.pt, RUN/mtgan/model.pt or checkpoint.pt),
     on `device`, in eval mode (call .train() to fine-tune it)."""
-    ckpt = load_checkpoint(path, "cpu", "generator checkpoint")
+    ckpt = checkpoint.load_dict(path, "cpu", "generator checkpoint")
     return _restore(ckpt, path, "generator", build_generator, device)
 
 
 def discriminator_from_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> Discriminator:
     """The Discriminator stored in an MTGAN file (RUN/mtgan/model.pt or checkpoint.pt), on
     `device`, in eval mode. The class list is the file's "categories" entry (read it yourself)."""
-    ckpt = load_checkpoint(path, "cpu", "discriminator checkpoint")
+    ckpt = checkpoint.load_dict(path, "cpu", "discriminator checkpoint")
     return _restore(ckpt, path, "discriminator", build_discriminator, device)
 
 
@@ -402,13 +379,3 @@ def _strip_prefix(key: str) -> str:
                 break
         else:
             return key
-
-
-def _torch_load(path: Path, what: str, map_location: Any = "cpu") -> Any:
-    if not path.is_file():
-        raise InputError(f"{what} not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # unpickling errors, truncated zip files, code objects refused by weights_only
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise InputError(f"{what} {path} cannot be read as a weights-only torch file: {msg}") from e

@@ -37,7 +37,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from sodtool.artefacts import Timer, atomic_path, write_json, write_manifest, write_text
+from sodtool.console import print_table, track
+from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
+from sodtool.models.networks import generator_config, generator_from_checkpoint
+from sodtool.resample import bicubic_up
+from sodtool.srmetrics import psnr, rgb_to_grey, ssim, to_uint8_range
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".pgm"}
 GREY_MODES = {"1", "L", "LA"}
@@ -62,12 +68,6 @@ class EvalSRConfig:
 
 def eval_sr(cfg: EvalSRConfig) -> dict:
     """Evaluate; returns the metrics dict written to metrics.json (see module docstring)."""
-    from sodtool.artefacts import Timer, write_json, write_manifest, write_text
-    from sodtool.console import print_table, track
-    from sodtool.device import device_name, resolve_device
-    from sodtool.networks import generator_from_checkpoint
-    from sodtool.srmetrics import bicubic_upscale, to_uint8_range
-
     timer = Timer()
     if cfg.scale < 1:
         raise InputError(f"--scale must be >= 1, got {cfg.scale}")
@@ -94,8 +94,8 @@ def eval_sr(cfg: EvalSRConfig) -> dict:
         if min(hr.shape[-2:]) < min_side:
             raise InputError(f"{hr_path} is {hr.shape[-1]}x{hr.shape[-2]} px: too small for SSIM with a border of {cfg.border} (needs {min_side} px)")
         outputs = {
-            "bicubic": to_uint8_range(bicubic_upscale(lr, cfg.scale, kernel="torch")),
-            "bicubic_matlab": to_uint8_range(bicubic_upscale(lr, cfg.scale, kernel="matlab")),
+            "bicubic": to_uint8_range(bicubic_up(lr, cfg.scale, kernel="torch")),
+            "bicubic_matlab": to_uint8_range(bicubic_up(lr, cfg.scale, kernel="matlab")),
         }
         if gen is not None:
             with torch.no_grad():
@@ -129,8 +129,6 @@ def eval_sr(cfg: EvalSRConfig) -> dict:
         "images": per_image,
     }
     if gen is not None:
-        from sodtool.networks import generator_config
-
         metrics["generator_config"] = generator_config(gen)
     metrics = _json_safe(metrics)
 
@@ -154,8 +152,6 @@ def eval_sr(cfg: EvalSRConfig) -> dict:
 
 def measure(sr: torch.Tensor, hr: torch.Tensor, border: int, grey: bool) -> dict:
     """PSNR/SSIM (RGB and Y) of one output [3, H, W] against its HR image [3, H, W], both [0, 1]."""
-    from sodtool.srmetrics import psnr, rgb_to_grey, ssim
-
     res = {"psnr_rgb": psnr(sr, hr, border=border), "ssim_rgb": ssim(sr, hr, border=border)}
     if grey:
         a, b = rgb_to_grey(sr), hr[:1].double()
@@ -265,8 +261,6 @@ def _json_safe(obj):
 
 def _save_png(img: torch.Tensor, path: Path) -> None:
     from PIL import Image
-
-    from sodtool.artefacts import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()

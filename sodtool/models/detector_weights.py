@@ -1,0 +1,279 @@
+"""Detector weight files: sodtool's `model.pt`, torchvision detection state dicts, ImageNet trunks.
+
+Files (all read with `torch.load(weights_only=True)`, through `sodtool.checkpoint`):
+
+- `model.pt` (format `sodtool.detector/1`): {"format", "arch", "num_classes" (K+1), "categories"
+  (JSON of CategoryMap.to_json()), "build" (every option of `build_detector`, image sizes
+  included), "model" (state dict)};
+- a torchvision detection state dict (e.g. `fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`, downloaded
+  by hand) is accepted wherever a detector checkpoint is. Labels inside the model are 0 =
+  background and 1..K = the dataset's `CategoryMap` labels, except for a torchvision COCO
+  checkpoint (91 outputs, output index = COCO category id), whose `label_map` turns its outputs
+  into the dataset's labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sodtool import checkpoint
+from sodtool.coco import CategoryMap
+from sodtool.errors import InputError
+from sodtool.models.frcnn import ARCHS, default_build
+
+MODEL_FORMAT = "sodtool.detector/1"
+TRAIN_FORMAT = "sodtool.detector-train/1"  # a training checkpoint: not a weights file
+
+# COCO 2017's 80 categories (id -> name). A 91-output torchvision COCO checkpoint indexes its
+# outputs by these ids; it is used on a dataset only if that dataset's ids and names are COCO's.
+COCO_CATEGORIES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
+    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
+    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
+    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle",
+    46: "wine glass", 47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
+    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut",
+    61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet",
+    72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
+    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
+    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+COCO_NUM_OUTPUTS = 91
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight files
+# ----------------------------------------------------------------------------------------------
+
+def save_detector(path: str | os.PathLike, model: nn.Module, arch: str, build: dict, categories) -> Path:
+    """Write sodtool's model.pt (format MODEL_FORMAT) atomically; `build` as from resolve_build."""
+    return checkpoint.save({
+        "format": MODEL_FORMAT,
+        "arch": arch,
+        "num_classes": categories.num_classes + 1,
+        "categories": json.dumps(categories.to_json()),
+        "build": build,
+        "model": model.state_dict(),
+    }, path)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict:
+    """A torchvision state dict, or the one under "model" (torchvision's reference checkpoints)."""
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, dict) and _is_state_dict(obj.get("model")):
+        return obj["model"]
+    raise InputError(f"{path}: not a state dict (expected a dict of tensors such as torchvision's "
+                     f"fasterrcnn_resnet50_fpn_coco file, or sodtool's model.pt)")
+
+
+def infer_arch(sd: dict) -> str | None:
+    """The `ARCHS` entry whose layout a detection state dict has (None when none fits)."""
+    keys = sd.keys()
+    if "backbone.body.0.0.weight" in keys:
+        return "mobilenet_v3_fpn"
+    c4 = any(k.startswith("roi_heads.box_head.layer4.") for k in keys)
+    if "backbone.body.layer1.0.conv3.weight" in keys:
+        blocks = {int(k.split(".")[3]) for k in keys if k.startswith("backbone.body.layer3.")}
+        depth = {6: 50, 23: 101}.get(len(blocks))
+        if c4:
+            return "resnet50_c4" if depth == 50 else None
+        if any(k.startswith("backbone.fpn.") for k in keys):
+            return {50: "resnet50_fpn", 101: "resnet101_fpn"}.get(depth)
+        return None
+    if "backbone.body.layer1.0.conv1.weight" in keys and any(k.startswith("backbone.fpn.") for k in keys):
+        blocks = {int(k.split(".")[3]) for k in keys if k.startswith("backbone.body.layer3.")}
+        return "resnet18_fpn" if len(blocks) == 2 else None
+    return None
+
+
+def _predictor_classes(sd: dict) -> int | None:
+    w = sd.get("roi_heads.box_predictor.cls_score.weight")
+    return int(w.shape[0]) if w is not None else None
+
+
+def _torchvision_build(arch: str, sd: dict) -> dict:
+    """The build options a torchvision-format detection state dict of `arch` needs."""
+    b = default_build(arch)
+    b["norm"] = "frozen_bn"
+    if arch == "resnet50_fpn":
+        # torchvision's only published weights of this layout (COCO_V1) were trained with a
+        # FrozenBatchNorm eps of 0; its builder sets it (overwrite_eps) and so do we.
+        b["frozen_bn_eps"] = 0.0
+    if "backbone.fpn.inner_blocks.0.0.weight" in sd:
+        b["fpn_channels"] = int(sd["backbone.fpn.inner_blocks.0.0.weight"].shape[0])
+    elif "backbone.fpn.inner_blocks.0.weight" in sd:
+        b["fpn_channels"] = int(sd["backbone.fpn.inner_blocks.0.weight"].shape[0])
+    if "roi_heads.box_head.fc6.weight" in sd:
+        b["representation_size"] = int(sd["roi_heads.box_head.fc6.weight"].shape[0])
+    return b
+
+
+def _coco_label_map(categories, path: Path, outputs: int) -> np.ndarray:
+    """Output index (= COCO category id) -> dataset label 1..K, 0 = not in the dataset.
+
+    Only a dataset whose categories are COCO's (same ids, same names) may use a 91-output
+    COCO checkpoint: anything else would silently relabel the classes.
+    """
+    for cid, name in zip(categories.ids, categories.names):
+        if COCO_CATEGORIES.get(cid, "").lower() != name.strip().lower():
+            coco_name = COCO_CATEGORIES.get(cid)
+            detail = (f"the dataset's category {cid} is '{name}', COCO's is '{coco_name}'" if coco_name
+                      else f"the dataset's category id {cid} ('{name}') is not a COCO category")
+            raise InputError(f"{path.name}: box predictor has {outputs} classes, the dataset has "
+                             f"{categories.num_classes}+1 (a {outputs}-class torchvision COCO model needs COCO's "
+                             f"category ids and names; {detail})")
+    label_map = np.zeros(outputs, dtype=np.int64)
+    for label, cid in enumerate(categories.ids, start=1):
+        label_map[cid] = label
+    return label_map
+
+
+def load_state_into(model: nn.Module, sd: dict, path: Path, arch: str) -> None:
+    """load_state_dict with one clear line for whatever does not fit."""
+    found = infer_arch(sd)
+    if found is not None and found != arch:
+        raise InputError(f"{path.name}: weights are for {found}, the model is {arch}")
+    own = model.state_dict()
+    bad_shapes = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in sd.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad_shapes:
+        raise InputError(f"{path.name}: weights do not fit {arch}: {len(bad_shapes)} tensors differ in shape "
+                         f"(file vs model), e.g. {bad_shapes[0]}")
+    res = model.load_state_dict(dict(sd), strict=False)
+    if res.missing_keys or res.unexpected_keys:
+        parts = []
+        if res.missing_keys:
+            parts.append(f"{len(res.missing_keys)} missing (e.g. {res.missing_keys[0]})")
+        if res.unexpected_keys:
+            parts.append(f"{len(res.unexpected_keys)} unexpected (e.g. {res.unexpected_keys[0]})")
+        what = f"weights for {found}" if found else "not a torchvision Faster R-CNN layout sodtool knows"
+        raise InputError(f"{path.name}: weights do not fit {arch} ({what}): " + ", ".join(parts))
+
+
+def load_backbone_weights(model: nn.Module, arch: str, path: str | os.PathLike) -> int:
+    """Copy a torchvision ImageNet classification state dict into the detector's trunk.
+
+    ResNets: `conv1..layer4` -> `backbone.body.*` (C4: `layer4` -> `roi_heads.box_head.layer4`);
+    MobileNetV3: `features.*` -> `backbone.body.*`. The classifier (`fc`, `classifier`) is
+    ignored. Returns the number of tensors copied.
+    """
+    path = Path(path)
+    sd = _unwrap_state_dict(checkpoint.load(path, "backbone weights file"), path)
+    target: dict[str, str] = {}
+    if arch == "mobilenet_v3_fpn":
+        for k in sd:
+            if k.startswith("features."):
+                target[k] = "backbone.body." + k[len("features."):]
+    else:
+        for k in sd:
+            if k.startswith("fc.") or k.startswith("classifier."):
+                continue
+            if arch == "resnet50_c4" and k.startswith("layer4."):
+                target[k] = "roi_heads.box_head." + k
+            else:
+                target[k] = "backbone.body." + k
+    own = model.state_dict()
+    trunk = [k for k in own if k.startswith("backbone.body.") or k.startswith("roi_heads.box_head.layer4.")]
+    mapped = {target[k]: v for k, v in sd.items() if k in target}
+    missing = [k for k in trunk if k not in mapped and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in mapped if k not in own and not k.endswith("num_batches_tracked")]
+    trunk_name = {"mobilenet_v3_fpn": "mobilenet_v3_large", "resnet18_fpn": "resnet18",
+                  "resnet101_fpn": "resnet101"}.get(arch, "resnet50")
+    if missing or unexpected:
+        eg = (missing or unexpected)[0]
+        raise InputError(f"{path.name}: not {trunk_name} ImageNet weights for {arch} "
+                         f"({len(missing)} trunk tensors missing, {len(unexpected)} unexpected, e.g. {eg})")
+    bad = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in mapped.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise InputError(f"{path.name}: not {trunk_name} ImageNet weights for {arch} (shape of {bad[0]})")
+    model.load_state_dict(mapped, strict=False)
+    return len(mapped)
+
+
+def detector_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model.pt").is_file():
+            return p / "model.pt"
+        if (p / "detector" / "model.pt").is_file():
+            return p / "detector" / "model.pt"
+        raise InputError(f"{p} holds no model.pt (did `sodtool train detector` finish?)")
+    return p
+
+
+def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_size: int | None = None,
+                             max_size: int | None = None, arch: str | None = None):
+    """Read a detector file into (arch, build, num_classes, state_dict, categories, label_map, format).
+
+    `path`: sodtool's model.pt (or its run folder), or a torchvision detection state dict.
+    `categories`: the dataset's CategoryMap; checked against a model.pt, required for a
+    torchvision state dict that is not a 91-class COCO model. `arch`: the architecture the
+    caller wants (checked before anything else).
+    """
+    want = arch
+
+    path = detector_file(path)
+    obj = checkpoint.load(path, "detector weights file")
+    if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
+        raise InputError(f"{path.name} is a training checkpoint; use the finished run's model.pt")
+    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        arch = str(obj["arch"])
+        if want is not None and arch != want:
+            raise InputError(f"{path.name}: weights are for {arch}, the model is {want}")
+        build = dict(obj["build"])
+        try:
+            own_cats = CategoryMap.from_json(json.loads(obj["categories"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: malformed categories in a sodtool model file ({e})") from None
+        if categories is not None:
+            categories.check_same(own_cats, f"{path} vs the dataset")
+        sd, fmt, label_map = obj["model"], "sodtool", None
+        num_classes = int(obj["num_classes"])
+        categories = own_cats
+    else:
+        sd = _unwrap_state_dict(obj, path)
+        arch = infer_arch(sd)
+        if arch is None:
+            raise InputError(f"{path.name}: not a Faster R-CNN state dict of a layout sodtool knows ({', '.join(ARCHS)})")
+        if want is not None and arch != want:
+            raise InputError(f"{path.name}: weights are for {arch}, the model is {want}")
+        outputs = _predictor_classes(sd)
+        if outputs is None:
+            raise InputError(f"{path.name}: no box predictor (roi_heads.box_predictor.cls_score.weight) in the state dict")
+        build = _torchvision_build(arch, sd)
+        fmt, num_classes = "torchvision", outputs
+        if categories is None:
+            if outputs != COCO_NUM_OUTPUTS:
+                raise InputError(f"{path.name} is a torchvision state dict with {outputs} classes and no category "
+                                 f"names: give the dataset it was trained on")
+            categories = CategoryMap(ids=tuple(COCO_CATEGORIES), names=tuple(COCO_CATEGORIES.values()))
+        if outputs == categories.num_classes + 1:
+            label_map = None
+        elif outputs == COCO_NUM_OUTPUTS:
+            label_map = _coco_label_map(categories, path, outputs)
+        else:
+            raise InputError(f"{path.name}: box predictor has {outputs} classes, the dataset has "
+                             f"{categories.num_classes}+1")
+    if min_size is not None:
+        build["min_size"] = int(min_size)
+    if max_size is not None:
+        build["max_size"] = int(max_size)
+    return arch, build, num_classes, sd, categories, label_map, fmt, path
+
+

@@ -1,0 +1,131 @@
+"""The detector predict contract, and loading a trained detector for it.
+
+A detector family implements one contract: `predict(det, images)` takes RGB uint8 images
+[H, W, 3] and returns per image boxes float32 [N, 4] xyxy in image pixels, scores float32 [N]
+in [0, 1] and labels int64 [N] in 1..K (the dataset's `CategoryMap` labels), sorted by score.
+`LoadedDetector` holds a model ready for it; `load_detector` reads one from a weight file
+(`sodtool.models.detector_weights`). Faster R-CNN (`sodtool.models.frcnn`) is the family
+implemented today; a new family adds its build module and its branch in `load_detector` /
+`predict`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sodtool.artefacts import file_identity
+from sodtool.console import make_progress
+from sodtool.coco import to_coco_results
+from sodtool.device import autocast
+from sodtool.models.detector_weights import load_state_into, read_detector_checkpoint
+from sodtool.models.frcnn import build_detector
+
+# ----------------------------------------------------------------------------------------------
+# Loading a trained detector and predicting
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedDetector:
+    """A detector ready for `predict`: model (eval mode, on its device) and its label space.
+
+    `label_map` is None when model outputs are the dataset's labels 1..K; for a torchvision
+    COCO checkpoint it maps output index (= COCO category id) -> label 1..K (0: drop).
+    """
+
+    model: nn.Module
+    categories: Any  # CategoryMap
+    arch: str
+    identity: dict
+    label_map: np.ndarray | None = None
+    build: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu", categories=None, *,
+                  min_size: int | None = None, max_size: int | None = None) -> LoadedDetector:
+    """Load `RUN/detector/model.pt` (or a torchvision detection state dict) for `predict`.
+
+    `categories` (the dataset's CategoryMap) is checked against the file's; a 91-class
+    torchvision COCO model gets a label map onto it. `min_size`/`max_size` override the image
+    size the model resizes to.
+    """
+    arch, build, num_classes, sd, cats, label_map, fmt, path = read_detector_checkpoint(
+        path, categories, min_size=min_size, max_size=max_size)
+    model = build_detector(arch, num_classes, **build)
+    load_state_into(model, sd, path, arch)
+    model.eval().to(torch.device(device))
+    ident = {**file_identity(path), "format": fmt, "arch": arch, "num_classes": num_classes}
+    return LoadedDetector(model=model, categories=cats, arch=arch, identity=ident, label_map=label_map, build=build)
+
+
+def _to_tensor(img: np.ndarray, dev: torch.device) -> torch.Tensor:
+    if not (isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
+        got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise ValueError(f"predict wants RGB uint8 [H, W, 3] arrays, got {got}")
+    if not img.flags.writeable:
+        img = img.copy()  # torch warns about read-only arrays (PIL's are)
+    t = torch.from_numpy(np.ascontiguousarray(img)).to(dev, non_blocking=True)
+    return t.permute(2, 0, 1).float().div_(255.0)
+
+
+def predict(det: LoadedDetector, images: list[np.ndarray], *, score_thresh: float = 0.05,
+            max_per_image: int = 100, batch_size: int = 4, amp: bool = False) -> list[dict]:
+    """Detect objects in RGB uint8 images [H, W, 3].
+
+    Returns one dict per image: boxes float32 [N, 4] xyxy image pixels, scores float32 [N] in
+    [0, 1], labels int64 [N] in 1..K (the dataset's CategoryMap labels), sorted by score,
+    descending, N <= max_per_image. Per-class NMS at IoU 0.5 (torchvision's default).
+    """
+    model, dev = det.model, det.device
+    rh = model.roi_heads
+    saved = (rh.score_thresh, rh.detections_per_img)
+    rh.score_thresh = float(score_thresh)
+    # With a label map some outputs are dropped afterwards: keep them all until then.
+    rh.detections_per_img = int(max_per_image) if det.label_map is None else 1_000_000
+    results: list[dict] = []
+    try:
+        with torch.inference_mode(), autocast(dev, enabled=amp):
+            for start in range(0, len(images), batch_size):
+                batch = [_to_tensor(im, dev) for im in images[start:start + batch_size]]
+                for out in model(batch):
+                    boxes = out["boxes"].float().cpu().numpy().astype(np.float32)
+                    scores = out["scores"].float().cpu().numpy().astype(np.float32)
+                    labels = out["labels"].cpu().numpy().astype(np.int64)
+                    if det.label_map is not None:
+                        labels = det.label_map[labels]
+                        keep = labels > 0
+                        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+                    order = np.argsort(-scores, kind="stable")[:max_per_image]
+                    results.append({"boxes": boxes[order].reshape(-1, 4), "scores": scores[order],
+                                    "labels": labels[order]})
+    finally:
+        rh.score_thresh, rh.detections_per_img = saved
+    return results
+
+
+def detect_split(det: LoadedDetector, split, *, score_thresh: float, max_per_image: int, batch_size: int,
+                 description: str = "detect", amp: bool = False) -> list[dict]:
+    """Run `predict` over every image of a CocoSplit -> COCO results list (with a progress bar)."""
+    results: list[dict] = []
+    ids = split.image_ids
+    with make_progress() as progress:
+        task = progress.add_task(description, total=len(ids), info="")
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            outs = predict(det, [split.load_image(i) for i in chunk], score_thresh=score_thresh,
+                           max_per_image=max_per_image, batch_size=batch_size, amp=amp)
+            for iid, out in zip(chunk, outs):
+                results.extend(to_coco_results(iid, out, det.categories))
+            progress.advance(task, len(chunk))
+    return results
+
+

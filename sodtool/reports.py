@@ -1,0 +1,158 @@
+"""What `eval` reports: the comparison table (the paper's Tables 2 and 3) and its figures.
+
+`table_markdown` / `print_comparison` turn eval's metrics into Markdown and a console table (AP
+columns in percent with one decimal, then the differences to the baseline); `TripletPicker`
+keeps the LR / HR / SR crops of small ROIs for Fig. 3 and `write_figures` draws them, the
+detections on the images with the most small objects (Fig. 4) and the training loss curves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from sodtool import figures
+from sodtool.artefacts import read_jsonl
+from sodtool.console import print_table, warn
+from sodtool.models.mtgan import MtganModel, training_logs
+
+# Rows of the comparison table, in order; ablations follow.
+BASELINE, MTGAN, BICUBIC = "baseline", "mtgan", "bicubic"
+ROW_TITLES = {BASELINE: "Baseline detector", MTGAN: "SOD-MTGAN", BICUBIC: "Bicubic control (D on bicubic)"}
+# The paper's table columns: metrics.json key -> column title.
+TABLE_COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("AP_small", "AP_S"),
+                 ("AP_medium", "AP_M"), ("AP_large", "AP_L"))
+SMALL_AREA = 32.0 ** 2
+
+
+class TripletPicker:
+    """Keeps the `n` small ROIs (area < 32²) with the highest baseline scores, at most 2 per image,
+    with their LR / HR / SR crops, for the Fig. 3 grid."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.items: list[tuple] = []  # (-score, order, lr, hr, sr, caption)
+        self.order = 0
+
+    def wanted(self, rois: np.ndarray, scores: np.ndarray, owner: np.ndarray) -> np.ndarray:
+        """Row indices worth keeping the SR of: per image the 2 best small ROIs."""
+        if self.n == 0 or len(rois) == 0:
+            return np.zeros(0, np.int64)
+        area = (rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1])
+        rows = []
+        for o in np.unique(owner):
+            idx = np.flatnonzero((owner == o) & (area < SMALL_AREA))
+            rows.extend(idx[np.argsort(-scores[idx], kind="stable")[:2]].tolist())
+        return np.asarray(sorted(rows), np.int64)
+
+    def add(self, score: float, lr: np.ndarray, hr: np.ndarray, sr: np.ndarray, caption: str) -> None:
+        self.items.append((-float(score), self.order, lr, hr, sr, caption))
+        self.order += 1
+        if len(self.items) > 4 * self.n:
+            self._trim()
+
+    def _trim(self) -> None:
+        self.items.sort(key=lambda t: (t[0], t[1]))
+        del self.items[self.n:]
+
+    def result(self):
+        self._trim()
+        if not self.items:
+            return None
+        return (np.stack([t[2] for t in self.items]), np.stack([t[3] for t in self.items]),
+                np.stack([t[4] for t in self.items]), [t[5] for t in self.items])
+
+
+def class_name(names: Sequence[str], label: int) -> str:
+    return names[label - 1] if 1 <= label <= len(names) else "bg"
+
+
+def row_title(name: str, baseline_arch: Optional[str] = None) -> str:
+    """The table's row title of a method; the baseline's names its detector architecture when known."""
+    if name == BASELINE:
+        return f"{ROW_TITLES[BASELINE]} ({baseline_arch})" if baseline_arch else ROW_TITLES[BASELINE]
+    return ROW_TITLES.get(name, name)
+
+
+def _pct(v: Optional[float], signed: bool = False) -> str:
+    if v is None or v < 0 and not signed:
+        return "n/a"  # COCOeval's -1: no ground truth of that size
+    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+
+
+def table_markdown(metrics: dict) -> str:
+    """The comparison as Markdown: AP columns in percent with one decimal (the paper's Tables 2-3),
+    then the differences to the baseline in percentage points."""
+    head = "| Method | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |"
+    sep = "| --- | " + " | ".join("---:" for _ in TABLE_COLUMNS) + " |"
+    src = metrics["source"]
+    lines = [f"# SOD-MTGAN evaluation on {metrics['split']}", "",
+             f"COCO bbox AP in percent on {metrics['images']} images; ROIs: the baseline's top "
+             f"{metrics['max_per_image']} detections per image from the {src['kind']} {src['path']} "
+             f"({metrics['rois']} ROIs); MTGAN score: '{metrics['score_mode']}'; "
+             f"per-class NMS at IoU {metrics['nms_iou']}.",
+             "", head, sep]
+    for row in metrics["rows"]:
+        lines.append(f"| {row['title']} | " + " | ".join(_pct(row[k]) for k, _ in TABLE_COLUMNS) + " |")
+    lines += ["", "Difference to the baseline (percentage points):", "", head, sep]
+    for row in metrics["rows"][1:]:
+        cells = " | ".join(_pct(row["delta"][k], signed=True) for k, _ in TABLE_COLUMNS)
+        lines.append(f"| {row['title']} | {cells} |")
+    lines += ["", "n/a: the ground truth has no object of that size (COCOeval reports -1)."]
+    return "\n".join(lines) + "\n"
+
+
+def print_comparison(metrics: dict) -> None:
+    """The comparison table on the console (rich, stderr)."""
+    header = ["method"] + [t for _, t in TABLE_COLUMNS] + ["ΔAP_S"]
+    rows = [[row["title"]] + [_pct(row[k]) for k, _ in TABLE_COLUMNS]
+            + ["" if row["name"] == BASELINE else _pct(row["delta"]["AP_small"], signed=True)]
+            for row in metrics["rows"]]
+    print_table(f"COCO bbox AP (%) on {metrics['split']}, {metrics['images']} images", header, rows)
+
+
+def write_figures(cfg, out: Path, split, image_dir, dets, picker: TripletPicker, main: MtganModel,
+                  class_names: list[str]) -> None:
+    """figures/sr_triplets.png, figures/detections.png, figures/loss_<run>.png."""
+    fig_dir = out / "figures"
+    trip = picker.result()
+    if cfg.fig_triplets:
+        if trip is None:
+            figures.sr_triplets(np.zeros((0, 3, 1, 1), np.uint8), np.zeros((0, 3, 4, 4), np.uint8),
+                                np.zeros((0, 3, 4, 4), np.uint8), fig_dir / "sr_triplets.png")
+        else:
+            lr, hr, sr, caps = trip
+            figures.sr_triplets(lr, hr, sr, fig_dir / "sr_triplets.png", captions=caps,
+                                titles=("LR (4x nearest)", "HR", "SR (MTGAN G)"))
+    if cfg.fig_images:
+        if image_dir is None:
+            warn("no image folder: the detections figure is skipped")
+        else:
+            # The images with the most small objects: where the paper's Fig. 4 looks.
+            small = []
+            for iid in split.image_ids:
+                t = split.targets(iid)
+                small.append((-int((t["areas"] < SMALL_AREA).sum()), iid))
+            chosen = [iid for _, iid in sorted(small)[:cfg.fig_images]]
+            empty = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                     "labels": np.zeros(0, np.int64)}
+            images, gts, caps = [], [], []
+            for iid in chosen:
+                images.append(split.load_image(iid))
+                t = split.targets(iid)
+                gts.append({"boxes": t["boxes"], "labels": t["labels"]})
+                caps.append(f"image {iid}: {len(t['boxes'])} objects, {int((t['areas'] < SMALL_AREA).sum())} small")
+            figures.detections_figure(
+                images, gts,
+                {"Baseline": [dets[BASELINE].get(i, empty) for i in chosen],
+                 "SOD-MTGAN": [dets[MTGAN].get(i, empty) for i in chosen]},
+                fig_dir / "detections.png", class_names=class_names, score_thresh=cfg.draw_thresh, captions=caps)
+    for run, path in training_logs(main).items():
+        try:
+            recs = read_jsonl(path)
+        except OSError as e:
+            warn(f"cannot read {path}: {e}")
+            continue
+        figures.loss_curves(recs, fig_dir / f"loss_{run}.png", title=f"{run} training losses ({path})")

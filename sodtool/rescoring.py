@@ -1,0 +1,157 @@
+"""Test-time rescoring of the baseline's ROIs by a second stage (paper Sec. 3.3; DESIGN.md section 6).
+
+The second-stage interface: a method maps the LR crops of a batch of ROIs, float [B, 3, s, s]
+in [0, 1] on the device, to `Scores`: class probabilities [B, K+1] (0 = background), box deltas
+[B, 4] in `boxes.BOX_WEIGHTS` scale or None (no regression branch), and the image it classified
+(the SR crop [B, 3, 4s, 4s], for figures) or None. `MtganScorer` (D(G(x)), the paper) and
+`BicubicControl` (D(bicubic(x)), which separates the gain of super-resolution from that of a
+second-stage classifier) are two instances; a new method (e.g. feature-level SR) is a third.
+`score_rois` runs several methods over the same crops in one pass.
+
+Then per image, pure functions of tensors:
+- `refine_boxes`: the refined box `boxes.decode(roi, reg / BOX_WEIGHTS)` clipped to the image
+  (the ROI itself without deltas);
+- `class_scores`: every ROI gives one candidate per class c in 1..K with the score
+  - "disc" (the paper): p[c], the second stage's probability of class c alone;
+  - "fused": sqrt(p[c] * q[c]), the geometric mean of that probability and the baseline's,
+    where the baseline's distribution over the K + 1 outcomes is q[b] = s for its class b with
+    score s and (1 - s) / K for each of the other K outcomes (the other classes and
+    background). The baseline's confidence then keeps D from promoting a class it never saw
+    there, while a confident D can still overturn an unsure baseline;
+- `select_detections`: candidates below `min_score` dropped, per-class NMS (torchvision
+  batched_nms, IoU 0.5) and the top 100 by score.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms
+
+from sodtool.boxes import BOX_WEIGHTS, clip, decode
+from sodtool.device import autocast
+from sodtool.resample import bicubic_up
+
+SCORE_MODES = ("disc", "fused")
+
+
+class Scores(NamedTuple):
+    """A second stage's output for B ROIs: probs float [B, K+1], reg float [B, 4] or None,
+    image float [B, 3, S, S] (what was classified) or None."""
+
+    probs: torch.Tensor
+    reg: Optional[torch.Tensor]
+    image: Optional[torch.Tensor]
+
+
+class MtganScorer:
+    """SOD-MTGAN: D(G(x)), D seeing G's output unclamped, as during training."""
+
+    def __init__(self, name: str, generator: torch.nn.Module, discriminator: torch.nn.Module) -> None:
+        self.name, self.generator, self.discriminator = name, generator, discriminator
+
+    def __call__(self, x: torch.Tensor) -> Scores:
+        sr = self.generator(x)
+        o = self.discriminator(sr)
+        return Scores(torch.softmax(o.cls.float(), dim=1), o.reg.float() if o.reg is not None else None, sr)
+
+
+class BicubicControl:
+    """The bicubic control: the same D fed the bicubic 4x upsampling of the LR crop instead of G's output."""
+
+    def __init__(self, name: str, discriminator: torch.nn.Module) -> None:
+        self.name, self.discriminator = name, discriminator
+
+    def __call__(self, x: torch.Tensor) -> Scores:
+        o = self.discriminator(bicubic_up(x))
+        return Scores(torch.softmax(o.cls.float(), dim=1), o.reg.float() if o.reg is not None else None, None)
+
+
+@torch.no_grad()
+def score_rois(methods: Sequence, lr_u8: torch.Tensor, device: torch.device, batch_size: int,
+               keep_rows: np.ndarray) -> tuple[dict[str, dict], np.ndarray]:
+    """Every method over the same LR crops, `batch_size` ROIs at a time.
+
+    lr_u8: uint8 [R, 3, s, s] (CPU). Returns ({name: {"probs": float32 [R, K+1], "reg": float32
+    [R, 4] | None}} on the CPU, uint8 images [len(keep_rows), 3, S, S] of the FIRST method at
+    `keep_rows`, e.g. SR crops for figures). On CUDA: bf16 autocast and channels_last.
+    """
+    parts: dict[str, dict[str, list]] = {m.name: {"probs": [], "reg": []} for m in methods}
+    kept: list[torch.Tensor] = []
+    channels_last = device.type == "cuda"
+    r = lr_u8.shape[0]
+    for s in range(0, r, batch_size):
+        x = lr_u8[s:s + batch_size].to(device, non_blocking=True).float().div_(255.0)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        want = keep_rows[(keep_rows >= s) & (keep_rows < s + batch_size)] - s
+        with autocast(device):
+            for i, m in enumerate(methods):
+                out = m(x)
+                parts[m.name]["probs"].append(out.probs.cpu())
+                parts[m.name]["reg"].append(out.reg.cpu() if out.reg is not None else None)
+                if i == 0 and len(want) and out.image is not None:
+                    idx = torch.from_numpy(want).to(device)
+                    kept.append((out.image[idx].float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu())
+    res = {}
+    for name, p in parts.items():
+        regs = p["reg"]
+        res[name] = {"probs": torch.cat(p["probs"]), "reg": torch.cat(regs) if regs and regs[0] is not None else None}
+    return res, (torch.cat(kept).numpy() if kept else np.zeros((0,), np.uint8))
+
+
+def refine_boxes(rois: torch.Tensor, reg: Optional[torch.Tensor], width: int, height: int) -> torch.Tensor:
+    """Refined boxes [R, 4] xyxy: decode(rois, reg / BOX_WEIGHTS) clipped to the image.
+
+    rois: [R, 4] xyxy image pixels; reg: D's deltas [R, 4] in BOX_WEIGHTS scale, or None (no
+    regression branch: the ROIs, clipped).
+    """
+    rois = rois.float()
+    if reg is None:
+        return clip(rois, width, height)
+    deltas = reg.float() / torch.tensor(BOX_WEIGHTS, dtype=torch.float32, device=reg.device)
+    return clip(decode(rois, deltas), width, height)
+
+
+def class_scores(probs: torch.Tensor, base_scores: torch.Tensor, base_labels: torch.Tensor, mode: str) -> torch.Tensor:
+    """Scores [R, K] of classes 1..K from the second stage's probabilities `probs` [R, K+1] (module docstring)."""
+    p = probs[:, 1:].float()
+    if mode == "disc":
+        return p
+    if mode != "fused":
+        raise ValueError(f"unknown score mode {mode!r}")
+    k = p.shape[1]
+    s = base_scores.float().clamp(0, 1)
+    q = ((1.0 - s) / k).unsqueeze(1).expand(-1, k).clone()
+    has = (base_labels >= 1) & (base_labels <= k)
+    rows = torch.nonzero(has).squeeze(1)
+    q[rows, base_labels[rows] - 1] = s[rows]
+    return torch.sqrt(p * q)
+
+
+def select_detections(boxes: torch.Tensor, scores: torch.Tensor, *, nms_iou: float, max_per_image: int,
+                      min_score: float) -> dict[str, np.ndarray]:
+    """Per-class NMS over the candidates (each box with each class) and the top `max_per_image`.
+
+    boxes: [R, 4] xyxy (one per ROI, shared by its classes); scores: [R, K] for classes 1..K.
+    Returns numpy boxes float32 [N, 4], scores float32 [N], labels int64 [N] (1..K), sorted by
+    score, descending (ties: lower ROI index first, then lower class).
+    """
+    r, k = scores.shape
+    cand_boxes = boxes.float().unsqueeze(1).expand(r, k, 4).reshape(-1, 4)
+    cand_scores = scores.float().reshape(-1)
+    cand_labels = torch.arange(1, k + 1, device=scores.device).repeat(r)
+    keep = torch.nonzero(cand_scores >= min_score).squeeze(1)
+    cand_boxes, cand_scores, cand_labels = cand_boxes[keep], cand_scores[keep], cand_labels[keep]
+    keep = batched_nms(cand_boxes, cand_scores, cand_labels, nms_iou)
+    # batched_nms sorts by score but leaves ties in no defined order: sort the kept candidates
+    # back into candidate order, then stably by score, so equal scores come out the same way
+    # on every run and device.
+    keep = keep.sort().values
+    order = torch.sort(-cand_scores[keep], stable=True).indices
+    keep = keep[order][:max_per_image]
+    return {"boxes": cand_boxes[keep].cpu().numpy().astype(np.float32),
+            "scores": cand_scores[keep].cpu().numpy().astype(np.float32),
+            "labels": cand_labels[keep].cpu().numpy().astype(np.int64)}

@@ -1,0 +1,345 @@
+"""`sodtool eval` with an MTGAN: test-time ROI rescoring (paper Sec. 3.3 / 4.2, DESIGN.md section 6).
+
+For every image of a split:
+
+1. ROIs: the baseline detector's top 100 detections (boxes xyxy, scores, classes 1..K), either
+   from running the detector (`detector`, through the same code as `sodtool crop-rois --mode
+   test`) or read from a test-mode ROI store (`rois`, `rois_<split>.h5`, with its LR twin
+   `rois_<split>_lr.h5` when present). Both give the same crops, so the same detections.
+2. Crops: the HR-size square context window of each ROI (`sodtool.rois.crop_windows`), and its
+   LR version by the same 4x bicubic antialiased downsampling as `sodtool downsample`, so that
+   the LR crops at test time are made exactly as the training ones.
+3. The second stages (`sodtool.rescoring`): G(LR) -> D gives class probabilities p [R, K+1]
+   and box deltas; the refined box is `boxes.decode(roi, reg / BOX_WEIGHTS)` clipped to the
+   image (the ROI itself when D has no regression branch). D sees G's output unclamped, as
+   during training.
+4. Candidates: one per ROI and class with the score `score` ("disc", the paper's: D's
+   probability; "fused": its geometric mean with the baseline's; see `sodtool.rescoring`);
+   those below `min_score` dropped, per-class NMS at IoU `nms_iou` (0.5), top `max_per_image`.
+5. COCO results JSON with the dataset's category ids and [x, y, w, h] boxes.
+
+The same is done for
+- the baseline itself: the ROIs with their baseline scores and classes (`baseline.json`);
+- the bicubic control: D of the MTGAN fed the bicubic 4x upsampling of the LR crop instead of
+  G's output, everything else equal (`bicubic.json`): it separates the gain from
+  super-resolution from the gain of a second-stage classifier on the crops;
+- each ablation model (`--ablation NAME=PATH`, e.g. an MTGAN trained with --no-adv): its own G
+  and D (`NAME.json`).
+
+Each is evaluated with COCOeval (sodtool.evaluate.coco_evaluate). Outputs in `out` (default
+`RUN/eval_<split>` beside the MTGAN run folder): the results JSONs, `metrics.json` (every row:
+12 COCO stats, per-class AP, differences to the baseline), `table.md` (AP, AP50, AP75, AP_S,
+AP_M, AP_L in percent with one decimal, as the paper's Tables 2 and 3), `figures/` (LR / HR /
+SR triplets of small ROIs, detections drawn on images, loss curves of the sr and mtgan runs),
+and `manifest.json`, last. Every file is written atomically.
+
+Batches: the ROIs of consecutive images are concatenated and sent through G and D
+`batch_size` ROIs at a time (so a batch holds the ROIs of several images). On CUDA: bf16
+autocast and channels_last; on CPU float32, and the same inputs give the same outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from sodtool.artefacts import MANIFEST, Timer, write_json, write_manifest, write_text
+from sodtool.coco import SplitPaths, load_split, to_coco_results
+from sodtool.console import log, make_progress, warn
+from sodtool.device import device_name, resolve_device, seed_everything
+from sodtool.errors import InputError
+from sodtool.evaluate import STAT_NAMES, coco_evaluate, resolve_ground_truth
+from sodtool.models.mtgan import load_mtgan, mtgan_file, training_context
+from sodtool.reports import (
+    BASELINE,
+    BICUBIC,
+    MTGAN,
+    TripletPicker,
+    class_name,
+    print_comparison,
+    row_title,
+    table_markdown,
+    write_figures,
+)
+from sodtool.resample import SCALE, bicubic_down
+from sodtool.rescoring import (
+    BicubicControl,
+    MtganScorer,
+    SCORE_MODES,
+    class_scores,
+    refine_boxes,
+    score_rois,
+    select_detections,
+)
+from sodtool.rois import DEFAULT_CONTEXT, DEFAULT_HR_SIZE, MODE_DEFAULTS
+from sodtool.testrois import batch_images, detector_rois, store_rois
+
+STAGE = "eval-mtgan"
+RESERVED_NAMES = (BASELINE, MTGAN, BICUBIC, "metrics", "table", "manifest", "figures")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass(frozen=True)
+class RescoreConfig:
+    """Options of `sodtool eval --mtgan ...` (rescoring). Exactly one of `detector` / `rois`.
+
+    data/split or ann/images: the dataset split (ground truth and images);
+    detector: a detector checkpoint (RUN/detector/model.pt) run on the split's images;
+    rois: a test-mode HR ROI store of the split (`rois_<split>.h5`; its `_lr.h5` twin is used
+      when present, else the LR crops are made here the same way);
+    mtgan: the MTGAN run folder (RUN/mtgan) or its model.pt;
+    ablations: "NAME=PATH" pairs, each another MTGAN folder / model.pt evaluated the same way;
+    out: output folder (default: RUN/eval_<split>, RUN being the MTGAN folder's parent);
+    score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4;
+    batch_size: ROIs per forward pass; context / roi_score_thresh / rois_per_image: crop
+      context factor, detector score threshold and ROIs per image of the direct path (None: as
+      the MTGAN's training store / as crop-rois test mode: 0.05 and 100, the paper's protocol);
+      detector_batch: images per detector call (as crop-rois' --batch-images);
+    figures: write figures; fig_triplets / fig_images: how many SR triplets / images to draw;
+      draw_thresh: smallest score drawn in the detection figure.
+    """
+
+    mtgan: Path
+    data: Optional[Path] = None
+    split: str = "minival"
+    ann: Optional[Path] = None
+    images: Optional[Path] = None
+    detector: Optional[Path] = None
+    rois: Optional[Path] = None
+    ablations: tuple[str, ...] = ()
+    out: Optional[Path] = None
+    score: str = "disc"
+    nms_iou: float = 0.5
+    max_per_image: int = 100
+    min_score: float = 1e-3
+    batch_size: int = 256
+    device: str = "auto"
+    seed: int = 0
+    context: Optional[float] = None
+    roi_score_thresh: Optional[float] = None
+    rois_per_image: Optional[int] = None
+    detector_batch: int = 4
+    figures: bool = True
+    fig_triplets: int = 16
+    fig_images: int = 4
+    draw_thresh: float = 0.5
+
+
+def parse_ablation(spec: str) -> tuple[str, Path]:
+    """"NAME=PATH" -> (NAME, PATH); NAME is a file-name-safe label (letters, digits, _ . + -)."""
+    name, sep, path = str(spec).partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path:
+        raise InputError(f"--ablation expects NAME=PATH (e.g. no_adv=runs/quick/mtgan_no_adv), got '{spec}'")
+    if not _NAME_RE.match(name):
+        raise InputError(f"--ablation name '{name}' must start with a letter or digit and contain only "
+                         "letters, digits, '_', '.', '+' or '-'")
+    if name.lower() in RESERVED_NAMES:
+        raise InputError(f"--ablation name '{name}' is reserved (it would overwrite {name}.json); pick another")
+    return name, Path(path)
+
+
+def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
+    """Check every option (InputError naming it) and fill the default output folder."""
+    if (cfg.detector is None) == (cfg.rois is None):
+        raise InputError("give exactly one ROI source: --detector (a detector model.pt, run here) or --rois "
+                         "(a test-mode ROI store from `sodtool crop-rois --mode test`)")
+    if cfg.detector is not None and not Path(cfg.detector).is_file():
+        raise InputError(f"--detector file not found: {cfg.detector}")
+    if cfg.rois is not None and not Path(cfg.rois).is_file():
+        raise InputError(f"--rois store not found: {cfg.rois}")
+    checks = [
+        (cfg.score in SCORE_MODES, f"--score must be one of {', '.join(SCORE_MODES)}, got '{cfg.score}'"),
+        (0.0 < cfg.nms_iou <= 1.0, f"--nms-iou must be in (0, 1], got {cfg.nms_iou}"),
+        (cfg.max_per_image >= 1, f"--max-per-image must be >= 1, got {cfg.max_per_image}"),
+        (0.0 <= cfg.min_score <= 1.0, f"--min-score must be in [0, 1], got {cfg.min_score}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.detector_batch >= 1, f"--detector-batch must be >= 1, got {cfg.detector_batch}"),
+        (cfg.rois_per_image is None or cfg.rois_per_image >= 1,
+         f"--rois-per-image must be >= 1, got {cfg.rois_per_image}"),
+        (cfg.context is None or (cfg.context >= 1.0 and math.isfinite(cfg.context)),
+         f"--context must be >= 1, got {cfg.context}"),
+        (cfg.roi_score_thresh is None or 0.0 <= cfg.roi_score_thresh <= 1.0,
+         f"--roi-score-thresh must be in [0, 1], got {cfg.roi_score_thresh}"),
+        (cfg.fig_triplets >= 0 and cfg.fig_images >= 0, "figure counts must be >= 0"),
+        (0.0 <= cfg.draw_thresh <= 1.0, f"--draw-thresh must be in [0, 1], got {cfg.draw_thresh}"),
+        (cfg.seed >= 0, f"--seed must be non-negative, got {cfg.seed}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise InputError(msg)
+    names = [parse_ablation(a)[0] for a in cfg.ablations]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"--ablation name(s) given twice: {', '.join(dup)}")
+    out = Path(cfg.out) if cfg.out is not None else mtgan_file(cfg.mtgan).parent.parent / f"eval_{cfg.split}"
+    return dataclasses.replace(cfg, out=out, ablations=tuple(str(a) for a in cfg.ablations))
+
+
+def rescore_eval(cfg: RescoreConfig) -> dict:
+    """Rescore the baseline's ROIs with the MTGAN (and the controls), evaluate, write `cfg.out`.
+
+    Returns the metrics: {"rows": [per method: name, title, results file, detections, the 12
+    COCO stats, per_class_AP, delta (stat - baseline's)], "images", "rois", "score_mode",
+    "source", "timing"}.
+    """
+    timer = Timer()
+    cfg = resolve_config(cfg)
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    ann, image_dir = resolve_ground_truth(cfg.data, cfg.split, cfg.ann, cfg.images)
+    if cfg.detector is not None and image_dir is None:
+        raise InputError(f"the image folder of split '{cfg.split}' was not found (give --images): "
+                         "--detector runs the detector on the images")
+    split = load_split(SplitPaths(ann=ann, images=image_dir or ann.parent), check_files=cfg.detector is not None)
+
+    main = load_mtgan(cfg.mtgan, device, MTGAN)
+    main.categories.check_same(split.categories, f"MTGAN {main.path} vs dataset {ann}")
+    models = [main]
+    for spec in cfg.ablations:
+        name, path = parse_ablation(spec)
+        m = load_mtgan(path, device, name)
+        m.categories.check_same(split.categories, f"ablation '{name}' ({m.path}) vs dataset {ann}")
+        models.append(m)
+    # One pass of every second stage over the same crops: the MTGAN first (its SR crops feed the
+    # figures), the ablations, then the bicubic control with the MTGAN's D.
+    methods = ([MtganScorer(m.name, m.generator, m.discriminator) for m in models]
+               + [BicubicControl(BICUBIC, main.discriminator)])
+
+    if cfg.rois is not None:
+        source, items = store_rois(Path(cfg.rois), cfg.split, split)
+    else:
+        thresh, max_rois = MODE_DEFAULTS["test"]
+        context = cfg.context if cfg.context is not None else float(training_context(main, DEFAULT_CONTEXT))
+        source, items = detector_rois(
+            Path(cfg.detector), device, split, hr_size=main.hr_size or DEFAULT_HR_SIZE, context=context,
+            score_thresh=thresh if cfg.roi_score_thresh is None else cfg.roi_score_thresh,
+            max_rois=max_rois if cfg.rois_per_image is None else cfg.rois_per_image, batch_images=cfg.detector_batch)
+    for m in models:
+        if m.hr_size is not None and m.hr_size != source.hr_size:
+            raise InputError(f"{m.path} was trained on {m.hr_size} px crops but the ROI crops of {source.path} "
+                             f"are {source.hr_size} px: crop the ROIs with --hr-size {m.hr_size}")
+    if source.hr_size % SCALE:
+        raise InputError(f"{source.path}: HR size {source.hr_size} is not divisible by {SCALE}")
+    if source.kind == "rois":
+        trained = training_context(main, None, quiet=True)
+        if trained is not None and math.isfinite(source.context) and abs(trained - source.context) > 1e-6:
+            warn(f"{source.path} was cropped with context {source.context} but {main.path} was trained on "
+                 f"crops with context {trained}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).is_file():
+        (out / MANIFEST).unlink()  # this folder is being rewritten: not finished until the end
+    log(f"eval: split {cfg.split} ({len(split.image_ids)} images), ROIs from {source.kind} {source.path}, "
+        f"models {', '.join(m.name for m in models)}, score '{cfg.score}', device {device_name(device)}")
+
+    names = [BASELINE, MTGAN, BICUBIC] + [m.name for m in models[1:]]
+    dets: dict[str, dict[int, dict]] = {n: {} for n in names}
+    picker = TripletPicker(cfg.fig_triplets if cfg.figures else 0)
+    class_names = list(split.categories.names)
+    n_images = n_rois = 0
+    fwd_s = post_s = 0.0
+    t_loop = Timer()
+    with make_progress() as progress:
+        task = progress.add_task("eval", total=len(split.image_ids), info="")
+        for group in batch_images(items, cfg.batch_size):
+            hr = np.concatenate([g.hr for g in group])
+            lr = np.concatenate([g.lr if g.lr is not None else bicubic_down(torch.from_numpy(g.hr), SCALE).numpy()
+                                 for g in group])
+            rois = np.concatenate([g.rois for g in group]).astype(np.float32)
+            scores = np.concatenate([g.scores for g in group]).astype(np.float32)
+            labels = np.concatenate([g.labels for g in group]).astype(np.int64)
+            owner = np.concatenate([np.full(len(g.rois), i) for i, g in enumerate(group)])
+            sr_rows = picker.wanted(rois, scores, owner)
+            t = Timer()
+            outs, srs = score_rois(methods, torch.from_numpy(lr), device, cfg.batch_size, sr_rows)
+            fwd_s += t.elapsed
+            t = Timer()
+            start = 0
+            for g in group:
+                n = len(g.rois)
+                sl = slice(start, start + n)
+                start += n
+                order = np.argsort(-g.scores, kind="stable")[:cfg.max_per_image]
+                dets[BASELINE][g.image_id] = {"boxes": g.rois[order], "scores": g.scores[order],
+                                              "labels": g.labels[order]}
+                r_t = torch.from_numpy(rois[sl])
+                s_t, l_t = torch.from_numpy(scores[sl]), torch.from_numpy(labels[sl])
+                for name, o in outs.items():
+                    reg = o["reg"][sl] if o["reg"] is not None else None
+                    boxes = refine_boxes(r_t, reg, g.width, g.height)
+                    cs = class_scores(o["probs"][sl], s_t, l_t, cfg.score)
+                    dets[name][g.image_id] = select_detections(boxes, cs, nms_iou=cfg.nms_iou,
+                                                               max_per_image=cfg.max_per_image,
+                                                               min_score=cfg.min_score)
+            for j, row in enumerate(sr_rows.tolist()):
+                p = outs[MTGAN]["probs"][row]
+                d_cls = int(p[1:].argmax()) + 1
+                w, h = rois[row, 2] - rois[row, 0], rois[row, 3] - rois[row, 1]
+                cap = (f"{class_name(class_names, int(labels[row]))} {scores[row]:.2f} | "
+                       f"D(SR): {class_name(class_names, d_cls)} {float(p[d_cls]):.2f} | {w:.0f}x{h:.0f}px")
+                picker.add(scores[row], lr[row], hr[row], srs[j], cap)
+            post_s += t.elapsed
+            n_images += len(group)
+            n_rois += len(rois)
+            progress.update(task, advance=len(group), info=f"{n_rois} ROIs")
+        progress.update(task, completed=len(split.image_ids))  # images without ROIs were skipped
+    loop_s = t_loop.elapsed
+
+    # Results files and COCO evaluation.
+    files = {BASELINE: "baseline.json", MTGAN: "mtgan.json", BICUBIC: "bicubic.json",
+             **{m.name: f"{m.name}.json" for m in models[1:]}}
+    rows = []
+    for name in names:
+        results = []
+        for iid in split.image_ids:
+            if iid in dets[name]:
+                results.extend(to_coco_results(iid, dets[name][iid], split.categories))
+        write_json(out / files[name], results, indent=None)
+        stats = coco_evaluate(split.coco, results)
+        rows.append({"name": name, "title": row_title(name, source.detail.get("arch")), "results": files[name],
+                     "detections": len(results), **{k: stats[k] for k in STAT_NAMES},
+                     "per_class_AP": stats["per_class_AP"]})
+    base = rows[0]
+    for row in rows:
+        row["delta"] = {k: (row[k] - base[k] if row[k] >= 0 and base[k] >= 0 else None) for k in STAT_NAMES}
+    timing = {"images": n_images, "rois": n_rois, "loop_s": round(loop_s, 3), "forward_s": round(fwd_s, 3),
+              "postprocess_s": round(post_s, 3), "roi_source_s": round(max(loop_s - fwd_s - post_s, 0.0), 3),
+              "images_per_s": round(n_images / loop_s, 3) if loop_s > 0 else None,
+              "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
+              "device": device_name(device)}
+    metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
+               "score_mode": cfg.score, "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image,
+               "source": {"kind": source.kind, "path": str(source.path),
+                          "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
+                          "context": source.context if math.isfinite(source.context) else None,
+                          **{k: v for k, v in source.detail.items() if k != "identity"}},
+               "rows": rows, "timing": timing}
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "table.md", table_markdown(metrics))
+
+    if cfg.figures:
+        write_figures(cfg, out, split, image_dir, dets, picker, main, class_names)
+
+    inputs: dict[str, Any] = {"annotations": ann, "mtgan": main.path}
+    if source.kind == "rois":
+        inputs["rois"] = source.path
+        inputs["rois_lr"] = source.lr_path
+    else:
+        inputs["detector"] = source.path
+    for m in models[1:]:
+        inputs[f"ablation_{m.name}"] = m.path
+    write_manifest(out, STAGE, cfg, inputs, metrics, seed=cfg.seed, device=device_name(device),
+                   wall_time_s=timer.elapsed)
+    print_comparison(metrics)
+    log(f"wrote {out}")
+    return metrics
