@@ -219,24 +219,21 @@ def resolve_train_config(cfg: TrainDetectorConfig, num_train_images: int | None 
 
 def _build_options(cfg: TrainDetectorConfig) -> dict:
     opts: dict[str, Any] = {"min_size": cfg.min_size, "max_size": cfg.max_size}
-    if cfg.fpn_channels is not None:
-        opts["fpn_channels"] = cfg.fpn_channels
+    # Config field -> build_detector option; a None field leaves the build's default.
+    for field_name, option in (("fpn_channels", "fpn_channels"), ("returned_layers", "returned_layers"),
+                               ("anchor_sizes", "anchor_sizes"), ("roi_batch_size", "box_batch_size_per_image"),
+                               ("representation_size", "representation_size"),
+                               ("roi_positive_fraction", "box_positive_fraction"),
+                               ("rpn_pre_nms_train", "rpn_pre_nms_top_n_train"),
+                               ("rpn_post_nms_train", "rpn_post_nms_top_n_train"),
+                               ("rpn_post_nms_test", "rpn_post_nms_top_n_test")):
+        value = getattr(cfg, field_name)
+        if value is not None:
+            opts[option] = value
     if cfg.returned_layers is not None:
         opts["returned_layers"] = list(cfg.returned_layers)
     if cfg.anchor_sizes is not None:
-        opts["anchor_sizes"] = [[int(s)] for s in cfg.anchor_sizes]
-    if cfg.roi_batch_size is not None:
-        opts["box_batch_size_per_image"] = cfg.roi_batch_size
-    if cfg.representation_size is not None:
-        opts["representation_size"] = cfg.representation_size
-    if cfg.roi_positive_fraction is not None:
-        opts["box_positive_fraction"] = cfg.roi_positive_fraction
-    if cfg.rpn_pre_nms_train is not None:
-        opts["rpn_pre_nms_top_n_train"] = cfg.rpn_pre_nms_train
-    if cfg.rpn_post_nms_train is not None:
-        opts["rpn_post_nms_top_n_train"] = cfg.rpn_post_nms_train
-    if cfg.rpn_post_nms_test is not None:
-        opts["rpn_post_nms_top_n_test"] = cfg.rpn_post_nms_test
+        opts["anchor_sizes"] = [[int(s)] for s in cfg.anchor_sizes]  # one size per feature level
     if cfg.backbone_weights is not None:
         opts["norm"] = "frozen_bn"  # torchvision's choice with a pretrained trunk
     return opts
