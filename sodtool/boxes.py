@@ -1,8 +1,15 @@
 """Box arithmetic shared by cropping, training and rescoring. All boxes are xyxy in pixels.
 
-The regression target is the standard Fast R-CNN delta (Girshick 2015, Eq. 6-9), unweighted:
+`encode` / `decode` are the standard Fast R-CNN delta (Girshick 2015, Eq. 6-9), unweighted:
     dx = (gx - px) / pw,  dy = (gy - py) / ph,  dw = log(gw / pw),  dh = log(gh / ph)
-with (px, py, pw, ph) the ROI's centre and size and (gx, gy, gw, gh) the ground truth's.
+with (px, py, pw, ph) a reference box's centre and size and (gx, gy, gw, gh) the ground truth's.
+
+The discriminator's box target (`encode_target` / `decode_target`) takes as reference box the
+ROI's *square*: centred on the ROI, side max(w, h). The crop D sees is that square times the
+context factor, resampled to a fixed size: D sees the square's geometry and nothing of the
+ROI's own aspect ratio, so deltas relative to the ROI's width and height (the textbook choice
+for a second stage that pools the ROI itself) could not be learnt from the crop for a
+non-square ROI. Relative to the square, every delta is a property of the picture D sees.
 Stores hold these raw deltas; the discriminator regresses them multiplied by BOX_WEIGHTS
 (Fast R-CNN's target normalisation, torchvision's (10, 10, 5, 5)).
 """
@@ -54,6 +61,22 @@ def square_windows(rois: torch.Tensor, context: float) -> torch.Tensor:
     cy = rois[:, 1] + 0.5 * h
     half = 0.5 * context * torch.maximum(w, h).clamp(min=1.0)
     return torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1)
+
+
+def reference_squares(rois: torch.Tensor) -> torch.Tensor:
+    """The boxes [N, 4] that D's box deltas are relative to: centred on `rois` [N, 4], side
+    max(w, h) (at least 1 px); the crop window is this square scaled by the context factor."""
+    return square_windows(rois, 1.0)
+
+
+def encode_target(rois: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """D's box target [N, 4]: the deltas taking the ROIs' squares onto `gt` [N, 4] (xyxy pixels)."""
+    return encode(reference_squares(rois), gt)
+
+
+def decode_target(rois: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode_target`: boxes [N, 4] xyxy from `rois` [N, 4] and raw deltas [N, 4]."""
+    return decode(reference_squares(rois), deltas)
 
 
 def clip(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:

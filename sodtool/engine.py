@@ -119,33 +119,40 @@ class BatchStream:
 
 
 class StepBatchSampler:
-    """An endless, deterministic stream of batches of (index, hflip) pairs, starting at `start_step`.
+    """An endless, deterministic stream of batches of (index, augmentation) pairs from `start_step`.
 
-    Epoch e is a permutation drawn from (seed, e) alone, with hflip decisions drawn beside it,
-    and batches run across epoch boundaries (like detectron2's TrainingSampler). So batch s is
-    the same whether a run got there directly or resumed at step s: resumption needs no saved
-    sampler state.
+    The augmentation of an item is (hflip: bool, vflip: bool, quarter_turns: int 0..3), each
+    drawn only when switched on. Epoch e is a permutation drawn from (seed, e) alone, with the
+    augmentations drawn beside it, and batches run across epoch boundaries (like detectron2's
+    TrainingSampler). So batch s is the same whether a run got there directly or resumed at
+    step s: resumption needs no saved sampler state.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, hflip: bool = True) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, hflip: bool = True,
+                 vflip: bool = False, rot90: bool = False) -> None:
         if n == 0:
             raise InputError("the training split has no images")
-        self.n, self.batch_size, self.seed, self.start_step, self.hflip = n, batch_size, seed, start_step, hflip
+        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
+        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
 
-    def epoch(self, e: int) -> tuple[list[int], list[bool]]:
+    def epoch(self, e: int) -> tuple[list[int], list[tuple[bool, bool, int]]]:
         state = np.random.SeedSequence([self.seed, e]).generate_state(2)
         g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         perm = torch.randperm(self.n, generator=g).tolist()
-        flips = (torch.rand(self.n, generator=g) < 0.5).tolist() if self.hflip else [False] * self.n
-        return perm, flips
+        # Draw order: hflips, vflips, turns; a switch that is off draws nothing, so the other
+        # draws (and the runs made before the switch existed) stay as they were.
+        hflips = (torch.rand(self.n, generator=g) < 0.5).tolist() if self.hflip else [False] * self.n
+        vflips = (torch.rand(self.n, generator=g) < 0.5).tolist() if self.vflip else [False] * self.n
+        turns = torch.randint(0, 4, (self.n,), generator=g).tolist() if self.rot90 else [0] * self.n
+        return perm, list(zip(hflips, vflips, turns))
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, tuple[bool, bool, int]]]]:
         e, offset = divmod(self.start_step * self.batch_size, self.n)
-        batch: list[tuple[int, bool]] = []
+        batch: list[tuple[int, tuple[bool, bool, int]]] = []
         while True:
-            perm, flips = self.epoch(e)
+            perm, augs = self.epoch(e)
             for i in range(offset, self.n):
-                batch.append((perm[i], flips[i]))
+                batch.append((perm[i], augs[i]))
                 if len(batch) == self.batch_size:
                     yield batch
                     batch = []

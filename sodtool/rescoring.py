@@ -9,7 +9,7 @@ second-stage classifier) are two instances; a new method (e.g. feature-level SR)
 `score_rois` runs several methods over the same crops in one pass.
 
 Then per image, pure functions of tensors:
-- `refine_boxes`: the refined box `boxes.decode(roi, reg / BOX_WEIGHTS)` clipped to the image
+- `refine_boxes`: the refined box `boxes.decode_target(roi, reg / BOX_WEIGHTS)` clipped to the image
   (the ROI itself without deltas);
 - `class_scores`: every ROI gives one candidate per class c in 1..K with the score
   - "disc" (the paper): p[c], the second stage's probability of class c alone;
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from sodtool.boxes import BOX_WEIGHTS, clip, decode
+from sodtool.boxes import BOX_WEIGHTS, clip, decode_target
 from sodtool.device import autocast
 from sodtool.resample import bicubic_up
 
@@ -103,7 +103,8 @@ def score_rois(methods: Sequence, lr_u8: torch.Tensor, device: torch.device, bat
 
 
 def refine_boxes(rois: torch.Tensor, reg: Optional[torch.Tensor], width: int, height: int) -> torch.Tensor:
-    """Refined boxes [R, 4] xyxy: decode(rois, reg / BOX_WEIGHTS) clipped to the image.
+    """Refined boxes [R, 4] xyxy: decode_target(rois, reg / BOX_WEIGHTS) clipped to the image (the
+    deltas are relative to each ROI's square, as the training targets: `boxes.encode_target`).
 
     rois: [R, 4] xyxy image pixels; reg: D's deltas [R, 4] in BOX_WEIGHTS scale, or None (no
     regression branch: the ROIs, clipped).
@@ -112,7 +113,7 @@ def refine_boxes(rois: torch.Tensor, reg: Optional[torch.Tensor], width: int, he
     if reg is None:
         return clip(rois, width, height)
     deltas = reg.float() / torch.tensor(BOX_WEIGHTS, dtype=torch.float32, device=reg.device)
-    return clip(decode(rois, deltas), width, height)
+    return clip(decode_target(rois, deltas), width, height)
 
 
 def class_scores(probs: torch.Tensor, base_scores: torch.Tensor, base_labels: torch.Tensor, mode: str) -> torch.Tensor:

@@ -145,7 +145,8 @@ def match(rois: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, fg_iou:
     """Match float32 ROIs [R, 4] to ground truth [G, 4] (xyxy): iou [R], gt_box [R, 4], label [R], target [R, 4].
 
     label = class of the best-overlapping ground truth where iou >= fg_iou, else 0; gt_box is
-    that ground truth wherever iou > 0; target = encode(roi, gt_box) for label > 0, else zeros.
+    that ground truth wherever iou > 0; target = boxes.encode_target(roi, gt_box) (relative to the
+    ROI's square, what the crop shows) for label > 0, else zeros.
     """
     r = len(rois)
     rois = np.asarray(rois, np.float32)
@@ -167,8 +168,8 @@ def match(rois: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, fg_iou:
     target = np.zeros((r, 4), np.float32)
     if pos.any():
         # float64 from the stored float32 boxes: decoding the stored target gives the stored gt_box.
-        target[pos] = B.encode(torch.from_numpy(rois[pos].astype(np.float64)),
-                               torch.from_numpy(gt_box[pos].astype(np.float64))).numpy()
+        target[pos] = B.encode_target(torch.from_numpy(rois[pos].astype(np.float64)),
+                                      torch.from_numpy(gt_box[pos].astype(np.float64))).numpy()
     return {"iou": iou.astype(np.float32), "gt_box": gt_box, "label": label, "target": target}
 
 

@@ -1,9 +1,9 @@
 """HR/LR ROI store pairs as training data for the generator and the discriminator.
 
 Shared by `train sr` and `train mtgan`: checking that an LR store is the downsampled twin of an
-HR store (`open_pair`), the held-out rows (`split_rows`: chosen by (rows, fraction, cap, seed)
-alone, so both stages hold out the SAME rows), the training loaders (`make_train_loader`,
-`MultiStoreLoader` for several stores), and the held-out evaluation of a generator
+HR store (`open_pair`), the held-out rows (`split_rows`: whole images, chosen by (image ids,
+fraction, cap, seed) alone, so both stages hold out the SAME rows), the training loaders
+(`make_train_loader`, `MultiStoreLoader` for several stores), and the held-out evaluation of a generator
 (`evaluate_generator`: PSNR / SSIM of G and of bicubic upsampling, RGB and Y).
 """
 
@@ -101,14 +101,38 @@ def input_names(i: int) -> tuple[str, str]:
     return ("hr", "lr") if i == 0 else (f"hr_{i}", f"lr_{i}")
 
 
-def split_rows(rows: int, fraction: float, cap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows), both sorted int64. The held-out rows depend only on
-    (rows, fraction, cap, seed): round(fraction * rows) of them (at least 1 if fraction > 0),
-    at most `cap`."""
-    n_val = 0 if fraction <= 0 else min(cap, max(1, int(round(fraction * rows))))
-    n_val = min(n_val, rows - 1)
-    perm = np.random.default_rng([seed, rows]).permutation(rows)
-    return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+def split_rows(image_ids: np.ndarray, fraction: float, cap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows), both sorted int64, split BY IMAGE: the held-out rows are all the
+    rows of randomly chosen images (`image_ids` [N]: the store's image id of each row).
+
+    Rows of one image (its detector ROIs, the jittered copies of one ground-truth box) are never
+    on both sides, so held-out figures are not flattered by near-copies of training crops.
+    Images are taken in an order drawn from (seed, N) until the held-out rows reach
+    round(fraction * N) (at least one image if fraction > 0), skipping an image that would pass
+    `cap` rows; at least one image stays for training. Depends only on (image_ids, fraction,
+    cap, seed), so `train sr` and `train mtgan` hold out the same rows.
+    """
+    image_ids = np.asarray(image_ids)
+    n = len(image_ids)
+    uniq, inv, counts = np.unique(image_ids, return_inverse=True, return_counts=True)
+    held = np.zeros(len(uniq), bool)
+    if fraction > 0 and len(uniq) > 1:
+        want, total = min(cap, max(1, int(round(fraction * n)))), 0
+        for u in np.random.default_rng([seed, n]).permutation(len(uniq)):
+            if total >= want or held.sum() == len(uniq) - 1:
+                break
+            if total + counts[u] > cap and total > 0:
+                continue
+            held[u] = True
+            total += counts[u]
+    mask = held[inv]
+    return np.flatnonzero(~mask).astype(np.int64), np.flatnonzero(mask).astype(np.int64)
+
+
+def row_image_ids(hr: Path) -> np.ndarray:
+    """The image id of every row of an HR store, int64 [N]."""
+    with store.open_store(hr) as fh:
+        return fh["image_id"][:].astype(np.int64)
 
 
 def native_sides(hr: Path) -> np.ndarray:

@@ -1,10 +1,11 @@
 """The HDF5 ROI store (DESIGN.md section 3): crops, per-row labels and provenance, and the loader.
 
-HR file `rois_<split>.h5` (schema "sodtool.rois/1"), N rows in image order:
+HR file `rois_<split>.h5` (schema "sodtool.rois/2"), N rows in image order:
 
     hr        uint8   [N, 3, S, S]  the crop, RGB, S = `hr_size` (128 by default)
     label     int64   [N]           0 = background, 1..K = class
-    target    float32 [N, 4]        raw Fast R-CNN deltas (dx, dy, dw, dh) roi -> gt_box; zeros for background
+    target    float32 [N, 4]        raw deltas (dx, dy, dw, dh) from the ROI's square to gt_box
+                                    (boxes.encode_target); zeros for background
     roi       float32 [N, 4]        the ROI, xyxy image pixels
     gt_box    float32 [N, 4]        best-overlapping ground truth, xyxy (zeros when no ground truth overlaps)
     iou       float32 [N]           IoU of roi and gt_box (0 when none)
@@ -31,12 +32,12 @@ Measured (benchmarks/bench_rois.py, one thread, per CPU second): shuffled batche
 read at ~4,900/s with LZF vs ~3,900/s with gzip level 1 (uncompressed: ~39,000/s), LZF writes
 ~1.7x faster, and the files shrink 1.27x (LZF) vs 1.60x (gzip) on synthetic-benchmark crops,
 1.5x vs 2.0x on kit-aerial crops. Decompression, not I/O, bounds reads, so the faster filter
-wins; `compression="none"` trades disk for read speed. 8 rows per chunk (384 KiB at S = 128)
-keeps batches diverse: a batch of 64 is drawn from 8 random chunks.
+wins; `compression="none"` trades disk for read speed. 8 rows per chunk (384 KiB at S = 128).
 
 Shuffling is chunk-aware: the order of chunks is shuffled, then rows are shuffled inside windows
-of consecutive chunks (by default one batch's worth), and each batch reads whole chunks, so a
-shuffled epoch decompresses every chunk about once instead of once per row.
+of consecutive chunks (`mixing_window`: up to 64 chunks, as many as half of HDF5's chunk cache
+holds), so a batch mixes rows of many chunks, i.e. of many images, while the window's chunks
+stay in the cache and a shuffled epoch still decompresses every chunk about once.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ from sodtool.artefacts import atomic_path, sidecar_manifest_path, write_manifest
 from sodtool.coco import CategoryMap
 from sodtool.errors import InputError
 
-SCHEMA = "sodtool.rois/1"
+# /2: `target` is relative to the ROI's square (boxes.encode_target), no longer to the ROI itself.
+SCHEMA = "sodtool.rois/2"
 LR_SCHEMA = "sodtool.rois-lr/1"
 CHUNK_ROWS = 8
 COMPRESSION = "lzf"
@@ -65,6 +67,9 @@ COMPRESSIONS = ("lzf", "gzip", "none")
 META_CHUNK_ROWS = 4096
 # Per-process chunk cache: holds a few batches' worth of decompressed chunks.
 CACHE_BYTES = 32 * 1024 * 1024
+# Chunks whose rows a shuffled epoch mixes (at most; see `mixing_window`): a batch of 32 then
+# holds rows of about 30 chunks, i.e. of as many images, instead of 4 runs of 8 consecutive rows.
+MIX_CHUNKS = 64
 
 # Per-row fields of the HR store (the image dataset `hr` is added with its size).
 ROW_FIELDS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
@@ -122,6 +127,9 @@ def open_store(path: str | os.PathLike, expect_schema: str | None = SCHEMA) -> h
             hint = " (this is a low-resolution twin; pass the rois_<split>.h5 it was made from)"
         elif found == SCHEMA and expect_schema == LR_SCHEMA:
             hint = " (this is a high-resolution store; make its twin with `sodtool downsample`)"
+        elif found == "sodtool.rois/1":
+            hint = (" (an older store, whose box targets are relative to the ROI itself: crop the ROIs again "
+                    "with `sodtool crop-rois`)")
         raise InputError(f"{path} has {what}, expected {expected}{hint}")
     image_key = "hr" if found == SCHEMA else "lr"
     needed = [image_key] + (list(ROW_FIELDS) if found == SCHEMA else [])
@@ -549,6 +557,19 @@ class RoiLoader:
         return iter(self._loader)
 
 
+def mixing_window(chunk_rows: int, hr_size: int, batch_size: int) -> int:
+    """Chunks whose rows are shuffled together: MIX_CHUNKS, or as many as half of HDF5's chunk
+    cache holds at this crop size (so each chunk is still decompressed once per epoch: the
+    window's batches read its chunks from the cache), and at least one batch's worth.
+
+    Rows are stored image by image (detector ROIs, then jittered ground truth), so a window of
+    one batch's chunks would make each batch a few runs of consecutive rows from 4-8 images,
+    with a skewed label mix.
+    """
+    chunk_bytes = chunk_rows * 3 * hr_size * hr_size
+    return max(math.ceil(batch_size / chunk_rows), min(MIX_CHUNKS, (CACHE_BYTES // 2) // max(chunk_bytes, 1)))
+
+
 def make_loader(hr_path: str | os.PathLike, lr_path: str | os.PathLike | None, *, batch_size: int, shuffle: bool,
                 seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
                 indices: Sequence[int] | np.ndarray | None = None, pin_memory: bool = False,
@@ -561,8 +582,8 @@ def make_loader(hr_path: str | os.PathLike, lr_path: str | os.PathLike | None, *
     `indices` restricts it to those rows. Shuffling is chunk-aware and deterministic for
     (seed, epoch); `loader.set_epoch(e)` reshuffles. With world_size > 1 each rank gets a
     disjoint, equally long share of every epoch (padded by up to world_size - 1 repeated rows
-    unless drop_last). `window_chunks` (default: one batch of chunks) widens the within-window
-    row shuffle at the cost of reading chunks more than once per epoch.
+    unless drop_last). `window_chunks` (default: `mixing_window`) is how many chunks' rows are
+    shuffled together.
     """
     ds = RoiPairs(hr_path, lr_path)
     if indices is None:
@@ -571,6 +592,8 @@ def make_loader(hr_path: str | os.PathLike, lr_path: str | os.PathLike | None, *
         rows = np.unique(np.asarray(indices, dtype=np.int64))
         if rows.size and (rows[0] < 0 or rows[-1] >= ds.num_rows):
             raise InputError(f"indices outside 0..{ds.num_rows - 1} for {hr_path}")
+    if window_chunks is None:
+        window_chunks = mixing_window(ds.chunk_rows, ds.hr_size, batch_size)
     sampler = ChunkShuffleSampler(rows, chunk_rows=ds.chunk_rows, batch_size=batch_size, shuffle=shuffle, seed=seed,
                                   rank=rank, world_size=world_size, drop_last=drop_last, window_chunks=window_chunks)
     return RoiLoader(ds, sampler, num_workers=num_workers, pin_memory=pin_memory,

@@ -166,20 +166,24 @@ def test_batch_stream_resumes_mid_epoch_with_the_same_batches():
     assert sorted(epoch0) == list(range(7))
     other = iter(StepBatchSampler(7, 3, seed=6))
     assert [next(other) for _ in range(6)] != first
-    assert all(not f for b in StepBatchSampler(7, 3, seed=5, hflip=False).epoch(0)[1:] for f in b)
+    assert all(aug == (False, False, 0) for aug in StepBatchSampler(7, 3, seed=5, hflip=False).epoch(0)[1])
+    # Switching on vflip / rot90 draws after the hflips: the permutation and the hflips stay.
+    plain, more = StepBatchSampler(50, 3, seed=5).epoch(2), StepBatchSampler(50, 3, seed=5, vflip=True, rot90=True).epoch(2)
+    assert plain[0] == more[0] and [a[0] for a in plain[1]] == [a[0] for a in more[1]]
+    assert {a[1] for a in more[1]} == {False, True} and {a[2] for a in more[1]} == {0, 1, 2, 3}
 
 
 def test_dataset_hflip_mirrors_image_and_boxes(coco_ds):
     split = load_split(resolve_split(coco_ds, "train"))
     ds = DetectionDataset(split)
-    img, t = ds[(0, False)]
-    fimg, ft = ds[(0, True)]
+    img, t = ds[(0, (False, False, 0))]
+    fimg, ft = ds[(0, (True, False, 0))]
     w = img.shape[2]
     assert img.dtype == torch.uint8 and img.shape == (3, 64, 80)
     assert torch.equal(fimg, img.flip(-1))
     assert torch.allclose(ft["boxes"][:, [0, 2]], w - t["boxes"][:, [2, 0]])
     assert torch.equal(ft["boxes"][:, [1, 3]], t["boxes"][:, [1, 3]])
-    empty_img, empty = ds[(1, True)]  # image 2 has no boxes
+    empty_img, empty = ds[(1, (True, False, 0))]  # image 2 has no boxes
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
 
 
@@ -473,3 +477,18 @@ def test_epochs_and_multiscale_training(cli, plain_ds, tmp_path):
     assert manifest["config"]["train_sizes"] == [48, 64]
     det = load_detector(out, "cpu")
     assert det.model.transform.min_size == (64,)  # tests run at --min-size, not the training sizes
+
+
+@pytest.mark.parametrize("hflip,vflip,turns", [(False, False, 1), (False, False, 2), (False, False, 3), (True, True, 1),
+                                               (False, True, 0)])
+def test_flips_and_quarter_turns_move_boxes_with_the_pixels(hflip, vflip, turns):
+    from sodtool.stages.train_detector import augment
+
+    h, w = 30, 50
+    img = torch.zeros(3, h, w, dtype=torch.uint8)
+    box = torch.tensor([[7.0, 4.0, 19.0, 11.0]])  # xyxy: pixels 7..18 x 4..10
+    img[:, 4:11, 7:19] = 255
+    out, moved = augment(img, box, hflip, vflip, turns)
+    ys, xs = torch.nonzero(out[0]).unbind(1)
+    assert moved.tolist() == [[xs.min().item(), ys.min().item(), xs.max().item() + 1.0, ys.max().item() + 1.0]]
+    assert out.shape[1:] == ((w, h) if turns % 2 else (h, w))

@@ -219,3 +219,37 @@ def test_same_seed_same_init():
     b = Generator(**LIGHT).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("det_arch,trunk_arch", [("resnet18_fpn", "resnet18"), ("mobilenet_v3_fpn", "mobilenet_v3_large"),
+                                                 ("resnet50_c4", "resnet50")])
+def test_discriminator_trunk_from_a_detector(tmp_path, det_arch, trunk_arch):
+    # `train mtgan --disc-init RUN/detector/model.pt`: D's trunk is the detector's, with its
+    # weights (backbone body; for C4 also the res5 box head); the heads stay the paper's.
+    from sodtool.coco import CategoryMap
+    from sodtool.models.detector_weights import detector_trunk, save_detector
+    from sodtool.models.frcnn import build_detector, resolve_build
+
+    cats = CategoryMap.from_json([{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+    torch.manual_seed(0)
+    build = resolve_build(det_arch, min_size=64, max_size=64)
+    det = build_detector(det_arch, 3, **build)
+    path = save_detector(tmp_path / "model.pt", det, det_arch, build, cats)
+    arch, trunk, got_det_arch = detector_trunk(path)
+    assert (arch, got_det_arch) == (trunk_arch, det_arch)
+    d = Discriminator(2, arch)
+    loaded = d.load_trunk(trunk, str(path))
+    assert loaded == len(trunk) > 0
+    sd = det.state_dict()
+    own = d.trunk.state_dict()
+    if trunk_arch.startswith("resnet"):
+        assert torch.equal(own["conv1.weight"], sd["backbone.body.conv1.weight"])
+        src = "roi_heads.box_head.layer4.0.conv1.weight" if det_arch.endswith("c4") else "backbone.body.layer4.0.conv1.weight"
+        assert torch.equal(own["layer4.0.conv1.weight"], sd[src])
+    else:
+        assert torch.equal(own["features.0.0.weight"], sd["backbone.body.0.0.weight"])
+    out = d(torch.rand(2, 3, 64, 64))
+    assert out.cls.shape == (2, 3) and out.reg.shape == (2, 4) and out.adv.shape == (2,)
+    with pytest.raises(InputError, match="do not fit"):
+        Discriminator(2, "resnet34" if trunk_arch != "resnet34" else "resnet18").load_trunk(
+            {"nope.weight": torch.zeros(1)}, "x")

@@ -135,7 +135,7 @@ def evaluated(world):
 def test_results_are_well_formed(world, evaluated):
     gt_images = {im["id"] for im in world["ann"]["images"]}
     cat_ids = {c["id"] for c in world["cats"]}
-    for name in ("baseline", "mtgan", "bicubic", "noreg"):
+    for name in ("baseline", "mtgan", "mtgan_fused", "bicubic", "bicubic_fused", "noreg", "noreg_fused"):
         results = json.loads((evaluated / f"{name}.json").read_text())
         assert results, name
         per_image: dict[int, int] = {}
@@ -167,7 +167,8 @@ def test_metrics_table_and_manifest(world, evaluated):
     from sodtool.evaluate import STAT_NAMES
 
     m = json.loads((evaluated / "metrics.json").read_text())
-    assert [r["name"] for r in m["rows"]] == ["baseline", "mtgan", "bicubic", "noreg"]
+    assert [r["name"] for r in m["rows"]] == list(("baseline", "mtgan", "mtgan_fused", "bicubic", "bicubic_fused", "noreg", "noreg_fused"))
+    assert m["score_modes"] == ["disc", "fused"] and m["figure_score"] == "disc"
     for r in m["rows"]:
         for k in STAT_NAMES:
             assert -1.0 <= r[k] <= 1.0
@@ -186,14 +187,18 @@ def test_metrics_table_and_manifest(world, evaluated):
     table = (evaluated / "table.md").read_text()
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert lines[0] == "| Method | AP | AP50 | AP75 | AP_S | AP_M | AP_L |"
-    titles = [ln.split(" | ")[0][2:] for ln in lines[2:6]]
-    assert titles == ["Baseline detector", "SOD-MTGAN", "Bicubic control (D on bicubic)", "noreg"]
+    titles = [ln.split(" | ")[0][2:] for ln in lines[2:9]]
+    assert titles == ["Baseline detector", "SOD-MTGAN, D score", "SOD-MTGAN, fused score",
+                      "Bicubic control (D on bicubic), D score", "Bicubic control (D on bicubic), fused score",
+                      "noreg, D score", "noreg, fused score"]
+    # The verdict line: this MTGAN was saved without its run's manifest, so D's accuracy is unknown.
+    assert table.splitlines()[-1].startswith("D's held-out accuracy is unknown")
     ap_cell = lines[2].split(" | ")[1]
     assert ap_cell == f"{100 * m['rows'][0]['AP']:.1f}"
     manifest = json.loads((evaluated / "manifest.json").read_text())
     assert manifest["stage"] == "eval-mtgan"
-    assert {"baseline.json", "mtgan.json", "bicubic.json", "noreg.json", "metrics.json", "table.md",
-            "figures"} <= set(manifest["outputs"])
+    assert {"baseline.json", "mtgan.json", "mtgan_fused.json", "bicubic.json", "bicubic_fused.json", "noreg.json",
+            "noreg_fused.json", "metrics.json", "table.md", "figures"} <= set(manifest["outputs"])
     assert manifest["inputs"]["rois_lr"] is not None and manifest["inputs"]["ablation_noreg"] is not None
 
 
@@ -212,30 +217,44 @@ def test_figures_are_pngs(evaluated):
 # --------------------------------------------------------------------------------------------
 
 
-def test_zero_deltas_give_the_rois(world, tmp_path):
-    """A D whose regression head outputs zeros leaves every ROI where it was (clipped)."""
+def test_zero_deltas_give_the_rois_squares(world, tmp_path):
+    """D's deltas are relative to each ROI's square (what the crop shows): zero deltas give the
+    square, clipped; a square ROI stays where it was."""
+    from sodtool import boxes as B
     from sodtool.rescoring import refine_boxes
     from sodtool.stages.eval_mtgan import rescore_eval
 
     rois = torch.tensor([[10.0, 20.0, 30.0, 50.0], [300.5, 1.5, 400.0, 80.0]])
-    assert torch.equal(refine_boxes(rois, torch.zeros(2, 4), 1000, 1000), rois)
-    assert torch.equal(refine_boxes(rois, None, 1000, 1000), rois)  # no regression branch
-    # D's deltas are in BOX_WEIGHTS scale (10, 10, 5, 5): reg dx = 10 is a shift of one ROI width.
-    moved = refine_boxes(rois, torch.tensor([[10.0, 0, 0, 0], [0, 0, 5.0, 0]]), 1000, 1000)
-    assert moved[0].tolist() == pytest.approx([30.0, 20.0, 50.0, 50.0])
-    assert (moved[1, 2] - moved[1, 0]).item() == pytest.approx(99.5 * np.e, rel=1e-5)  # dw = log(e)
-    assert refine_boxes(rois, torch.tensor([[0, 0, 5.0, 0], [0, 0, 5.0, 0]]), 200, 200)[1].tolist() == \
-        [200.0, 1.5, 200.0, 80.0]  # clipped to the image
+    squares = torch.tensor([[5.0, 20.0, 35.0, 50.0], [300.5, -9.0, 400.0, 90.5]])
+    assert torch.equal(refine_boxes(rois, torch.zeros(2, 4), 1000, 1000), B.clip(squares, 1000, 1000))
+    assert torch.equal(refine_boxes(rois, None, 1000, 1000), rois)  # no regression branch: the ROIs
+    sq = torch.tensor([[10.0, 20.0, 40.0, 50.0]])
+    assert torch.equal(refine_boxes(sq, torch.zeros(1, 4), 1000, 1000), sq)
+    # D's deltas are in BOX_WEIGHTS scale (10, 10, 5, 5): reg dx = 10 is a shift of one square side.
+    moved = refine_boxes(sq, torch.tensor([[10.0, 0, 0, 0]]), 1000, 1000)
+    assert moved[0].tolist() == pytest.approx([40.0, 20.0, 70.0, 50.0])
+    wider = refine_boxes(sq + 100, torch.tensor([[0, 0, 5.0, 0]]), 1000, 1000)
+    assert (wider[0, 2] - wider[0, 0]).item() == pytest.approx(30 * np.e, rel=1e-5)  # dw = log(e)
+    assert refine_boxes(sq, torch.tensor([[0, 0, 5.0, 0]]), 50, 50)[0].tolist() == [0.0, 20.0, 50.0, 50.0]  # clipped
 
     zero = tmp_path / "mtgan_zero"
     zero.mkdir()
     save_mtgan(zero / "model.pt", world["cats"], zero_reg=True)
     out = tmp_path / "eval"
     rescore_eval(_cfg(world, out, mtgan=zero, figures=False))
-    base = {(r["image_id"], tuple(r["bbox"])) for r in json.loads((out / "baseline.json").read_text())}
-    for name in ("mtgan", "bicubic"):
+    base = json.loads((out / "baseline.json").read_text())
+    size = {im["id"]: (im["width"], im["height"]) for im in world["ann"]["images"]}
+    want = set()
+    for r in base:
+        x, y, w, h = r["bbox"]
+        sq_box = B.clip(B.reference_squares(torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32)),
+                        *size[r["image_id"]])[0].tolist()
+        want.add((r["image_id"], tuple(round(v) for v in sq_box)))
+    for name in ("mtgan", "bicubic", "mtgan_fused"):
         res = json.loads((out / f"{name}.json").read_text())
-        assert res and all((r["image_id"], tuple(r["bbox"])) in base for r in res), name
+        got = {(r["image_id"], tuple(round(v) for v in (r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2],
+                                                       r["bbox"][1] + r["bbox"][3]))) for r in res}
+        assert res and got <= want, name
 
 
 def test_class_scores_fused_and_disc():
@@ -285,7 +304,7 @@ def test_fused_mode_and_missing_lr_twin_match(world, tmp_path):
     b = rescore_eval(_cfg(world, tmp_path / "b", rois=lone, score="fused", figures=False))
     c = rescore_eval(_cfg(world, tmp_path / "c", rois=lone, score="fused", figures=False, batch_size=7))
     assert b["source"]["lr"] is None and a["source"]["lr"] is not None
-    for name in ("baseline", "mtgan", "bicubic"):
+    for name in ("baseline", "mtgan", "mtgan_fused", "bicubic", "bicubic_fused"):
         assert (tmp_path / "a" / f"{name}.json").read_text() == (tmp_path / "b" / f"{name}.json").read_text(), name
         ra = json.loads((tmp_path / "a" / f"{name}.json").read_text())
         rc = json.loads((tmp_path / "c" / f"{name}.json").read_text())
@@ -293,7 +312,7 @@ def test_fused_mode_and_missing_lr_twin_match(world, tmp_path):
         assert np.allclose([r["bbox"] for r in ra], [r["bbox"] for r in rc], rtol=0, atol=1e-3), name
         assert np.allclose([r["score"] for r in ra], [r["score"] for r in rc], rtol=0, atol=1e-5), name
     assert a["rows"][1]["AP"] == b["rows"][1]["AP"] == pytest.approx(c["rows"][1]["AP"], abs=1e-6)
-    assert a["score_mode"] == "fused"
+    assert a["figure_score"] == "fused"
 
 
 def test_store_and_direct_detector_give_the_same_results(world, tmp_path):
@@ -425,3 +444,13 @@ def test_figure_functions(tmp_path):
     _valid_png(p)
     assert figures.loss_series([{"step": 2, "g_a": 1.0, "split": "val"}, {"step": 3, "g_a": 2.0, "lr": 1}]) == \
         {"g_a": ([3.0], [2.0])}
+
+
+def test_verdict_line_says_whether_the_rescored_rows_can_be_trusted():
+    from sodtool.reports import verdict
+
+    weak = verdict({"val_d_cls_acc_fg_sr": 0.214, "val_d_cls_acc_fg_hr": 0.38, "val_fg_crops": 70})
+    assert weak.startswith("D classifies 21% of 70 held-out object crops right on SR input (38% on HR")
+    assert "pipeline runs, not what the method can do" in weak and "pipelines/bench.sh" in weak
+    strong = verdict({"val_d_cls_acc_fg_sr": 0.81, "val_d_cls_acc_fg_hr": 0.9, "val_fg_crops": 300})
+    assert "measure the method" in strong

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sodtool import boxes as B, store as S
+from sodtool import boxes as B
+from sodtool import store as S
 from sodtool.errors import InputError
 from sodtool.rois import crop_windows, jitter_boxes
 from sodtool.stages.crop_rois import CropRoisConfig, crop_rois, merge_shards
@@ -94,7 +95,7 @@ def check_train_invariants(rows: dict, cfg: CropRoisConfig, ann_path: Path) -> N
     assert ((rows["iou"][~pos] >= cfg.bg_low) & (rows["iou"][~pos] < cfg.fg_iou)).all()
     assert (rows["target"][~pos] == 0).all()
     # Decoding a positive's stored target on its ROI gives its stored ground-truth box.
-    dec = B.decode(torch.from_numpy(rows["roi"][pos]).double(), torch.from_numpy(rows["target"][pos]).double())
+    dec = B.decode_target(torch.from_numpy(rows["roi"][pos]).double(), torch.from_numpy(rows["target"][pos]).double())
     np.testing.assert_allclose(dec.numpy(), rows["gt_box"][pos], atol=1e-4, rtol=0)
     # Jittered ground truth: positive, IoU >= jitter_iou, no baseline score or class.
     assert pos[gtr].all() and (rows["iou"][gtr] >= cfg.jitter_iou).all()
@@ -305,7 +306,7 @@ def test_test_mode_keeps_top_detections_and_scores(synth, tmp_path):
     assert (rows["source"] == 0).all() and (rows["det_label"] >= 1).all()
     pos = rows["label"] > 0
     assert (rows["iou"][pos] >= 0.5).all() and (rows["iou"][~pos] < 0.5).all() and pos.any() and (~pos).any()
-    dec = B.decode(torch.from_numpy(rows["roi"][pos]).double(), torch.from_numpy(rows["target"][pos]).double())
+    dec = B.decode_target(torch.from_numpy(rows["roi"][pos]).double(), torch.from_numpy(rows["target"][pos]).double())
     np.testing.assert_allclose(dec.numpy(), rows["gt_box"][pos], atol=1e-4, rtol=0)
     # --max-rois and --score-thresh override the mode's defaults.
     crop_rois(CropRoisConfig(out=tmp_path / "top5.h5", data=data, split="minival", mode="test", max_rois=5,
@@ -560,7 +561,7 @@ def test_gt_only_store(synth, tmp_path, cli):
     assert (rows["iou"][pos] >= 0.7).all()
     assert (rows["iou"][~pos] < 0.5).all() and (rows["target"][~pos] == 0).all()
     assert (rows["score"] == 0).all() and (rows["det_label"] == 0).all()
-    dec = B.decode(torch.from_numpy(rows["roi"][pos]).double(), torch.from_numpy(rows["target"][pos]).double())
+    dec = B.decode_target(torch.from_numpy(rows["roi"][pos]).double(), torch.from_numpy(rows["target"][pos]).double())
     np.testing.assert_allclose(dec.numpy(), rows["gt_box"][pos], atol=1e-4, rtol=0)
     by_image: dict[int, list] = {}
     for a in ann["annotations"]:
@@ -620,3 +621,35 @@ def test_cli_gt_only_errors(synth, tmp_path, cli, args, message):
     res = cli("crop-rois", "--data", synth / "data", "--out", tmp_path / "r.h5", *args)
     assert res.exit_code == 2 and message in res.stderr, res.stderr
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_box_target_is_what_the_crop_shows():
+    # Two ROIs with the same centre and longer side have the same crop window, so D sees the
+    # same picture: their targets onto the same ground truth must be equal (relative to the
+    # ROI's square), and decode back to that ground truth. Deltas relative to the ROI's own
+    # width and height (schema /1) differ here: the short side is not in the picture.
+    from sodtool.rois import match
+
+    wide = np.array([[100.0, 145.0, 140.0, 155.0]], np.float32)  # 40 x 10
+    squareish = np.array([[100.0, 135.0, 140.0, 165.0]], np.float32)  # 40 x 30, same square
+    gt = np.array([[102.0, 138.0, 141.0, 160.0]], np.float32)
+    assert torch.equal(B.square_windows(torch.from_numpy(wide), 1.5), B.square_windows(torch.from_numpy(squareish), 1.5))
+    t_wide = match(wide, gt, np.array([3]), fg_iou=0.0)["target"]
+    t_sq = match(squareish, gt, np.array([3]), fg_iou=0.0)["target"]
+    np.testing.assert_allclose(t_wide, t_sq, rtol=0, atol=1e-6)
+    for roi, t in ((wide, t_wide), (squareish, t_sq)):
+        back = B.decode_target(torch.from_numpy(roi).double(), torch.from_numpy(t).double())
+        np.testing.assert_allclose(back.numpy(), gt, atol=1e-3)
+    # The refinement at test time decodes the same way.
+    from sodtool.rescoring import refine_boxes
+
+    reg = torch.from_numpy(t_wide) * torch.tensor(B.BOX_WEIGHTS)
+    np.testing.assert_allclose(refine_boxes(torch.from_numpy(wide), reg, 640, 480).numpy(), gt, atol=1e-3)
+
+
+def test_store_of_the_old_target_schema_is_refused(tmp_path):
+    p = tmp_path / "old.h5"
+    with h5py.File(p, "w") as f:
+        f.attrs["schema"] = "sodtool.rois/1"
+    with pytest.raises(InputError, match="relative to the ROI itself: crop the ROIs again"):
+        S.open_store(p)

@@ -125,7 +125,7 @@ def test_other_schema_refused(tmp_path, cli):
     with h5py.File(bad, "w") as f:
         f.attrs["schema"] = "sodtool.rois/0"
         f.create_dataset("hr", data=np.zeros((1, 3, 8, 8), np.uint8))
-    with pytest.raises(InputError, match=r"rois_train\.h5 has schema 'sodtool\.rois/0', expected 'sodtool\.rois/1'"):
+    with pytest.raises(InputError, match=r"rois_train\.h5 has schema 'sodtool\.rois/0', expected 'sodtool\.rois/2'"):
         S.open_store(bad)
     res = cli("downsample", bad)
     assert res.exit_code == 2
@@ -231,8 +231,11 @@ def test_loader_shapes_and_every_row_once(pair):
         i = x["index"].numpy()
         np.testing.assert_array_equal(x["hr"].numpy(), rows["hr"][i])
         np.testing.assert_array_equal(x["label"].numpy(), rows["label"][i])
-    # Chunk-aware: a batch of 16 reads at most 16/8 + 1 chunks (+1 where it straddles windows).
-    for x in batches:
+    # Chunk-aware: rows are shuffled within windows of `window_chunks` consecutive chunks of the
+    # shuffled chunk order; with a window of one batch, a batch of 16 reads at most 16/8 chunks
+    # (+1 where it straddles windows).
+    narrow = S.make_loader(hr, lr, batch_size=16, shuffle=True, seed=3, window_chunks=2)
+    for x in narrow:
         assert len(np.unique(x["index"].numpy() // S.CHUNK_ROWS)) <= 16 // S.CHUNK_ROWS + 2
 
 
@@ -409,3 +412,21 @@ def test_downsample_wrong_scale_refused(tmp_path, cli):
     res = cli("downsample", src)
     assert res.exit_code == 2 and "not divisible by the scale 4" in res.stderr
 
+
+
+def test_shuffled_batches_mix_many_images(tmp_path):
+    # Rows are stored image by image: here 8 rows (one chunk) per image, 800 rows. A shuffled
+    # batch of 32 must hold rows of many images, not 4 runs of 8 consecutive rows.
+    n, per_image = 800, 8
+    rows = random_rows(n, size=16, seed=4)
+    rows["image_id"] = np.arange(n, dtype=np.int64) // per_image
+    path = tmp_path / "rois_train.h5"
+    with S.StoreWriter(path, schema=S.SCHEMA, fields=S.hr_fields(16), attrs=hr_attrs(16), chunk_rows=8) as w:
+        w.append(**rows)
+    loader = S.make_loader(path, None, batch_size=32, shuffle=True, seed=0, drop_last=True)
+    loader.set_epoch(0)
+    images_per_batch = [len(np.unique(b["index"].numpy() // per_image)) for b in loader]
+    assert min(images_per_batch) >= 20, images_per_batch
+    seen = np.concatenate([b["index"].numpy() for b in loader])
+    assert len(np.unique(seen)) == len(seen) == n  # still every row once per epoch
+    assert S.mixing_window(8, 128, 32) == (S.CACHE_BYTES // 2) // (8 * 3 * 128 * 128)  # cache-bound at 128 px

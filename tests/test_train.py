@@ -154,8 +154,8 @@ def test_train_sr_writes_artefacts(sr_run):
     manifest = json.loads((sr_run / "manifest.json").read_text())
     assert manifest["stage"] == "train-sr" and manifest["config"]["channels"] == 8
     m = manifest["metrics"]
-    # 48 rows -> round(0.05 * 48) = 2 held out; half the windows are 16 px < 32 px (not native).
-    assert m["val_crops"] == 2 and m["train_crops"] == 46 and m["iterations"] == 6
+    # 48 rows of 12 images (4 rows each): round(0.05 * 48) = 2 wanted, one whole image held out.
+    assert m["val_crops"] == 4 and m["train_crops"] == 44 and m["iterations"] == 6
     for k in ("val_sr_psnr_rgb", "val_sr_psnr_y", "val_sr_ssim_rgb", "val_sr_ssim_y", "val_bicubic_psnr_rgb"):
         assert np.isfinite(m[k]), k
     lines = _lines(sr_run / "metrics.jsonl")
@@ -170,12 +170,12 @@ def test_train_sr_resume_is_exact_and_min_native_size(stores, tmp_path):
     from sodtool.stages.train_sr import TrainSRConfig, train_sr
 
     hr, lr = stores
-    # 23 target rows, batch 4: 5 batches per epoch; stop after 6 = epoch 1, position 1.
+    # 22 target rows, batch 4: 5 batches per epoch; stop after 6 = epoch 1, position 1.
     kw = dict(hr=hr, lr=lr, iterations=8, batch_size=4, channels=8, up_channels=8, num_blocks=1, val_every=5,
               log_every=1, checkpoint_every=2, device="cpu", min_native_size=32)
     full = train_sr(TrainSRConfig(out=tmp_path / "a", **kw))
     # Only windows >= 32 px are targets: the odd rows, minus held-out ones.
-    assert full["train_crops"] == 23 and full["min_native_size"] == 32
+    assert full["train_crops"] == 22 and full["min_native_size"] == 32
     assert train_sr(TrainSRConfig(out=tmp_path / "b", stop_after=6, **kw)) == {"stopped_at": 6}
     assert _state(tmp_path / "b" / "checkpoint.pt")["stream"] == {"epoch": 1, "position": 1}
     assert not (tmp_path / "b" / "manifest.json").exists()
@@ -223,14 +223,14 @@ def test_train_sr_on_several_stores(stores, tmp_path, cli):
     assert set(manifest["inputs"]) == {"hr", "lr", "hr_1", "lr_1"}
     assert manifest["config"]["hr"] == [str(hr), str(hr2)]
     m = manifest["metrics"]
-    assert m["train_crops_per_store"] == [46, 38] and m["train_crops"] == 84  # 2 held out of each
-    assert m["val_crops"] == 4 and m["val_crops_per_store"] == [2, 2] and np.isfinite(m["val_sr_psnr_y"])
+    assert m["train_crops_per_store"] == [44, 36] and m["train_crops"] == 80  # one image (4 rows) held out of each
+    assert m["val_crops"] == 8 and m["val_crops_per_store"] == [4, 4] and np.isfinite(m["val_sr_psnr_y"])
     # Killed mid-run (after an epoch boundary) and resumed: the same weights and log.
     kw = dict(hr=(hr, hr2), lr=(lr, lr2), iterations=13, batch_size=4, channels=8, up_channels=8, num_blocks=1,
               val_every=5, log_every=1, checkpoint_every=4, device="cpu", min_native_size=32)
-    train_sr(TrainSRConfig(out=tmp_path / "a", **kw))  # 23 + 20 targets: 5 + 5 batches per epoch
+    train_sr(TrainSRConfig(out=tmp_path / "a", **kw))  # 22 + 18 targets: 5 + 4 batches per epoch
     assert train_sr(TrainSRConfig(out=tmp_path / "b", stop_after=11, **kw)) == {"stopped_at": 11}
-    assert _state(tmp_path / "b" / "checkpoint.pt")["stream"] == {"epoch": 1, "position": 1}
+    assert _state(tmp_path / "b" / "checkpoint.pt")["stream"] == {"epoch": 1, "position": 2}
     train_sr(TrainSRConfig(out=tmp_path / "b", **kw))
     _assert_same_weights(tmp_path / "a" / "generator.pt", tmp_path / "b" / "generator.pt")
     drop = lambda rows: [{k: v for k, v in r.items() if k != "crops_per_s"} for r in rows]  # noqa: E731
@@ -263,7 +263,7 @@ def test_train_mtgan_end_to_end(stores, sr_run, tmp_path, cli):
     from PIL import Image
 
     grid = Image.open(out / "samples" / "iter_0000004.png")
-    assert grid.size == (2 * HR + 2, 4 * HR + 3 * 2)  # 2 held-out crops; rows LR, bicubic, SR, HR
+    assert grid.size == (4 * HR + 3 * 2, 4 * HR + 3 * 2)  # 4 held-out crops; rows LR, bicubic, SR, HR
     train = [x for x in _lines(out / "metrics.jsonl") if "g_total" in x]
     assert [x["step"] for x in train] == [1, 2, 3, 4]
     expected = {"g_mse", "g_adv", "g_cls", "g_reg", "g_total", "d_adv_real", "d_adv_fake", "d_cls_real",
@@ -281,7 +281,7 @@ def test_train_mtgan_end_to_end(stores, sr_run, tmp_path, cli):
     assert o.cls.shape == (2, K + 1) and o.reg.shape == (2, 4)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "train-mtgan" and manifest["config"]["adv"] is True
-    assert set(manifest["inputs"]) == {"hr", "lr", "sr", "imagenet_weights"}
+    assert set(manifest["inputs"]) == {"hr", "lr", "sr", "imagenet_weights", "disc_init"}
     # A rerun of the finished command resumes at the end: nothing trained, same weights.
     before = _state(out / "model.pt")["generator"]
     res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", out, *_mtgan_args(4))
@@ -360,7 +360,7 @@ def test_train_mtgan_killed_and_resumed_is_exact(stores, sr_run, tmp_path):
     from sodtool.stages.train_mtgan import TrainMTGANConfig, train_mtgan
 
     hr, lr = stores
-    n = 14  # 46 training rows, batch 4: 11 batches per epoch, so the resumed run crosses an epoch
+    n = 14  # 44 training rows, batch 4: 11 batches per epoch, so the resumed run crosses an epoch
     # ... and the end of the D warm-up (5 iterations), if it is killed at the first checkpoint (3).
     args = ["train", "mtgan", "--hr", str(hr), "--lr", str(lr), "--sr", str(sr_run), "--out", str(tmp_path / "b"),
             *_mtgan_args(n, ckpt_every=3, d_warmup=5)]
@@ -400,7 +400,7 @@ def test_non_finite_loss_stops_with_checkpoint_kept(tmp_path, sr_run, cli):
     from sodtool.srdata import split_rows
 
     hr = write_hr(tmp_path / "rois_train.h5")
-    train_rows, _ = split_rows(48, 0.05, 256, 0)
+    train_rows, _ = split_rows(np.arange(48) // 4, 0.05, 256, 0)
     loader = make_loader(hr, None, batch_size=4, shuffle=True, seed=1, drop_last=True, indices=train_rows)
     loader.set_epoch(0)
     third = list(loader)[2]
@@ -436,3 +436,141 @@ def test_mismatched_stores_are_refused(stores, sr_run, tmp_path, cli):
     res = cli("train", "sr", "--hr", hr, "--lr", lr, "--out", tmp_path / "w", *TINY_SR, "--batch-size", "64")
     assert res.exit_code == 2 and "fewer than one batch" in res.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "w" / "manifest.json").exists()
+
+
+def test_held_out_rows_are_whole_images():
+    # Rows of one image (its ROIs, jittered copies of one ground-truth box) never fall on both
+    # sides of the split; the split depends only on (image ids, fraction, cap, seed).
+    from sodtool.srdata import split_rows
+
+    rng = np.random.default_rng(3)
+    image_ids = np.repeat(rng.permutation(200), rng.integers(1, 12, 200))  # 1-11 rows per image, in runs
+    train, held = split_rows(image_ids, 0.05, 256, 0)
+    assert len(train) + len(held) == len(image_ids) and not set(train) & set(held)
+    assert not set(image_ids[train]) & set(image_ids[held])
+    assert abs(len(held) - 0.05 * len(image_ids)) <= 11  # within one image of the fraction
+    again = split_rows(image_ids, 0.05, 256, 0)
+    assert np.array_equal(again[1], held) and np.array_equal(again[0], train)
+    assert not np.array_equal(split_rows(image_ids, 0.05, 256, 1)[1], held)
+    _, capped = split_rows(image_ids, 0.5, 30, 0)
+    assert 0 < len(capped) <= 30
+    assert len(split_rows(np.zeros(10, np.int64), 0.5, 256, 0)[1]) == 0  # one image: nothing to hold out
+
+
+class _Recorder(torch.nn.Module):
+    """Passes batches to `inner` and keeps each input (detached)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+def _tiny_gan(seed: int = 0):
+    from sodtool.models.networks import Discriminator, Generator
+
+    torch.manual_seed(seed)
+    return Generator(8, 8, 1), Discriminator(K, "resnet18")
+
+
+def test_d_sees_real_and_fake_crops_as_one_batch():
+    # One forward of 2B rows (HR first, then SR) in the D step and in the G step: BatchNorm
+    # normalises real and fake crops with the same statistics, as at test time.
+    from sodtool.losses import LossWeights
+    from sodtool.stages.train_mtgan import train_step
+
+    g, d = _tiny_gan()
+    rec = _Recorder(d)
+    opt_g = torch.optim.Adam(g.parameters(), 1e-4)
+    d_params = [p for p in d.parameters() if p.requires_grad]
+    opt_d = torch.optim.AdamW(d_params, 1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt_d, 10)
+    b = 4
+    x, y = torch.rand(b, 3, LR_SIZE, LR_SIZE), torch.rand(b, 3, HR, HR)
+    u, v = torch.tensor([0, 1, 2, 3]), torch.zeros(b, 4)
+    train_step(g, rec, d_params, opt_g, opt_d, sched, x, y, u, v, LossWeights(), torch.device("cpu"))
+    assert [t.shape[0] for t in rec.seen] == [2 * b, 2 * b]
+    for t in rec.seen:
+        assert torch.equal(t[:b], y)
+
+
+def test_validation_feeds_d_what_rescoring_feeds_it():
+    # Held-out D accuracy is measured on exactly the images `eval` rescoring gives D: G's output
+    # unclamped (as in training), and the same bicubic upsampling.
+    from sodtool.rescoring import BicubicControl, MtganScorer, score_rois
+    from sodtool.srdata import HeldOut
+    from sodtool.stages.train_mtgan import evaluate_discriminator
+
+    g, d = _tiny_gan(1)
+    with torch.no_grad():
+        g.tail.bias.fill_(0.8)  # outputs well above 1: a clamp would change them
+    g.eval()
+    d.eval()
+    rec = _Recorder(d)
+    n = 6
+    lr = (torch.rand(n, 3, LR_SIZE, LR_SIZE) * 255).to(torch.uint8)
+    held = HeldOut(np.arange(n), lr, torch.zeros(n, 3, HR, HR, dtype=torch.uint8), np.ones(n, bool))
+    evaluate_discriminator(g, rec, held, torch.tensor([0, 1, 2, 3, 1, 2]), torch.device("cpu"), batch_size=n)
+    validation = rec.seen[1:]  # [0] is the HR batch
+    rec.seen = []
+    score_rois([MtganScorer("mtgan", g, rec), BicubicControl("bicubic", rec)], lr, torch.device("cpu"), n,
+               np.zeros(0, np.int64))
+    assert len(validation) == len(rec.seen) == 2
+    assert validation[0].max() > 1.0
+    for a, b in zip(validation, rec.seen):
+        assert torch.equal(a, b)
+
+
+def test_paper_preset_is_table_1_exactly(tmp_path):
+    # --preset paper builds Table 1's generator (no long skip, no bicubic residual) and the
+    # paper's optimisers; the CPU presets keep both additions.
+    from sodtool.models.networks import Generator, generator_config
+    from sodtool.stages.train_mtgan import TrainMTGANConfig
+    from sodtool.stages.train_mtgan import resolve_config as resolve_mtgan
+    from sodtool.stages.train_sr import TrainSRConfig, resolve_config
+
+    kw = dict(hr=tmp_path / "a.h5", lr=tmp_path / "a_lr.h5", out=tmp_path / "sr")
+    paper = resolve_config(TrainSRConfig(preset="paper", **kw))
+    assert (paper.channels, paper.up_channels, paper.num_blocks) == (64, 256, 5)
+    assert paper.long_skip is False and paper.residual_bicubic is False
+    g = Generator(paper.channels, paper.up_channels, paper.num_blocks, long_skip=paper.long_skip,
+                  residual_bicubic=paper.residual_bicubic)
+    assert generator_config(g)["long_skip"] is False and generator_config(g)["residual_bicubic"] is False
+    quick = resolve_config(TrainSRConfig(preset="quick", **kw))
+    assert quick.long_skip is True and quick.residual_bicubic is True
+    m = resolve_mtgan(TrainMTGANConfig(preset="paper", sr=tmp_path / "sr", **{**kw, "out": tmp_path / "m"}))
+    assert (m.disc_arch, m.d_optimizer, m.d_lr, m.d_lr_step, m.iterations, m.d_warmup) == \
+        ("resnet50", "sgd", 0.01, 40_000, 80_000, 0)
+
+
+def test_train_mtgan_d_from_the_detector(stores, sr_run, tmp_path, cli):
+    # --disc-init RUN/detector/model.pt: D's trunk is the detector's, loaded from it; recorded as
+    # an input; a mismatch with --imagenet-weights is refused.
+    from sodtool.coco import CategoryMap
+    from sodtool.models.detector_weights import save_detector
+    from sodtool.models.frcnn import build_detector, resolve_build
+    from sodtool.models.networks import discriminator_from_checkpoint
+
+    hr, lr = stores
+    build = resolve_build("resnet18_fpn", min_size=64, max_size=64)
+    torch.manual_seed(0)
+    det = build_detector("resnet18_fpn", K + 1, **build)
+    det_file = save_detector(tmp_path / "detector" / "model.pt", det, "resnet18_fpn", build, CategoryMap.from_json(CATS))
+    out = tmp_path / "m"
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", out, *_mtgan_args(2),
+              "--disc-init", det_file, "--disc-arch", "resnet34")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["disc_arch"] == "resnet18"  # the detector's trunk decides
+    assert manifest["inputs"]["disc_init"]["path"].endswith("model.pt")
+    d = discriminator_from_checkpoint(out / "model.pt")
+    assert d.arch == "resnet18"
+    # Trained for two iterations from the detector's trunk: still close to its weights.
+    w_det = det.state_dict()["backbone.body.layer3.0.conv1.weight"]
+    assert (d.trunk.layer3[0].conv1.weight - w_det).abs().max() < 0.05
+    res = cli("train", "mtgan", "--hr", hr, "--lr", lr, "--sr", sr_run, "--out", tmp_path / "bad", *_mtgan_args(2),
+              "--disc-init", det_file, "--imagenet-weights", det_file)
+    assert res.exit_code == 2 and "not both" in res.stderr

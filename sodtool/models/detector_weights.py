@@ -277,3 +277,27 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
     return arch, build, num_classes, sd, categories, label_map, fmt, path
 
 
+
+
+# The classification network whose layers a detector's trunk is (torchvision's module names).
+TRUNK_OF = {"resnet50_fpn": "resnet50", "resnet101_fpn": "resnet101", "resnet50_c4": "resnet50",
+            "resnet18_fpn": "resnet18", "mobilenet_v3_fpn": "mobilenet_v3_large"}
+
+
+def detector_trunk(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], str]:
+    """(classification arch, trunk weights keyed as that network's modules, detector arch) of a
+    detector weights file: the backbone body (for C4 also its res5 box head, which is ResNet's
+    layer4), without the FPN, RPN and heads. MobileNet keys gain the `features.` prefix of
+    the discriminator's MobileNet trunk. BatchNorm's num_batches_tracked is left out (frozen
+    BatchNorm has none)."""
+    arch, _, _, sd, _, _, _, _ = read_detector_checkpoint(path)
+    trunk: dict[str, torch.Tensor] = {}
+    prefix = "features." if TRUNK_OF[arch].startswith("mobilenet") else ""
+    for k, v in sd.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k.startswith("backbone.body."):
+            trunk[prefix + k[len("backbone.body."):]] = v
+        elif arch == "resnet50_c4" and k.startswith("roi_heads.box_head.layer4."):
+            trunk[k[len("roi_heads.box_head."):]] = v
+    return TRUNK_OF[arch], trunk, arch

@@ -91,3 +91,15 @@ def training_context(model: MtganModel, default: Optional[float], *, quiet: bool
             warn(f"could not read the crop context of the store {model.path} was trained on; "
                  f"using crop-rois' default {default} (set --context if it was another)")
         return default
+
+
+def discriminator_quality(model: MtganModel) -> dict:
+    """D's held-out class accuracy at the end of training, from the MTGAN run's manifest:
+    {"val_d_cls_acc_fg_sr", "val_d_cls_acc_fg_hr", "val_d_cls_acc_fg_bicubic", "val_fg_crops"}
+    where recorded ({} when the manifest cannot be read)."""
+    try:
+        metrics = read_manifest(model.run_dir)["metrics"]
+    except Exception:  # noqa: BLE001 - a model.pt moved away from its run folder: unknown
+        return {}
+    keys = ("val_d_cls_acc_fg_sr", "val_d_cls_acc_fg_hr", "val_d_cls_acc_fg_bicubic", "val_fg_crops")
+    return {k: metrics[k] for k in keys if k in metrics}

@@ -27,6 +27,7 @@ file with `sodtool.checkpoint.save(obj, path)` (atomic).
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -38,7 +39,7 @@ from sodtool import checkpoint
 from sodtool.errors import InputError
 from sodtool.resample import SCALE, bicubic_up
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GEN_INIT_STD = 0.02  # paper Sec. 4.2
@@ -168,7 +169,8 @@ class Discriminator(nn.Module):
 
     [B, 3, S, S] float in [0, 1] -> DiscOut(adv [B], cls [B, K+1], reg [B, 4] | None).
     The trunk is torchvision's ResNet (`arch` in resnet18/34/50/101) without its fc layer,
-    ending in global average pooling; the heads are Linear(features, 1 / K+1 / 4) initialised
+    ending in global average pooling, or MobileNetV3-Large's features and pooling (the trunk of
+    the light detectors, for a D initialised from one: `load_trunk`); the heads are Linear(features, 1 / K+1 / 4) initialised
     N(0, 0.1) with zero biases (paper Sec. 4.2). `imagenet_weights` is an optional local file
     with a torchvision ImageNet classification state dict for the same arch (e.g. the
     resnet50-*.pth file from download.pytorch.org fetched by hand); its `fc.*` entries are
@@ -188,11 +190,20 @@ class Discriminator(nn.Module):
         if int(num_classes) < 1:
             raise InputError(f"discriminator num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.arch, self.reg_branch = int(num_classes), arch, bool(reg_branch)
-        trunk = getattr(torchvision.models, arch)(weights=None)
-        if imagenet_weights is not None:
-            _load_imagenet(trunk, Path(imagenet_weights), arch)
-        feat_dim = trunk.fc.in_features
-        trunk.fc = nn.Identity()  # torchvision's forward ends avgpool -> flatten -> fc
+        if arch.startswith("mobilenet"):
+            if imagenet_weights is not None:
+                raise InputError(f"--imagenet-weights takes a ResNet state dict; the {arch} trunk is for --disc-init")
+            # The light trunk of the quick / bench detectors, as a classifier: features, pooling.
+            net = getattr(torchvision.models, arch)(weights=None)
+            trunk = nn.Sequential(OrderedDict([("features", net.features), ("pool", nn.AdaptiveAvgPool2d(1)),
+                                               ("flatten", nn.Flatten(1))]))
+            feat_dim = net.classifier[0].in_features
+        else:
+            trunk = getattr(torchvision.models, arch)(weights=None)
+            if imagenet_weights is not None:
+                _load_imagenet(trunk, Path(imagenet_weights), arch)
+            feat_dim = trunk.fc.in_features
+            trunk.fc = nn.Identity()  # torchvision's forward ends avgpool -> flatten -> fc
         self.trunk = trunk
         self.adv_head = nn.Linear(feat_dim, 1)
         self.cls_head = nn.Linear(feat_dim, self.num_classes + 1)
@@ -204,6 +215,20 @@ class Discriminator(nn.Module):
         # Not persistent: the constants are not weights and would clutter the checkpoint.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def load_trunk(self, state: dict[str, torch.Tensor], source: str) -> int:
+        """Load trunk weights (keys as `self.trunk`'s, e.g. from a detector's backbone); returns
+        how many tensors were loaded. Trunk entries missing from `state` keep their init; an
+        entry the trunk lacks, or of another shape, is an InputError naming `source`."""
+        own = self.trunk.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise InputError(f"{source}: {len(unknown)} trunk weights do not fit a {self.arch} (e.g. {unknown[:3]})")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise InputError(f"{source}: '{k}' has shape {tuple(v.shape)}, the {self.arch} trunk {tuple(own[k].shape)}")
+        self.trunk.load_state_dict(state, strict=False)
+        return len(state)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] in [0, 1] -> pooled trunk features [B, F] (F = 512 or 2048)."""

@@ -28,8 +28,9 @@ box); `score` and `det_label` are 0 on every row; the store's `detector` attribu
 {"family": "ground truth", "kind": "ground-truth", ...}.
 
 In both modes: `iou` is the IoU with the best-overlapping ground truth and `gt_box` that box
-(zeros when no ground truth overlaps), `target` = boxes.encode(roi, gt_box) for positives
-(computed in float64 from the stored float32 boxes) and zeros for backgrounds.
+(zeros when no ground truth overlaps), `target` = boxes.encode_target(roi, gt_box) for positives
+(deltas relative to the ROI's square, the geometry the crop shows; computed in float64 from the
+stored float32 boxes) and zeros for backgrounds.
 
 Crop geometry: see `sodtool.rois`.
 

@@ -10,7 +10,7 @@ For every image of a split:
    LR version by the same 4x bicubic antialiased downsampling as `sodtool downsample`, so that
    the LR crops at test time are made exactly as the training ones.
 3. The second stages (`sodtool.rescoring`): G(LR) -> D gives class probabilities p [R, K+1]
-   and box deltas; the refined box is `boxes.decode(roi, reg / BOX_WEIGHTS)` clipped to the
+   and box deltas; the refined box is `boxes.decode_target(roi, reg / BOX_WEIGHTS)` clipped to the
    image (the ROI itself when D has no regression branch). D sees G's output unclamped, as
    during training.
 4. Candidates: one per ROI and class with the score `score` ("disc", the paper's: D's
@@ -56,7 +56,7 @@ from sodtool.console import log, make_progress, warn
 from sodtool.device import device_name, resolve_device, seed_everything
 from sodtool.errors import InputError
 from sodtool.evaluate import STAT_NAMES, coco_evaluate, resolve_ground_truth
-from sodtool.models.mtgan import load_mtgan, mtgan_file, training_context
+from sodtool.models.mtgan import discriminator_quality, load_mtgan, mtgan_file, training_context
 from sodtool.reports import (
     BASELINE,
     BICUBIC,
@@ -65,6 +65,7 @@ from sodtool.reports import (
     class_name,
     print_comparison,
     row_title,
+    scored_name,
     table_markdown,
     write_figures,
 )
@@ -141,7 +142,7 @@ def parse_ablation(spec: str) -> tuple[str, Path]:
     if not _NAME_RE.match(name):
         raise InputError(f"--ablation name '{name}' must start with a letter or digit and contain only "
                          "letters, digits, '_', '.', '+' or '-'")
-    if name.lower() in RESERVED_NAMES:
+    if name.lower() in RESERVED_NAMES or name.lower().endswith("_fused"):
         raise InputError(f"--ablation name '{name}' is reserved (it would overwrite {name}.json); pick another")
     return name, Path(path)
 
@@ -240,9 +241,11 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     if (out / MANIFEST).is_file():
         (out / MANIFEST).unlink()  # this folder is being rewritten: not finished until the end
     log(f"eval: split {cfg.split} ({len(split.image_ids)} images), ROIs from {source.kind} {source.path}, "
-        f"models {', '.join(m.name for m in models)}, score '{cfg.score}', device {device_name(device)}")
+        f"models {', '.join(m.name for m in models)}, device {device_name(device)}")
 
-    names = [BASELINE, MTGAN, BICUBIC] + [m.name for m in models[1:]]
+    # Every second stage with every score, from the one forward pass below.
+    names = [BASELINE] + [scored_name(n, mode) for n in [MTGAN, BICUBIC] + [m.name for m in models[1:]]
+                          for mode in SCORE_MODES]
     dets: dict[str, dict[int, dict]] = {n: {} for n in names}
     picker = TripletPicker(cfg.fig_triplets if cfg.figures else 0)
     class_names = list(split.categories.names)
@@ -277,10 +280,10 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                 for name, o in outs.items():
                     reg = o["reg"][sl] if o["reg"] is not None else None
                     boxes = refine_boxes(r_t, reg, g.width, g.height)
-                    cs = class_scores(o["probs"][sl], s_t, l_t, cfg.score)
-                    dets[name][g.image_id] = select_detections(boxes, cs, nms_iou=cfg.nms_iou,
-                                                               max_per_image=cfg.max_per_image,
-                                                               min_score=cfg.min_score)
+                    for mode in SCORE_MODES:
+                        cs = class_scores(o["probs"][sl], s_t, l_t, mode)
+                        dets[scored_name(name, mode)][g.image_id] = select_detections(
+                            boxes, cs, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image, min_score=cfg.min_score)
             for j, row in enumerate(sr_rows.tolist()):
                 p = outs[MTGAN]["probs"][row]
                 d_cls = int(p[1:].argmax()) + 1
@@ -296,8 +299,7 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     loop_s = t_loop.elapsed
 
     # Results files and COCO evaluation.
-    files = {BASELINE: "baseline.json", MTGAN: "mtgan.json", BICUBIC: "bicubic.json",
-             **{m.name: f"{m.name}.json" for m in models[1:]}}
+    files = {name: f"{name}.json" for name in names}
     rows = []
     for name in names:
         results = []
@@ -318,12 +320,12 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
               "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
               "device": device_name(device)}
     metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
-               "score_mode": cfg.score, "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image,
+               "score_modes": list(SCORE_MODES), "figure_score": cfg.score, "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image,
                "source": {"kind": source.kind, "path": str(source.path),
                           "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
                           "context": source.context if math.isfinite(source.context) else None,
                           **{k: v for k, v in source.detail.items() if k != "identity"}},
-               "rows": rows, "timing": timing}
+               "rows": rows, "discriminator": discriminator_quality(main), "timing": timing}
     write_json(out / "metrics.json", metrics)
     write_text(out / "table.md", table_markdown(metrics))
 

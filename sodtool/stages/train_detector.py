@@ -50,7 +50,8 @@ STAGE = "train-detector"
 # ----------------------------------------------------------------------------------------------
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """Images and targets of a CocoSplit, indexed by (position, hflip) pairs from `BatchStream`.
+    """Images and targets of a CocoSplit, indexed by (position, augmentation) pairs from
+    `engine.StepBatchSampler`: augmentation = (hflip, vflip, quarter turns counter-clockwise).
 
     Returns (image uint8 [3, H, W], target {"boxes": float32 [N, 4] xyxy, "labels": int64 [N]
     in 1..K, "image_id": int}); images without boxes give N = 0. Images stay uint8 until the
@@ -64,18 +65,33 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, item: tuple[int, bool]):
-        index, flip = item
+    def __getitem__(self, item: tuple[int, tuple[bool, bool, int]]):
+        index, (hflip, vflip, turns) = item
         iid = self.ids[index]
         arr = self.split.load_image(iid)
         img = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
         t = self.split.targets(iid)
-        boxes = torch.from_numpy(t["boxes"]).reshape(-1, 4)
-        if flip:
-            w = img.shape[2]
-            img = img.flip(-1)
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        img, boxes = augment(img, torch.from_numpy(t["boxes"]).reshape(-1, 4), hflip, vflip, turns)
         return img.contiguous(), {"boxes": boxes, "labels": torch.from_numpy(t["labels"]), "image_id": iid}
+
+
+def augment(img: torch.Tensor, boxes: torch.Tensor, hflip: bool, vflip: bool, turns: int):
+    """Flip / rotate an image [C, H, W] and its boxes [N, 4] (xyxy pixels): a horizontal flip, a
+    vertical flip, then `turns` quarter turns counter-clockwise (torch.rot90 on H, W)."""
+    if hflip:
+        w = img.shape[2]
+        img = img.flip(-1)
+        boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+    if vflip:
+        h = img.shape[1]
+        img = img.flip(-2)
+        boxes = torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], dim=1)
+    for _ in range(turns % 4):
+        # Counter-clockwise: pixel (x, y) of a W-wide image goes to (y, W - x).
+        w = img.shape[2]
+        img = torch.rot90(img, 1, dims=(1, 2))
+        boxes = torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], dim=1)
+    return img, boxes
 
 
 def collate(batch):
@@ -156,6 +172,8 @@ class TrainDetectorConfig:
     max_size: int | None = None
     train_sizes: tuple[int, ...] = ()  # multi-scale training: short side drawn from these per image
     hflip: bool | None = None  # preset: off on the synthetic data (a flip turns "/" stripes into "\\")
+    vflip: bool = False  # random vertical flips (overhead imagery has no "up")
+    rot90: bool = False  # random quarter turns (overhead imagery)
     fpn_channels: int | None = None
     returned_layers: tuple[int, ...] | None = None
     anchor_sizes: tuple[int, ...] | None = None  # one size per feature level
@@ -348,7 +366,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     metrics_log = MetricsLog(log_path, start if state is not None else None)
 
     workers = cfg.workers if cfg.workers is not None else (4 if dev.type == "cuda" else 0)
-    stream = StepBatchSampler(len(train.image_ids), cfg.batch_size, cfg.seed, start, cfg.hflip)
+    stream = StepBatchSampler(len(train.image_ids), cfg.batch_size, cfg.seed, start, cfg.hflip, cfg.vflip, cfg.rot90)
     loader = torch.utils.data.DataLoader(
         DetectionDataset(train), batch_sampler=stream, num_workers=workers, collate_fn=collate,
         pin_memory=dev.type == "cuda", persistent_workers=False,

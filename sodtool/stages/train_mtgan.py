@@ -11,8 +11,9 @@ iteration takes one batch (x LR crops, y HR crops, u labels, v raw box deltas) a
    (`sodtool.losses.generator_loss`), Adam step. The graph of sr is reused: G has not changed.
 
 D stays in training mode in both steps (batch statistics in its BN layers, as SRGAN /
-BasicSR train their discriminators), so its BN running averages also see the SR batch of the
-generator step.
+BasicSR train their discriminators) and sees the HR and SR crops of a batch as one joint batch
+(`joint_forward`) in both, so real and fake crops are normalised alike and its running
+statistics are those of the mixture it is used on at test time.
 
 Defaults are the paper's: alpha = 0.001, beta = gamma = 0.01; Adam for G (lr 1e-4); SGD for D
 (lr 0.01, momentum 0.9, weight decay 1e-4) divided by 10 every 40k iterations, 80k iterations
@@ -61,18 +62,20 @@ from PIL import Image
 
 from sodtool import checkpoint
 from sodtool.artefacts import Timer, atomic_path, file_identity, read_manifest, write_manifest
-from sodtool.console import make_progress, summary_table
+from sodtool.console import log, make_progress, summary_table
 from sodtool.device import autocast, device_name, seed_everything
 from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, check_positive, due, fill_preset,
                             fmt_terms, last_record, load_resume, open_run_dir, resume_position, save_training_state,
                             setup_device, stop_requested, to_float, use_channels_last, wrap_ddp)
 from sodtool.errors import InputError, NonFiniteLossError
 from sodtool.losses import LossWeights, discriminator_loss, generator_loss
-from sodtool.models.networks import (ARCHS, Discriminator, discriminator_checkpoint, generator_checkpoint,
+from sodtool.models.detector_weights import detector_trunk
+from sodtool.models.networks import (ARCHS, DiscOut, Discriminator, discriminator_checkpoint, generator_checkpoint,
                                      generator_from_checkpoint, unwrap)
+from sodtool.rescoring import BicubicControl, MtganScorer
 from sodtool.resample import SCALE, bicubic_up
 from sodtool.srdata import (HeldOut, check_common, check_enough_rows, evaluate_generator, label_rows, load_held_out,
-                            make_train_loader, native_sides, open_pair, split_rows)
+                            make_train_loader, native_sides, open_pair, row_image_ids, split_rows)
 
 STAGE = "train-mtgan"
 
@@ -111,6 +114,9 @@ class TrainMTGANConfig:
     batch_size: Optional[int] = None
     disc_arch: Optional[str] = None
     imagenet_weights: Optional[Path] = None
+    # A detector weights file (RUN/detector/model.pt) whose trunk initialises D's; D's architecture
+    # then follows the detector's trunk (ResNet or MobileNetV3), whatever disc_arch says.
+    disc_init: Optional[Path] = None
     g_lr: float = 1e-4
     d_optimizer: Optional[str] = None  # "sgd" (paper: momentum, weight decay) or "adam" (AdamW: decoupled decay)
     d_lr: Optional[float] = None
@@ -164,6 +170,8 @@ def resolve_config(cfg: TrainMTGANConfig) -> TrainMTGANConfig:
         v = getattr(cfg, name)
         if not (v >= 0 and math.isfinite(v)):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if cfg.disc_init is not None and cfg.imagenet_weights is not None:
+        raise InputError("give --imagenet-weights or --disc-init (a detector whose trunk initialises D), not both")
     loss_weights(cfg)  # validates alpha / beta / gamma / tv / adversarial
     return cfg
 
@@ -175,25 +183,28 @@ def loss_weights(cfg: TrainMTGANConfig):
 
 @torch.no_grad()
 def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, batch_size: int = 32) -> dict[str, float]:
-    """Held-out class accuracy of D (eval mode) on HR, SR (G in eval mode) and bicubic crops: on all
-    rows, and on the object rows alone (`_fg_`)."""
+    """Held-out class accuracy of D (eval mode) on HR, SR and bicubic crops: on all rows, and on the
+    object rows alone (`_fg_`). SR and bicubic crops go through the very second stages `eval`
+    rescores with (`rescoring.MtganScorer`: D sees G's output unclamped, as in training;
+    `rescoring.BicubicControl`), so these figures are what rescoring will see."""
     if len(held.rows) == 0:
         return {}
     g, d = unwrap(g), unwrap(d)
     modes = (g.training, d.training)
     g.eval()
     d.eval()
+    methods = {"sr": MtganScorer("sr", g, d), "bicubic": BicubicControl("bicubic", d)}
     correct = {"hr": 0, "sr": 0, "bicubic": 0}
     correct_fg = dict(correct)  # on the object rows alone: a D that answers "background" everywhere scores 0
     try:
         for i in range(0, len(held.rows), batch_size):
             x = to_float(held.lr[i:i + batch_size], device)
             u = labels[i:i + batch_size].to(device)
-            inputs = {"hr": to_float(held.hr[i:i + batch_size], device),
-                      "sr": g(x).float().clamp(0, 1),
-                      "bicubic": bicubic_up(x).clamp(0, 1)}
-            for k, img in inputs.items():
-                hit = d(img).cls.argmax(1) == u
+            with autocast(device):
+                preds = {"hr": d(to_float(held.hr[i:i + batch_size], device)).cls.argmax(1),
+                         **{k: m(x).probs.argmax(1) for k, m in methods.items()}}
+            for k, pred in preds.items():
+                hit = pred == u
                 correct[k] += int(hit.sum().item())
                 correct_fg[k] += int((hit & (u > 0)).sum().item())
     finally:
@@ -202,7 +213,7 @@ def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, ba
     n_fg = int((labels > 0).sum().item())
     res = {f"val_d_cls_acc_{k}": v / len(held.rows) for k, v in correct.items()}
     if n_fg:
-        res.update({f"val_d_cls_acc_fg_{k}": v / n_fg for k, v in correct_fg.items()})
+        res.update({f"val_d_cls_acc_fg_{k}": v / n_fg for k, v in correct_fg.items()}, val_fg_crops=n_fg)
     return res
 
 
@@ -233,6 +244,20 @@ def save_sample_grid(g, held: HeldOut, device, path: Path, count: int) -> None:
         Image.fromarray(grid).save(tmp, format="PNG")
 
 
+def joint_forward(d, real: torch.Tensor, fake: torch.Tensor) -> tuple[DiscOut, DiscOut]:
+    """D on real [B, 3, S, S] and fake [B, 3, S, S] crops as ONE batch of 2B: (D(real), D(fake)).
+
+    D's BatchNorm layers then normalise real and fake crops with the same batch statistics. As two
+    batches, each would be normalised by its own statistics, so that D could tell them apart by
+    those alone, and its class head would be trained on features normalised otherwise than at
+    test time, where the running statistics (of these joint batches) are used.
+    """
+    b = real.shape[0]
+    out = d(torch.cat([real, fake]))
+    halves = [(t[:b], t[b:]) if t is not None else (None, None) for t in out]
+    return DiscOut(*(h[0] for h in halves)), DiscOut(*(h[1] for h in halves))
+
+
 def train_step(g_model, d_model, d_params, opt_g, opt_d, sched_d, x, y, u, v, w, device, g_step: bool = True):
     """One MTGAN iteration on a batch: a D step (G fixed), then a G step (D fixed) unless `g_step` is False.
 
@@ -256,8 +281,7 @@ def train_step(g_model, d_model, d_params, opt_g, opt_d, sched_d, x, y, u, v, w,
             g.train()
     # Discriminator step, G fixed: D sees G's output detached.
     with autocast(device):
-        d_real = d_model(y)
-        d_fake = d_model(sr.detach())
+        d_real, d_fake = joint_forward(d_model, y, sr.detach())
         loss_d, terms_d = discriminator_loss(d_real, d_fake, u, v, w)
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
@@ -273,7 +297,8 @@ def train_step(g_model, d_model, d_params, opt_g, opt_d, sched_d, x, y, u, v, w,
         p.requires_grad_(False)
     try:
         with autocast(device):
-            loss_g, terms_g = generator_loss(sr, y, d(sr), u, v, w)
+            _, d_sr = joint_forward(d, y, sr)
+            loss_g, terms_g = generator_loss(sr, y, d_sr, u, v, w)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
     finally:
@@ -295,13 +320,25 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
     pair = open_pair(cfg.hr, cfg.lr)
     read_manifest(cfg.sr, "train-sr")
     g_path = Path(cfg.sr) / "generator.pt"
-    train_rows, val_rows = split_rows(pair.rows, cfg.val_fraction, cfg.val_max, cfg.val_seed)
+    train_rows, val_rows = split_rows(row_image_ids(pair.hr), cfg.val_fraction, cfg.val_max, cfg.val_seed)
     check_enough_rows(len(train_rows), cfg.batch_size, world, f"HR store {pair.hr}")
     inputs = {"hr": pair.hr_identity, "lr": file_identity(pair.lr), "sr_generator": file_identity(g_path)}
+    if cfg.disc_init is not None:
+        # No ImageNet weights can be downloaded, but every pipeline has trained a detector on these
+        # images: its trunk has learnt their classes' patterns.
+        trunk_arch, trunk_state, det_arch = detector_trunk(cfg.disc_init)
+        cfg = dataclasses.replace(cfg, disc_arch=trunk_arch)
+        inputs["disc_init"] = file_identity(cfg.disc_init)
 
     seed_everything(cfg.seed)
     g = generator_from_checkpoint(g_path, device).train()
-    d = Discriminator(pair.categories.num_classes, cfg.disc_arch, cfg.imagenet_weights, cfg.reg_branch).to(device).train()
+    d = Discriminator(pair.categories.num_classes, cfg.disc_arch, cfg.imagenet_weights, cfg.reg_branch)
+    if cfg.disc_init is not None:
+        loaded = d.load_trunk(trunk_state, str(cfg.disc_init))
+        if main:
+            log(f"D: {trunk_arch} trunk, {loaded} of {len(d.trunk.state_dict())} tensors from the {det_arch} "
+                f"detector {cfg.disc_init}")
+    d = d.to(device).train()
     if not w.adv:
         # No loss reaches the real/fake head: freeze it, so that DDP does not wait for its gradients.
         d.adv_head.requires_grad_(False)
@@ -402,7 +439,8 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
                         out / "model.pt")
         save_state(step)
         write_manifest(out, STAGE, cfg, {"hr": pair.hr, "lr": pair.lr, "sr": g_path,
-                                              "imagenet_weights": cfg.imagenet_weights}, metrics, seed=cfg.seed,
+                                              "imagenet_weights": cfg.imagenet_weights, "disc_init": cfg.disc_init},
+                       metrics, seed=cfg.seed,
                        device=device_name(device), wall_time_s=timer.elapsed)
         summary_table("train mtgan", metrics)
     return metrics

@@ -13,9 +13,10 @@ store, their batches interleaved in an order drawn from (seed, epoch) (`MultiSto
 the stores are mixed in proportion to their training rows. Held-out rows, `min_native_size`
 and the batch-size check apply to each store on its own. (`train mtgan` takes one pair.)
 
-Held-out rows: a fixed subset of the store (`val_fraction` of the rows, at most `val_max`,
-chosen by `val_seed` and the row count only, so `train sr` and `train mtgan` hold out the SAME
-rows; with several stores, per store) is never trained on. It is evaluated every `val_every` iterations and at the end: PSNR
+Held-out rows: all the rows of a fixed subset of the store's images (about `val_fraction` of
+the rows, at most `val_max`, chosen by `val_seed` and the store's image ids only, so `train sr`
+and `train mtgan` hold out the SAME rows; with several stores, per store; `srdata.split_rows`)
+are never trained on. They are evaluated every `val_every` iterations and at the end: PSNR
 and SSIM (RGB and Y channel, `sodtool.srmetrics`) of the generator and of plain bicubic
 upsampling of the LR crop, both against the HR crop, over all held-out rows and over the
 "native" ones (see `min_native_size`).
@@ -62,8 +63,8 @@ from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, che
 from sodtool.errors import InputError, NonFiniteLossError
 from sodtool.models.networks import Generator, generator_checkpoint
 from sodtool.srdata import (MultiStoreLoader, check_common, check_enough_rows, concat_held_out, evaluate_generator,
-                            input_names, load_held_out, make_train_loader, native_sides, open_pair, split_rows,
-                            store_paths)
+                            input_names, load_held_out, make_train_loader, native_sides, open_pair, row_image_ids,
+                            split_rows, store_paths)
 
 STAGE = "train-sr"
 
@@ -71,12 +72,13 @@ STAGE = "train-sr"
 # The paper gives no schedule for its MSE pretraining; 100k Adam iterations at batch 64 is our
 # choice (SRGAN's SRResNet used 1e6 at batch 16 on ImageNet).
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(iterations=300, batch_size=16, channels=32, up_channels=32, num_blocks=5,
-                  val_every=100, log_every=10, checkpoint_every=100),
-    "bench": dict(iterations=1000, batch_size=16, channels=32, up_channels=32, num_blocks=5,
-                  val_every=250, log_every=25, checkpoint_every=250),
-    "paper": dict(iterations=100_000, batch_size=64, channels=64, up_channels=256, num_blocks=5,
-                  val_every=5_000, log_every=100, checkpoint_every=2_000),
+    "quick": dict(iterations=300, batch_size=16, channels=32, up_channels=32, num_blocks=5, long_skip=True,
+                  residual_bicubic=True, val_every=100, log_every=10, checkpoint_every=100),
+    "bench": dict(iterations=1000, batch_size=16, channels=32, up_channels=32, num_blocks=5, long_skip=True,
+                  residual_bicubic=True, val_every=250, log_every=25, checkpoint_every=250),
+    # Exactly Table 1: no long skip, no bicubic residual (sodtool.models.networks.Generator).
+    "paper": dict(iterations=100_000, batch_size=64, channels=64, up_channels=256, num_blocks=5, long_skip=False,
+                  residual_bicubic=False, val_every=5_000, log_every=100, checkpoint_every=2_000),
 }
 @dataclass(frozen=True)
 class TrainSRConfig:
@@ -92,6 +94,8 @@ class TrainSRConfig:
     channels: Optional[int] = None
     up_channels: Optional[int] = None
     num_blocks: Optional[int] = None
+    long_skip: Optional[bool] = None  # SRResNet's long skip (not in Table 1): on in the CPU presets
+    residual_bicubic: Optional[bool] = None  # predict a residual over bicubic (not in Table 1): on in the CPU presets
     min_native_size: int = 0
     val_fraction: float = 0.05
     val_max: int = 256
@@ -150,7 +154,7 @@ def train_sr(cfg: TrainSRConfig) -> dict:
     splits = []  # per store: (train rows, held-out rows, native bool [rows])
     inputs = {}
     for i, p in enumerate(pairs):
-        train_rows, val_rows = split_rows(p.rows, cfg.val_fraction, cfg.val_max, cfg.val_seed)
+        train_rows, val_rows = split_rows(row_image_ids(p.hr), cfg.val_fraction, cfg.val_max, cfg.val_seed)
         sides = native_sides(p.hr)
         if cfg.min_native_size > 0:
             train_rows = train_rows[sides[train_rows] >= cfg.min_native_size]
@@ -162,7 +166,8 @@ def train_sr(cfg: TrainSRConfig) -> dict:
         inputs[name_hr], inputs[name_lr] = p.hr_identity, file_identity(p.lr)
 
     seed_everything(cfg.seed)
-    g = Generator(cfg.channels, cfg.up_channels, cfg.num_blocks).to(device)
+    g = Generator(cfg.channels, cfg.up_channels, cfg.num_blocks, long_skip=cfg.long_skip,
+                  residual_bicubic=cfg.residual_bicubic).to(device)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999))
     ckpt_path = out / "checkpoint.pt"
     ckpt = load_resume(ckpt_path, cfg, inputs, STAGE)
