@@ -408,6 +408,8 @@ class RoiPairs(torch.utils.data.Dataset):
         self._pid = None
 
     def __getitem__(self, idx):
+        if isinstance(idx, list) and idx and isinstance(idx[0], np.ndarray):
+            return self.read_batches(idx)
         if isinstance(idx, (int, np.integer)):
             i = int(idx)
             if i < 0:
@@ -421,6 +423,14 @@ class RoiPairs(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         batch = self.read_batch(np.asarray(indices, dtype=np.int64))
         return [{k: v[j] for k, v in batch.items()} for j in range(len(indices))]
+
+    def read_batches(self, batches: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """Several batches (row arrays) read at once, each touched chunk decompressed once: the
+        loader reads a shuffled window's batches together, then hands them out one by one."""
+        sizes = [len(b) for b in batches]
+        whole = self.read_batch(np.concatenate(batches))
+        bounds = np.cumsum([0] + sizes)
+        return [{k: v[lo:hi] for k, v in whole.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def read_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Rows `rows` (any order, no duplicates needed) as a batch dict, in that order."""
@@ -512,11 +522,33 @@ class ChunkShuffleSampler(torch.utils.data.Sampler):
             return self.rank_rows // self.batch_size
         return math.ceil(self.rank_rows / self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def reads(self) -> Iterator[list[np.ndarray]]:
+        """This epoch's batches (from `skip` on) in groups read together: about one shuffle
+        window's rows per group, so a window's chunks are decompressed once for all its batches."""
         order = self.epoch_order()
         skip, self.skip = self.skip, 0
-        for b in range(skip, len(self)):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+        per_read = max(1, (self.window_chunks * self.chunk_rows) // self.batch_size)
+        n = len(self)
+        for b0 in range(skip, n, per_read):
+            yield [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(b0, min(b0 + per_read, n))]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for group in self.reads():
+            yield from group
+
+
+class _Reads(torch.utils.data.Sampler):
+    """The read groups of a ChunkShuffleSampler, as the samples of a DataLoader."""
+
+    def __init__(self, sampler: ChunkShuffleSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        return self.sampler.reads()
+
+    def __len__(self) -> int:
+        per_read = max(1, (self.sampler.window_chunks * self.sampler.chunk_rows) // self.sampler.batch_size)
+        return math.ceil(len(self.sampler) / per_read)
 
 
 def _as_is(batch):
@@ -552,22 +584,29 @@ class RoiLoader:
         if self.num_workers > 0:
             self.dataset.close()  # workers fork now: no open HDF5 handle may cross
         if self._loader is None:
-            # batch_size=None: the sampler's lists go to dataset[list] whole (one batched read).
-            self._loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=self.sampler, **self._kw)
-        return iter(self._loader)
+            # batch_size=None: each of the sampler's read groups goes to dataset[group] whole
+            # (one read of its chunks, in a worker when there are workers), which returns its batches.
+            self._loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=_Reads(self.sampler),
+                                                       **self._kw)
+        return (batch for group in self._loader for batch in group)
 
 
 def mixing_window(chunk_rows: int, hr_size: int, batch_size: int) -> int:
     """Chunks whose rows are shuffled together: MIX_CHUNKS, or as many as half of HDF5's chunk
-    cache holds at this crop size (so each chunk is still decompressed once per epoch: the
-    window's batches read its chunks from the cache), and at least one batch's worth.
+    cache holds at this crop size, rounded down to whole batches, and at least one batch's worth.
+    The loader reads each window's batches at once, so each chunk is still decompressed about
+    once per epoch.
 
     Rows are stored image by image (detector ROIs, then jittered ground truth), so a window of
     one batch's chunks would make each batch a few runs of consecutive rows from 4-8 images,
     with a skewed label mix.
     """
     chunk_bytes = chunk_rows * 3 * hr_size * hr_size
-    return max(math.ceil(batch_size / chunk_rows), min(MIX_CHUNKS, (CACHE_BYTES // 2) // max(chunk_bytes, 1)))
+    # Whole batches per window (a multiple of lcm(batch, chunk) rows): the loader reads a
+    # window's batches together, and a batch that straddled two windows would read both.
+    unit = math.lcm(batch_size, chunk_rows) // chunk_rows
+    fit = min(MIX_CHUNKS, (CACHE_BYTES // 2) // max(chunk_bytes, 1))
+    return max(unit, fit // unit * unit)
 
 
 def make_loader(hr_path: str | os.PathLike, lr_path: str | os.PathLike | None, *, batch_size: int, shuffle: bool,
