@@ -19,7 +19,7 @@ PRESET=${3:-quick}
 
 for ablation in no-reg-branch no-adv no-cls no-reg; do
   sodtool train mtgan --preset "$PRESET" --hr "$RUN/rois_train.h5" --lr "$RUN/rois_train_lr.h5" --sr "$RUN/sr" \
-    --out "$RUN/mtgan_${ablation//-/_}" --seed 0 "--$ablation"
+    --disc-init "$RUN/detector/model.pt" --out "$RUN/mtgan_${ablation//-/_}" --seed 0 "--$ablation"
 done
 
 sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \

@@ -21,8 +21,10 @@ sodtool crop-rois --detector frcnn --detector-weights "$RUN/detector/model.pt" -
 sodtool downsample "$RUN/rois_train.h5" --out "$RUN/rois_train_lr.h5" --overwrite
 
 sodtool train sr --preset quick --hr "$RUN/rois_train.h5" --lr "$RUN/rois_train_lr.h5" --out "$RUN/sr" --seed 0
+# D's trunk starts from the baseline detector's (--disc-init): no ImageNet weights can be downloaded,
+# and a D trained from scratch on these few crops classifies no held-out object crop.
 sodtool train mtgan --preset quick --hr "$RUN/rois_train.h5" --lr "$RUN/rois_train_lr.h5" --sr "$RUN/sr" \
-  --out "$RUN/mtgan" --seed 0
+  --disc-init "$RUN/detector/model.pt" --out "$RUN/mtgan" --seed 0
 
 sodtool crop-rois --detector frcnn --detector-weights "$RUN/detector/model.pt" --data "$DATA" --split minival \
   --mode test --hr-size "$HR" --out "$RUN/rois_minival.h5" --overwrite

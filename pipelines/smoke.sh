@@ -27,7 +27,7 @@ sodtool --quiet downsample "$RUN/rois_train.h5"
 sodtool --quiet train sr --preset quick --hr "$RUN/rois_train.h5" --lr "$RUN/rois_train_lr.h5" --out "$RUN/sr" \
   --iterations 4 --batch-size 8 --seed 0
 sodtool --quiet train mtgan --preset quick --hr "$RUN/rois_train.h5" --lr "$RUN/rois_train_lr.h5" --sr "$RUN/sr" \
-  --out "$RUN/mtgan" --iterations 4 --d-warmup 2 --batch-size 8 --seed 0
+  --disc-init "$RUN/detector/model.pt" --out "$RUN/mtgan" --iterations 4 --d-warmup 2 --batch-size 8 --seed 0
 
 sodtool --quiet crop-rois --detector frcnn --detector-weights "$RUN/detector/model.pt" --data "$DATA" \
   --split minival --mode test --hr-size "$HR" --max-rois 20 --out "$RUN/rois_minival.h5"

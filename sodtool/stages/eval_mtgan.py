@@ -187,8 +187,8 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
 def rescore_eval(cfg: RescoreConfig) -> dict:
     """Rescore the baseline's ROIs with the MTGAN (and the controls), evaluate, write `cfg.out`.
 
-    Returns the metrics: {"rows": [per method: name, title, results file, detections, the 12
-    COCO stats, per_class_AP, delta (stat - baseline's)], "images", "rois", "score_mode",
+    Returns the metrics: {"rows": [per method and score: name, title, results file, detections,
+    the 12 COCO stats, per_class_AP, delta (stat - baseline's)], "images", "rois", "score_modes",
     "source", "timing"}.
     """
     timer = Timer()
@@ -320,7 +320,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
               "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
               "device": device_name(device)}
     metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
-               "score_modes": list(SCORE_MODES), "figure_score": cfg.score, "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image,
+               "score_modes": list(SCORE_MODES), "figure_score": cfg.score, "nms_iou": cfg.nms_iou,
+               "max_per_image": cfg.max_per_image,
                "source": {"kind": source.kind, "path": str(source.path),
                           "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
                           "context": source.context if math.isfinite(source.context) else None,

@@ -27,7 +27,7 @@ was itself UPSAMPLED into the store, so its "HR" crop holds no more detail than 
 upsampling; with `min_native_size=S` only crops with a native side >= S are training targets.
 The default 0 trains on every crop.
 
-Outputs (`RUN/sr/`): `generator.pt` (networks.py layout: "generator", "generator_config"),
+Outputs (`RUN/sr/`): `generator.pt` (`sodtool.models.networks` layout: "generator", "generator_config"),
 `checkpoint.pt` (everything needed to resume: weights, optimiser, step, data position, RNG
 states, config), `metrics.jsonl` (one JSON object per line: every term by name, "step",
 "lr"), `manifest.json` (written last). Rerunning the same command resumes from
