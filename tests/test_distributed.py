@@ -47,7 +47,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> tuple[Path, Path]:
-    """48-row HR (32 px) / LR (8 px) stores: 2 held out, 46 training rows, 23 per rank."""
+    """48-row HR (32 px) / LR (8 px) stores of 12 images: one image (4 rows) held out, 44 training rows, 22 per rank."""
     d = tmp_path_factory.mktemp("dstores")
     hr = write_hr(d / "rois_train.h5")
     return hr, write_lr(hr, d / "rois_train_lr.h5")
@@ -215,8 +215,8 @@ def _assert_disjoint_shards(dumps: list[dict], n_iter: int, batch: int) -> None:
     for d in dumps:
         assert d["ddp"] and d["world"] == WORLD
         assert len(d["rows"]) == n_iter * batch
-    # 23 rows per rank per epoch: the first epoch's rows of the ranks do not overlap.
-    per_epoch = 46 // WORLD // batch * batch
+    # 22 rows per rank per epoch (44 training rows): the first epoch's rows of the ranks do not overlap.
+    per_epoch = 44 // WORLD // batch * batch
     firsts = [set(d["rows"][:per_epoch]) for d in dumps]
     assert not firsts[0] & firsts[1], "the ranks read the same rows"
 
