@@ -238,3 +238,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+def remove_stale_manifest(out: str | os.PathLike) -> None:
+    """A folder being (re)written is not finished: drop the manifest an earlier run left there."""
+    m = Path(out) / MANIFEST
+    if m.is_file():
+        m.unlink()

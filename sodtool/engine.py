@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from sodtool import checkpoint
-from sodtool.artefacts import MANIFEST, Timer, atomic_path, config_dict, read_jsonl, same_file
+from sodtool.artefacts import Timer, atomic_path, config_dict, read_jsonl, remove_stale_manifest, same_file
 from sodtool.console import log
 from sodtool.device import dist_env, init_distributed, resolve_device
 from sodtool.errors import InputError
@@ -246,13 +246,6 @@ def resume_position(ckpt: Optional[dict], path: Path, iterations: int, announce:
         log(f"resuming from {path} at iteration {step}/{iterations}")
     # A step-indexed sampler (StepBatchSampler) keeps no stream state: its position is the step.
     return step, ckpt.get("stream", {"epoch": 0, "position": 0}), float(ckpt.get("elapsed_s", 0.0))
-
-
-def remove_stale_manifest(out: Path) -> None:
-    """A folder being (re)trained is not finished: drop a manifest left by an earlier run."""
-    m = Path(out) / MANIFEST
-    if m.is_file():
-        m.unlink()
 
 
 def to_float(x: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:

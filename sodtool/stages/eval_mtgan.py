@@ -50,7 +50,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sodtool.artefacts import MANIFEST, Timer, write_json, write_manifest, write_text
+from sodtool.artefacts import Timer, remove_stale_manifest, write_json, write_manifest, write_text
 from sodtool.coco import SplitPaths, load_split, to_coco_results
 from sodtool.console import log, make_progress, warn
 from sodtool.device import device_name, resolve_device, seed_everything
@@ -238,8 +238,7 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                  f"crops with context {trained}")
 
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).is_file():
-        (out / MANIFEST).unlink()  # this folder is being rewritten: not finished until the end
+    remove_stale_manifest(out)  # this folder is being rewritten: not finished until the end
     log(f"eval: split {cfg.split} ({len(split.image_ids)} images), ROIs from {source.kind} {source.path}, "
         f"models {', '.join(m.name for m in models)}, device {device_name(device)}")
 
