@@ -68,8 +68,8 @@ sodtool train sr \
 t_train=$(date +%s)
 
 # 4. Set5 and Set14 (tables on stderr, metrics.json/.md in OUT/eval_*).
-sodtool eval sr --generator "$OUT/sr/generator.pt" --data ../shared/data/sr/Set5 --out "$OUT/eval_set5" --device cpu
-sodtool eval sr --generator "$OUT/sr/generator.pt" --data ../shared/data/sr/Set14 --out "$OUT/eval_set14" --device cpu
+sodtool eval sr --generator "$OUT/sr/generator.pt" --data ../shared/data/sr/Set5 --out "$OUT/eval_set5" --device cpu --overwrite
+sodtool eval sr --generator "$OUT/sr/generator.pt" --data ../shared/data/sr/Set14 --out "$OUT/eval_set14" --device cpu --overwrite
 t_end=$(date +%s)
 
 cat "$OUT/eval_set5/metrics.md" "$OUT/eval_set14/metrics.md" >&2

@@ -16,7 +16,7 @@ HR=64   # as the quickstart: LR 16
 if [ ! -f "$DATA/manifest.json" ]; then
   sodtool data synth --preset bench --seed 0 --workers 2 --out "$DATA"
 fi
-sodtool data stats --data "$DATA" --split train --out "$RUN/stats"
+sodtool data stats --data "$DATA" --split train --out "$RUN/stats" --overwrite
 
 sodtool train detector --detector frcnn --preset bench --data "$DATA" --out "$RUN/detector" --seed 0
 
@@ -37,5 +37,5 @@ sodtool downsample "$RUN/rois_minival.h5" --out "$RUN/rois_minival_lr.h5" --over
 # One pass of G and D per ROI gives every row: the paper's score (D's class probability), the
 # fused score (D's and the baseline's), the bicubic control with both.
 sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
-  --out "$RUN/eval_minival"
+  --out "$RUN/eval_minival" --overwrite
 cat "$RUN/eval_minival/table.md"

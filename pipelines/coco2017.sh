@@ -28,7 +28,7 @@ BACKBONE_ARGS=()
 DISC_ARGS=()
 if [ -n "$IMAGENET" ]; then BACKBONE_ARGS=(--backbone-weights "$IMAGENET"); DISC_ARGS=(--imagenet-weights "$IMAGENET"); fi
 
-$SODTOOL data stats --data "$COCO" --split minival --out "$RUN/stats"
+$SODTOOL data stats --data "$COCO" --split minival --out "$RUN/stats" --overwrite
 
 # Baseline: Faster R-CNN ResNet-50-C4, 800/1333, batch 16, lr 0.02, 90k iterations, steps 60k/80k.
 $SODTOOL train detector --detector frcnn --preset coco --data "$COCO" --out "$RUN/detector" --device cuda \
@@ -50,5 +50,5 @@ $SODTOOL crop-rois --detector frcnn --detector-weights "$RUN/detector/model.pt" 
   --mode test --out "$RUN/rois_minival.h5" --device cuda --overwrite
 $SODTOOL downsample "$RUN/rois_minival.h5" --out "$RUN/rois_minival_lr.h5" --overwrite
 $SODTOOL eval --split minival --data "$COCO" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
-  --out "$RUN/eval_minival" --device cuda
+  --out "$RUN/eval_minival" --device cuda --overwrite
 cat "$RUN/eval_minival/table.md"

@@ -28,7 +28,7 @@ case "$DIRECTION" in
 esac
 sodtool data import-yolo "$SRC" --out "$DATA" --train-list "$RUN/lists/$TRAIN.txt" \
   --minival-list "$RUN/lists/$MINIVAL.txt" --overwrite
-sodtool data stats --data "$DATA" --split train --out "$RUN/stats"
+sodtool data stats --data "$DATA" --split train --out "$RUN/stats" --overwrite
 
 # Cars are 20-40 px: keep the images at their size (short side 430-547) and use small anchors.
 # Overhead imagery has no "up": flips both ways and quarter turns (--hflip --vflip --rot90), and
@@ -53,5 +53,5 @@ sodtool downsample "$RUN/rois_minival.h5" --out "$RUN/rois_minival_lr.h5" --over
 # One pass of G and D per ROI gives every row: the paper's score (D's class probability), the
 # fused score (D's and the baseline's), the bicubic control with both.
 sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
-  --out "$RUN/eval_minival"
+  --out "$RUN/eval_minival" --overwrite
 cat "$RUN/eval_minival/table.md"

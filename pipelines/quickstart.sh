@@ -12,7 +12,7 @@ RUN=runs/quick
 HR=64   # HR crop side for the quick preset (LR = 16): a quarter of the cost of the paper's 128.
 
 sodtool data synth --preset quick --seed 0 --out "$DATA"
-sodtool data stats --data "$DATA" --split train --out "$RUN/stats"
+sodtool data stats --data "$DATA" --split train --out "$RUN/stats" --overwrite
 
 sodtool train detector --detector frcnn --preset quick --data "$DATA" --out "$RUN/detector" --seed 0
 
@@ -34,6 +34,6 @@ sodtool downsample "$RUN/rois_minival.h5" --out "$RUN/rois_minival_lr.h5" --over
 # fused score (D's and the baseline's), the bicubic control with both; under the table, how far
 # D's held-out accuracy lets the rescored rows be trusted.
 sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
-  --out "$RUN/eval_minival"
+  --out "$RUN/eval_minival" --overwrite
 
 cat "$RUN/eval_minival/table.md"

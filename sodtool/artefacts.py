@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -28,6 +30,19 @@ MANIFEST = "manifest.json"
 HASH_LIMIT_BYTES = 512 * 1024 * 1024
 
 
+# Every temporary file or folder this tool writes is named `.NAME.PID.tmp` beside the output
+# NAME it becomes, so that a later run can tell its own leftovers (those of a dead PID) from
+# anything else.
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+OVERWRITE_HINT = "pass --overwrite to replace it once the new one is complete"
+
+
+def temp_path(final: str | os.PathLike) -> Path:
+    """The temporary name of `final` for this process: `.NAME.PID.tmp` in the same folder."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds.
@@ -36,13 +51,130 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    tmp = temp_path(final)
     try:
         yield tmp
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Build an output folder under its temporary name and swap it onto `out` only at the end.
+
+    Yields the empty temporary folder `.OUT.PID.tmp` beside `out`. If the block succeeds the old
+    `out` (if any) is moved aside, the new folder renamed onto `out` and the old one deleted: a
+    previous output stays whole until the new one is complete. On an exception, or a kill, the
+    temporary folder is what is left (removed here, or by `remove_stale_temporaries` next time).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        swap_into(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_into(new: Path, out: Path) -> None:
+    """Put the complete folder `new` in the place of `out` (which may not exist) and delete the old
+    `out`. The old one is first renamed `.OUT.old.PID.tmp`: a kill between the two renames leaves
+    it there, and `remove_stale_temporaries` puts it back."""
+    old = out.with_name(f".{out.name}.old.{os.getpid()}.tmp") if out.exists() else None
+    if old is not None:
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover: this process writes one output at a time
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: str | os.PathLike) -> int:
+    """Remove the `.OUT.PID.tmp` / `.OUT.old.PID.tmp` leftovers of dead processes beside `out`
+    and, when `out` is a folder, the `.NAME.PID.tmp` ones inside it; returns how many were removed.
+    A live process's temporaries (another run writing the same output) are left alone."""
+    out = Path(out)
+    places = [(out.parent, {out.name, f"{out.name}.old"})]
+    if out.is_dir():
+        places.append((out, None))
+    removed = 0
+    for folder, names in places:
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            m = _TEMP_RE.match(entry.name)
+            if m is None or (names is not None and m.group("name") not in names) or _pid_alive(int(m.group("pid"))):
+                continue
+            if names is not None and m.group("name").endswith(".old") and not (out.exists() or out.is_symlink()):
+                # Killed between the two renames of staged_dir: the previous output was moved aside
+                # and the new one not yet in place. Put the previous one back.
+                os.replace(entry, out)
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def check_output(path: str | os.PathLike, kind: str, *, overwrite: bool = False, option: str = "--out",
+                 finished: bool | None = None) -> Path:
+    """Check an output path before any work starts; an InputError (one line, exit 2) says what is wrong.
+
+    kind: "file" or "folder". Checked: the path is of that kind if it exists; its nearest
+    existing ancestor is a folder this process may write in; an output already there (the file,
+    or a non-empty folder; `finished` overrides that test, e.g. False for a training run, which
+    resumes) is refused unless `overwrite`. Then the stale temporaries of earlier killed
+    runs writing the same output are removed.
+    """
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
+    p = Path(path)
+    if p.exists() or p.is_symlink():
+        if kind == "file" and p.is_dir():
+            raise InputError(f"{option} {p} is a folder; give the path of the file to write")
+        if kind == "folder" and not p.is_dir():
+            raise InputError(f"{option} {p} is a file; give a folder")
+    probe = p if p.is_dir() else p.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot write {p}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK) or (probe != p.parent and p.parent.exists()
+                                                   and not os.access(p.parent, os.W_OK | os.X_OK)):
+        raise InputError(f"cannot write {p}: no permission to write in {probe}")
+    if kind == "folder" and p.is_dir() and not os.access(p.parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {p}: no permission to write in {p.parent}")
+    if finished is None:
+        finished = p.is_file() if kind == "file" else p.is_dir() and any(
+            _TEMP_RE.match(e.name) is None for e in p.iterdir())
+    if finished and not overwrite:
+        raise InputError(f"{p} already exists ({OVERWRITE_HINT})")
+    remove_stale_temporaries(p)
+    return p
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:

@@ -11,18 +11,22 @@ command runs, so taking them from the dataclasses would import every stage (and 
 tests/test_cli.py::test_option_defaults_match_config_fields, which fails on any option whose
 default differs from its field's (and lists the intentional differences with their reasons).
 
-Bad input (`InputError`) ends with one line on stderr and exit code 2; `sodtool --debug ...`
-shows the traceback.
+Bad input (`InputError`) ends with one line on stderr and exit code 2; so does a file-system
+error (an output folder that cannot be written, a full disk: `OSError`), whose partial output
+the stage's atomic writes have already removed. `sodtool --debug ...` shows the traceback.
+Python warnings raised by the libraries during a command (torch's UserWarnings) are held back:
+printed as `warning:` lines at the end of a command that succeeds, dropped from one that fails,
+so an error is always one line.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Optional
-
-import functools
 
 import typer
 from typer.core import TyperGroup
@@ -42,15 +46,35 @@ def handles_input_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except InputError as e:
-            if _state["debug"]:
-                traceback.print_exc()
-            typer.echo(f"sodtool: error: {e}", err=True)
-            raise typer.Exit(2) from None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                result = fn(*args, **kwargs)
+            except InputError as e:
+                _fail(str(e))
+            except OSError as e:
+                _fail(_os_error_line(e))
+        for w in caught:  # the command succeeded: its warnings, one line each
+            typer.echo(f"warning: {str(w.message).splitlines()[0] if str(w.message) else w.category.__name__}",
+                       err=True)
+        return result
 
     return wrapper
+
+
+def _fail(line: str) -> None:
+    if _state["debug"]:
+        traceback.print_exc()
+    typer.echo(f"sodtool: error: {line}", err=True)
+    raise typer.Exit(2) from None
+
+
+def _os_error_line(e: OSError) -> str:
+    """An OSError as one line: what failed, on which path ("No space left on device: runs/x.h5")."""
+    text = str(e).strip()
+    what = e.strerror or (text.splitlines()[0] if text else type(e).__name__)
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else what
 
 
 class OrderedGroup(TyperGroup):
@@ -73,7 +97,7 @@ class PipelineGroup(OrderedGroup):
     """`sodtool --help` in pipeline order: make the data, train the detector, detect, crop its
     ROIs, downsample them, train SR and the MTGAN on them (under `train`), evaluate."""
 
-    order = ("data", "train", "detect", "crop-rois", "downsample", "eval", "info")
+    order = ("data", "train", "detect", "crop-rois", "downsample", "eval", "verify", "info")
 
 
 class TrainGroup(OrderedGroup):
@@ -168,6 +192,7 @@ def eval_results(
     max_per_image: int = typer.Option(100, "--max-per-image", help="Rescoring: detections kept per image."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Rescoring: write figures/ (SR triplets, detections, loss curves)."),
     seed: int = typer.Option(0, "--seed", help="Seed (rescoring is deterministic; recorded in the manifest)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
 ) -> None:
     """Evaluate detections with COCOeval (bbox), or rescore the baseline's ROIs with an MTGAN and compare.
 
@@ -204,7 +229,7 @@ def eval_results(
         rescore_eval(RescoreConfig(mtgan=mtgan, data=data, split=split, ann=ann, images=images, detector=detector,
                                    rois=rois, ablations=tuple(ablation or ()), out=out, score=score,
                                    nms_iou=nms_iou, max_per_image=max_per_image, batch_size=batch_size,
-                                   device=device, seed=seed, figures=figures))
+                                   device=device, seed=seed, figures=figures, overwrite=overwrite))
         return
     if results is None:
         typer.echo("sodtool: error: give --results FILE (a COCO results JSON), or --mtgan RUN/mtgan with "
@@ -212,7 +237,8 @@ def eval_results(
         raise typer.Exit(2)
     from sodtool.stages.eval_results import EvalResultsConfig, evaluate_results
 
-    evaluate_results(EvalResultsConfig(results=results, ann=ann, images=images, data=data, split=split, out=out))
+    evaluate_results(EvalResultsConfig(results=results, ann=ann, images=images, data=data, split=split, out=out,
+                                       overwrite=overwrite))
 
 
 @eval_app.command("sr")
@@ -225,6 +251,7 @@ def eval_sr_cmd(
     border: int = typer.Option(4, "--border", help="Pixels cropped from each side before measuring (convention: the scale)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     save_images: bool = typer.Option(False, "--save-images", help="Also write the generator's outputs as OUT/images/<name>_sr.png."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
 ) -> None:
     """PSNR / SSIM (RGB and Y channel) of the generator against bicubic on SR test images.
 
@@ -235,7 +262,8 @@ def eval_sr_cmd(
     """
     from sodtool.stages.eval_sr import EvalSRConfig, eval_sr
 
-    eval_sr(EvalSRConfig(generator=generator, data=data, out=out, scale=scale, border=border, device=device, save_images=save_images))
+    eval_sr(EvalSRConfig(generator=generator, data=data, out=out, scale=scale, border=border, device=device,
+                         save_images=save_images, overwrite=overwrite))
 
 
 @data_app.command("synth")
@@ -277,6 +305,7 @@ def data_stats(
     ann: Optional[Path] = typer.Option(None, "--ann", help="Annotation file (overrides --data/--split)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder (optional: counts missing image files)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/stats/<dataset>_<split>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
 ) -> None:
     """Objects per class and per COCO size (small < 32², medium < 96², large), a box-size histogram.
 
@@ -286,7 +315,7 @@ def data_stats(
     """
     from sodtool.stages.stats import StatsConfig, dataset_stats
 
-    dataset_stats(StatsConfig(data=data, split=split, ann=ann, images=images, out=out))
+    dataset_stats(StatsConfig(data=data, split=split, ann=ann, images=images, out=out, overwrite=overwrite))
 
 
 @data_app.command("import-yolo")
@@ -380,7 +409,7 @@ def train_detector_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write checkpoint.pt every N iterations (and at the end)."),
     log_every: int = typer.Option(20, "--log-every", help="Write the mean of every loss term to metrics.jsonl every N iterations."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="COCO evaluation of the --val-split at the end."),
     eval_score_thresh: float = typer.Option(0.001, "--eval-score-thresh", help="Lowest score kept for the evaluation (100 detections per image)."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (fp32 by default)."),
@@ -438,6 +467,7 @@ def train_sr_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation and data order: same seed, same weights on CPU."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (CUDA: bf16 autocast, channels_last)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this iteration."),
 ) -> None:
     """Pretrain the SR generator with pixel MSE on HR/LR crop pairs (paper Eq. 4).
@@ -457,7 +487,7 @@ def train_sr_cmd(
         learning_rate=learning_rate, channels=channels, up_channels=up_channels, num_blocks=num_blocks,
         long_skip=long_skip, residual_bicubic=residual_bicubic, min_native_size=min_native_size, val_fraction=val_fraction, val_max=val_max, val_every=val_every,
         log_every=log_every, checkpoint_every=checkpoint_every, seed=seed, device=device, num_workers=workers,
-        stop_after=stop_after))
+        stop_after=stop_after, resume=resume))
 
 
 @train_app.command("mtgan")
@@ -498,6 +528,7 @@ def train_mtgan_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of D's initialisation and the data order: same seed, same weights on CPU."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (CUDA: bf16 autocast, channels_last; several GPUs: torchrun)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this iteration."),
 ) -> None:
     """Train the multi-task GAN: G from `train sr`, D a ResNet with real/fake, class and box heads (Eq. 10/11).
@@ -518,7 +549,7 @@ def train_mtgan_cmd(
         tv_weight=tv_weight, adversarial=adversarial, reg_branch=not no_reg_branch, adv=not no_adv,
         cls=not no_cls, reg=not no_reg, val_fraction=val_fraction, val_max=val_max, val_every=val_every,
         log_every=log_every, checkpoint_every=checkpoint_every, sample_every=sample_every, seed=seed,
-        device=device, num_workers=workers, stop_after=stop_after))
+        device=device, num_workers=workers, stop_after=stop_after, resume=resume))
 
 
 # `sodtool crop-rois ...` is the group's callback (invoke_without_command), so that
@@ -615,7 +646,9 @@ def downsample_cmd(
 ) -> None:
     """Write the 4x bicubic (antialiased) low-resolution twin of every crop, same row order.
 
-    The HR store is only read. Writes the LR store atomically and <out>.manifest.json beside it.
+    The HR store is only read, and verified first: its content digest is recomputed from every
+    byte and compared with the one recorded when it was written (a damaged store is refused).
+    Writes the LR store atomically and <out>.manifest.json beside it.
 
     Example: sodtool downsample runs/quick/rois_train.h5
     """
@@ -623,6 +656,31 @@ def downsample_cmd(
 
     downsample(DownsampleConfig(src=src, out=out, scale=scale, batch=batch, overwrite=overwrite,
                                 compression=compression, workers=workers))
+
+
+@app.command("verify")
+@handles_input_errors
+def verify_cmd(
+    stores: list[Path] = typer.Argument(..., help="ROI stores (HR rois_<split>.h5 or LR twins) to check."),
+) -> None:
+    """Check ROI stores against the content digest recorded when each was written.
+
+    Reads every dataset of each store, recomputes its content_sha256 and compares. Prints one line
+    per good store; the first damaged or unreadable one ends with one line on stderr and exit 2.
+    `downsample` does the same check on its HR store before it writes anything.
+
+    Example: sodtool verify runs/quick/rois_train.h5 runs/quick/rois_train_lr.h5
+    """
+    import time
+
+    from sodtool.store import verify_store
+
+    for path in stores:
+        t0 = time.perf_counter()
+        res = verify_store(path, expect_schema=None)
+        dt = time.perf_counter() - t0
+        typer.echo(f"{path}: ok, {res['rows']} rows, {res['bytes'] / 1e9:.3f} GB read in {dt:.2f} s "
+                   f"(content_sha256 {res['content_sha256'][:16]}...)")
 
 
 @app.command("detect")
@@ -645,6 +703,7 @@ def detect_cmd(
     amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA."),
     seed: int = typer.Option(0, "--seed", help="Seed (detection is deterministic; recorded in the manifest)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results file (only once the new one is complete)."),
 ) -> None:
     """Run a detector over a split and write COCO results JSON (dataset category ids, bbox x, y, w, h).
 
@@ -661,7 +720,7 @@ def detect_cmd(
     detect(DetectConfig(detector=detector, weights=weights, data=data, split=split, ann=ann, images=images, out=out,
                         score_thresh=score_thresh, max_per_image=max_per_image, batch_size=batch_size,
                         min_size=min_size, max_size=max_size, device=device, evaluate=evaluate, amp=amp, seed=seed,
-                        skip_invalid=skip_invalid))
+                        skip_invalid=skip_invalid, overwrite=overwrite))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

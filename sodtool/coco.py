@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sodtool.artefacts import read_json
+from sodtool.console import log
 from sodtool.errors import InputError
 
 # COCO's own size thresholds on the annotation's `area` (pixels squared).
@@ -151,7 +152,13 @@ class CocoSplit:
     image_dir: Path
     categories: CategoryMap
     image_ids: list[int]
+    # --skip-invalid: boxes dropped and images they were in, by reason ({} when none).
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_images: dict[str, int] = field(default_factory=dict)
+
+    def skipped_report(self) -> dict:
+        """What --skip-invalid dropped, for a manifest: {"boxes": {reason: n}, "images": {reason: n}}."""
+        return {"boxes": dict(self.skipped), "images": dict(self.skipped_images)}
 
     def image_info(self, image_id: int) -> dict:
         return self.coco.imgs[image_id]
@@ -217,6 +224,10 @@ def load_split(paths: SplitPaths, *, skip_invalid: bool = False, check_files: bo
     data = read_json(paths.ann, "annotation file")
     data = validate_coco_dict(data, paths.ann, skip_invalid=skip_invalid)
     skipped = data.pop("_skipped", {})
+    skipped_images = data.pop("_skipped_images", {})
+    if skipped:
+        reasons = ", ".join(f"{k}: {v} boxes in {skipped_images.get(k, 0)} images" for k, v in sorted(skipped.items()))
+        log(f"--skip-invalid: dropped {sum(skipped.values())} boxes of {paths.ann} ({reasons})")
     coco = coco_from_dict(data)
     cats = CategoryMap.from_json(data["categories"])
     image_ids = sorted(coco.imgs)
@@ -226,7 +237,7 @@ def load_split(paths: SplitPaths, *, skip_invalid: bool = False, check_files: bo
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise InputError(f"image file missing: {paths.images / missing[0]}{more}")
     return CocoSplit(coco=coco, ann_path=paths.ann, image_dir=paths.images, categories=cats, image_ids=image_ids,
-                     skipped=skipped)
+                     skipped=skipped, skipped_images=skipped_images)
 
 
 def coco_from_dict(data: dict):
@@ -243,7 +254,8 @@ def coco_from_dict(data: dict):
 def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bool = False) -> dict:
     """Check a COCO detection dict; return it (bad boxes dropped when `skip_invalid`).
 
-    The returned dict carries `_skipped` (counts of what was dropped) for the caller to report.
+    The returned dict carries `_skipped` (boxes dropped, by reason) and `_skipped_images` (the
+    images they were in, by reason) for the caller to report.
     """
     src = str(source)
     if not isinstance(data, dict):
@@ -261,7 +273,10 @@ def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bo
             raise InputError(f"{src}: image entry needs an integer id, width, height and file_name: {str(im)[:120]}") from None
         if iid in images:
             raise InputError(f"{src}: duplicate image id {iid}")
-        if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
+        for side, v in (("width", w), ("height", h)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise InputError(f"{src}: image {iid} ({fn}) has {side} {v!r}, expected a number of pixels")
+        if not (w > 0 and h > 0):
             raise InputError(f"{src}: image {iid} ({fn}) has invalid size {w}x{h}")
         images[iid] = im
     cat_ids: set[int] = set()
@@ -279,6 +294,7 @@ def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bo
     ann_ids: set[int] = set()
     kept = []
     skipped = {"zero_or_negative_size": 0, "outside_image": 0}
+    skipped_in: dict[str, set[int]] = {k: set() for k in skipped}
     for a in data["annotations"]:
         try:
             aid, iid, cid, bbox = _json_int(a["id"]), _json_int(a["image_id"]), _json_int(a["category_id"]), a["bbox"]
@@ -308,6 +324,7 @@ def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bo
                         ) if problem == "zero_or_negative_size" else f"reaches outside its {im['width']}x{im['height']} image"
                 raise InputError(f"{src}: annotation {aid} box {[x, y, w, h]} {what} (--skip-invalid drops such boxes)")
             skipped[problem] += 1
+            skipped_in[problem].add(iid)
             continue
         if "area" not in a:
             a = {**a, "area": w * h}
@@ -315,6 +332,7 @@ def validate_coco_dict(data: Any, source: str | os.PathLike, *, skip_invalid: bo
     out = dict(data)
     out["annotations"] = kept
     out["_skipped"] = {k: v for k, v in skipped.items() if v}
+    out["_skipped_images"] = {k: len(v) for k, v in skipped_in.items() if v}
     return out
 
 

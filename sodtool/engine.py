@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -31,14 +32,15 @@ import numpy as np
 import torch
 
 from sodtool import checkpoint
-from sodtool.artefacts import Timer, atomic_path, config_dict, read_jsonl, remove_stale_manifest, same_file
+from sodtool.artefacts import (Timer, atomic_path, config_dict, read_jsonl, remove_stale_manifest, same_file, swap_into,
+                               temp_path)
 from sodtool.console import log
 from sodtool.device import dist_env, init_distributed, resolve_device
 from sodtool.errors import InputError
 
 # Fields that may change between a run and its resumption (they steer the run, not its result).
 RUN_CONTROL_FIELDS = frozenset({"out", "hr", "lr", "sr", "iterations", "device", "num_workers", "log_every",
-                                "checkpoint_every", "val_every", "sample_every", "stop_after"})
+                                "checkpoint_every", "val_every", "sample_every", "stop_after", "resume"})
 
 
 def fill_preset(cfg, presets: dict[str, dict[str, Any]]):
@@ -193,18 +195,27 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: Optional[int], enabled: bool = True) -> None:
         self.path, self.enabled = Path(path), enabled
+        self._kept: set[str] = set()
         if not enabled:
             return
-        kept = [json.dumps(rec) for rec in read_jsonl(self.path)
-                if resume_step is not None and rec.get("step", 0) <= resume_step]
+        kept = [rec for rec in read_jsonl(self.path) if resume_step is not None and rec.get("step", 0) <= resume_step]
+        # Lines the resumed run may log again at its resume step (the final validation of a
+        # finished run that is rerun): they are in the log already.
+        self._kept = {_row_key(rec) for rec in kept if rec.get("step") == resume_step}
         with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.write_text("".join(json.dumps(rec) + "\n" for rec in kept), encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or _row_key(record) in self._kept:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _row_key(record: dict) -> str:
+    """What makes a metrics.jsonl row the same row: its step, split and keys (not its values,
+    which hold timings)."""
+    return json.dumps([record.get("step"), record.get("split"), sorted(record)])
 
 
 def load_resume(path: Path, cfg, inputs: dict[str, dict], stage: str,
@@ -321,12 +332,29 @@ def use_channels_last(device: torch.device, *modules: torch.nn.Module) -> bool:
     return True
 
 
-def open_run_dir(out: Path, main: bool) -> None:
-    """Create the output folder (rank 0) and drop a manifest left by an earlier run: a folder
-    being trained is not finished."""
+def open_run_dir(out: Path, main: bool, fresh: bool = False) -> Path:
+    """The folder a training run writes into, created (rank 0); returns it.
+
+    Resuming (`fresh` False), or with nothing in `out` to keep: `out` itself, its manifest (from an
+    earlier run) dropped, since a folder being trained is not finished. Starting over
+    (`--no-resume`) when `out` holds a previous run: the temporary folder `.OUT.PID.tmp` beside
+    it, so that the previous run stays whole until `close_run_dir` swaps the new one in.
+    """
+    out = Path(out)
+    keep = fresh and out.is_dir() and any(out.iterdir())
+    run = temp_path(out) if keep else out
     if main:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        remove_stale_manifest(out)
+        if keep and run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+        remove_stale_manifest(run)
+    return run
+
+
+def close_run_dir(run: Path, out: Path, main: bool) -> None:
+    """After the run's model and manifest are written: a run built beside `out` replaces it."""
+    if main and Path(run) != Path(out):
+        swap_into(Path(run), Path(out))
 
 
 def fmt_terms(terms: dict[str, float]) -> str:

@@ -180,6 +180,43 @@ def store_info(path: str | os.PathLike, expect_schema: str | None = SCHEMA) -> d
         return info
 
 
+def verify_store(path: str | os.PathLike, expect_schema: str | None = None, progress=None) -> dict:
+    """Recompute a store's `content_sha256` from its bytes and compare it with the recorded one.
+
+    Every dataset is read in row order, a few chunks at a time, and hashed as StoreWriter
+    hashed it. Returns {"rows", "bytes" (uncompressed bytes hashed), "content_sha256"}. A store
+    whose digest differs, that has none recorded, or whose chunks cannot be decompressed is an
+    InputError naming it. `progress(rows_done_in_field, field)` is called after each slab.
+    """
+    path = Path(path)
+    with open_store(path, expect_schema) as f:
+        if "content_sha256" not in f.attrs:
+            raise InputError(f"{path} records no content digest: it cannot be verified (write it again)")
+        recorded = attr_str(f, "content_sha256")
+        digests, hashed, rows = {}, 0, 0
+        for name in sorted(k for k in f.keys() if isinstance(f[k], h5py.Dataset)):
+            ds = f[name]
+            rows = int(ds.shape[0])
+            step = max(1, int(ds.chunks[0]) if ds.chunks else CHUNK_ROWS) * 16
+            h = hashlib.sha256()
+            for start in range(0, rows, step):
+                try:
+                    block = ds[start:start + step]
+                except OSError as e:
+                    raise InputError(f"{path} is corrupted: rows {start}-{min(start + step, rows) - 1} of '{name}' "
+                                     f"cannot be read ({str(e).splitlines()[0]})") from None
+                h.update(np.ascontiguousarray(block))
+                hashed += block.nbytes
+                if progress is not None:
+                    progress(min(start + step, rows), name)
+            digests[name] = h.hexdigest()
+    actual = combine_digests(digests)
+    if actual != recorded:
+        raise InputError(f"{path} is corrupted: its content digest is {actual[:12]}..., "
+                         f"the one recorded when it was written {recorded[:12]}...")
+    return {"rows": rows, "bytes": hashed, "content_sha256": actual}
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 

@@ -57,6 +57,12 @@ def store_rois(path: Path, split_name: str, split) -> tuple[SourceInfo, Iterator
     if mode != "test":
         raise InputError(f"{path} is a {mode!r}-mode ROI store (sampled training crops); eval needs the baseline's "
                          f"top-100 detections: make one with `sodtool crop-rois --mode test --split {split_name}`")
+    # Another split's store is an error, checked before anything is said about the store.
+    with store.open_store(path) as fh:
+        unknown = sorted(set(np.unique(fh["image_id"][:]).tolist()) - set(split.image_ids))
+    if unknown:
+        raise InputError(f"{path} has ROIs of {len(unknown)} image ids not in {split.ann_path} "
+                         f"(e.g. {unknown[:3]}): a store of another split?")
     cats = CategoryMap.from_json(info["categories"])
     cats.check_same(split.categories, f"ROI store {path} vs dataset {split.ann_path}")
     lr_path = path.with_name(path.stem + "_lr.h5")
@@ -84,11 +90,6 @@ def store_rois(path: Path, split_name: str, split) -> tuple[SourceInfo, Iterator
     def rows_iter() -> Iterator[ImageRois]:
         with store.open_store(path) as fh:
             image_id = fh["image_id"][:]
-            known = set(split.image_ids)
-            unknown = sorted(set(np.unique(image_id).tolist()) - known)
-            if unknown:
-                raise InputError(f"{path} has ROIs of {len(unknown)} image ids not in {split.ann_path} "
-                                 f"(e.g. {unknown[:3]}): a store of another split?")
             # Rows of one image are consecutive (crop-rois writes image by image).
             change = np.flatnonzero(np.diff(image_id)) + 1
             starts = np.r_[0, change] if len(image_id) else np.zeros(0, np.int64)

@@ -134,6 +134,7 @@ CONFIGS = {
 NO_CONFIG_COMMANDS = {
     ("info",): "no options",
     ("crop-rois", "merge"): "calls merge_shards(out, shards, overwrite=...) directly; no config dataclass",
+    ("verify",): "calls store.verify_store(path) on each argument; no options",
 }
 
 # (command, option param name): options that are not config fields.
@@ -273,7 +274,8 @@ def _listed_commands(help_text: str) -> list[str]:
 def test_help_lists_commands_in_pipeline_order(cli):
     res = cli("--help")
     assert res.exit_code == 0, res.stderr
-    assert _listed_commands(res.stdout) == ["data", "train", "detect", "crop-rois", "downsample", "eval", "info"], res.stdout
+    assert _listed_commands(res.stdout) == ["data", "train", "detect", "crop-rois", "downsample", "eval", "verify",
+                                            "info"], res.stdout
 
 
 def test_train_help_lists_trainings_in_pipeline_order(cli):

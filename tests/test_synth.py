@@ -108,7 +108,7 @@ def test_manifest_is_written_and_no_temporary_folder_is_left(made):
     m = json.loads((made["a"] / "manifest.json").read_text())
     assert m["stage"] == synth.STAGE and m["seed"] == 0
     assert m["config"]["train_images"] == TRAIN and m["config"]["image_size"] == SIZE
-    assert not [p for p in made["a"].parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert not [p for p in made["a"].parent.iterdir() if p.name.endswith(".tmp")]
 
 
 def _pattern_energy_kept(kind: str, side: int, seed: int) -> float:

@@ -57,7 +57,7 @@ import torch
 from sodtool import boxes as B
 from sodtool import rois
 from sodtool import store as S
-from sodtool.artefacts import Timer, config_dict, file_identity
+from sodtool.artefacts import Timer, check_output, config_dict, file_identity
 from sodtool.coco import CategoryMap, load_split, resolve_split
 from sodtool.console import log, summary_table, track
 from sodtool.device import device_name, resolve_device
@@ -176,13 +176,6 @@ def resolve_config(cfg: CropRoisConfig) -> CropRoisConfig:
                                detector_weights=weights)
 
 
-def _check_out(path: Path, overwrite: bool) -> None:
-    if path.is_dir():
-        raise InputError(f"output path {path} is a folder, expected a .h5 file name")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists (pass --overwrite to replace it once the new store is complete)")
-
-
 def crop_rois(cfg: CropRoisConfig) -> dict:
     """Sample (train) or take (test) ROIs of every image of a split and crop them into an HR store.
 
@@ -192,7 +185,7 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
     cfg = resolve_config(cfg)
     shard_i, shard_n = parse_shard(cfg.shard)
     out = shard_path(cfg.out, shard_i, shard_n) if cfg.shard is not None else cfg.out
-    _check_out(out, cfg.overwrite)
+    check_output(out, "file", overwrite=cfg.overwrite)
     paths = resolve_split(cfg.data, cfg.split, cfg.ann, cfg.images)
     split = load_split(paths, skip_invalid=cfg.skip_invalid)
     dev = resolve_device(cfg.device)
@@ -273,6 +266,7 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
         "store_bytes": out.stat().st_size,
         "content_sha256": digest,
         "wall_time_s": round(timer.elapsed, 3),
+        "skipped_annotations": split.skipped_report(),
     }
     inputs = {"annotations": attrs["annotations"], "images": paths.images}
     if cfg.gt_only:
@@ -308,7 +302,7 @@ def merge_shards(out: str | Path, shards: Sequence[str | Path], *, overwrite: bo
         raise InputError("give the shard stores to merge")
     if any(p.resolve() == out.resolve() for p in shards if p.exists()):
         raise InputError(f"the output {out} is also one of the shards")
-    _check_out(out, overwrite)
+    check_output(out, "file", overwrite=overwrite)
     files = [S.open_store(p) for p in shards]
     try:
         infos = []

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sodtool.artefacts import Timer, sidecar_manifest_path, write_json, write_manifest
+from sodtool.artefacts import Timer, atomic_path, check_output, sidecar_manifest_path, write_json, write_manifest
 from sodtool.coco import load_split, resolve_split
 from sodtool.console import summary_table
 from sodtool.device import device_name, resolve_device, seed_everything
@@ -47,6 +47,7 @@ class DetectConfig:
     evaluate: bool = True
     amp: bool = False
     skip_invalid: bool = False
+    overwrite: bool = False
 
 
 def _detector_file(cfg: DetectConfig) -> Path:
@@ -90,13 +91,19 @@ def detect(cfg: DetectConfig) -> dict:
         out = ckpt.parent.parent / f"detections_{cfg.split}.json"
     else:
         out = Path(f"detections_{cfg.split}.json")
+    check_output(out, "file", overwrite=cfg.overwrite)
     run_timer = Timer()
     results = detect_split(det, split, score_thresh=cfg.score_thresh, max_per_image=cfg.max_per_image,
                            batch_size=cfg.batch_size, description=f"detect {cfg.split}", amp=cfg.amp)
     elapsed = run_timer.elapsed
-    write_json(out, results, indent=None)
+    with atomic_path(out) as tmp:
+        write_json(tmp, results, indent=None)
+        # The sidecar manifest marks the results finished: the old one goes once the new file is
+        # complete, just before it replaces the old one.
+        manifest_path_for(out).unlink(missing_ok=True)
     metrics: dict[str, Any] = {"images": len(split.image_ids), "detections": len(results),
-                               "images_per_s": round(len(split.image_ids) / max(elapsed, 1e-9), 3)}
+                               "images_per_s": round(len(split.image_ids) / max(elapsed, 1e-9), 3),
+                               "skipped_annotations": split.skipped_report()}
     if cfg.evaluate and split.coco.anns:
         metrics.update(coco_evaluate(split.coco, results))
     write_manifest(out.parent, "detect", cfg, {"detector": det.identity, "annotations": paths.ann}, metrics,

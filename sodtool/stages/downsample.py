@@ -4,11 +4,13 @@ Every HR crop uint8 [3, S, S] becomes `round(clamp(F.interpolate(hr.float(), sca
 mode="bicubic", antialias=True, align_corners=False), 0, 255))` uint8 [3, S/scale, S/scale]
 (torch.round: halves to even), in the same row order, on the CPU (the output is then
 bit-identical on every machine). The LR file records the HR file's identity (`source`: its
-file_identity, and `source_content_sha256`: its content digest, which the loader checks) and a
-copy of its categories; the HR file is opened read-only and never modified. LR crops are stored
-in the HR file's chunking (8 rows, so the loader reads matching chunks) and uncompressed by
-default (they do not compress). The LR file is
-built under a temporary name and renamed into place; its sidecar `<lr>.manifest.json` follows.
+file_identity, and `source_content_sha256`: the content digest of the bytes read, which the
+loader checks) and a copy of its categories. The HR store is verified first: every dataset is
+read and hashed against the digest recorded when it was written (`sodtool.store.verify_store`),
+so a damaged store is refused before anything is written; the HR file is opened read-only
+and never modified. LR crops are stored in the HR file's chunking (8 rows, so the loader reads
+matching chunks) and uncompressed by default (they do not compress). The LR file is built
+under a temporary name and renamed into place; its sidecar `<lr>.manifest.json` follows.
 
 Reading and decompressing the HR crops costs about twice the bicubic step, and h5py holds the
 GIL while it reads, so `workers` processes (default: one per CPU core, at most 4) each read and
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from sodtool import store as S
-from sodtool.artefacts import Timer, file_identity
+from sodtool.artefacts import Timer, check_output, file_identity
 from sodtool.console import log, summary_table, track
 from sodtool.errors import InputError
 from sodtool.resample import bicubic_down
@@ -120,8 +122,7 @@ def downsample(cfg: DownsampleConfig) -> dict:
         raise InputError(f"--compression must be one of {', '.join(S.COMPRESSIONS)}, got '{cfg.compression}'")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise InputError(f"the output {out} is the source store itself")
-    if out.exists() and not cfg.overwrite:
-        raise InputError(f"{out} already exists (pass --overwrite to replace it once the new file is complete)")
+    check_output(out, "file", overwrite=cfg.overwrite)
     with S.open_store(src, S.SCHEMA) as f:
         ds = f["hr"]
         n, hr_size = int(ds.shape[0]), int(ds.shape[-1])
@@ -129,11 +130,10 @@ def downsample(cfg: DownsampleConfig) -> dict:
             raise InputError(f"{src}: HR size {hr_size} is not divisible by the scale {cfg.scale}")
         lr_size = hr_size // cfg.scale
         chunk_rows = int(ds.chunks[0]) if ds.chunks else S.CHUNK_ROWS
-        src_digest = S.attr_str(f, "content_sha256") if "content_sha256" in f.attrs else None
         attrs = {
             "scale": cfg.scale,
             "source": file_identity(src),
-            "source_content_sha256": src_digest,
+            "source_content_sha256": None,  # set below, from what was read
             "categories": S.attr_json(f, "categories"),
             "hr_size": hr_size,
             "lr_size": lr_size,
@@ -143,6 +143,11 @@ def downsample(cfg: DownsampleConfig) -> dict:
             if k in f.attrs:
                 attrs[k] = S.attr_str(f, k)
         batch = max(chunk_rows, (cfg.batch // chunk_rows) * chunk_rows)
+    # Every HR byte is read and hashed against the digest recorded when the store was written, so
+    # a damaged store is refused and the twin records the digest of what was actually read.
+    verify_timer = Timer()
+    attrs["source_content_sha256"] = S.verify_store(src, S.SCHEMA)["content_sha256"]
+    verify_s = verify_timer.elapsed
     workers = default_workers() if cfg.workers is None else cfg.workers
     spans = [(start, min(start + batch, n)) for start in range(0, n, batch)]
     workers = min(workers, len(spans))
@@ -172,7 +177,7 @@ def downsample(cfg: DownsampleConfig) -> dict:
             reader.close()
     metrics = {"rows": n, "hr_size": hr_size, "lr_size": lr_size, "scale": cfg.scale,
                "crops_per_s": n / timer.elapsed if timer.elapsed > 0 else None,
-               "workers": workers, "store_bytes": out.stat().st_size,
+               "workers": workers, "store_bytes": out.stat().st_size, "verify_s": round(verify_s, 3),
                "content_sha256": digest, "wall_time_s": round(timer.elapsed, 3)}
     cfg_out = dataclasses.replace(cfg, src=src, out=out)
     write_store_manifest(out, "downsample", cfg_out, {"src": attrs["source"]}, metrics, seed=None, device="cpu",

@@ -50,7 +50,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sodtool.artefacts import Timer, remove_stale_manifest, write_json, write_manifest, write_text
+from sodtool.artefacts import Timer, check_output, staged_dir, write_json, write_manifest, write_text
 from sodtool.coco import SplitPaths, load_split, to_coco_results
 from sodtool.console import log, make_progress, warn
 from sodtool.device import device_name, resolve_device, seed_everything
@@ -131,6 +131,7 @@ class RescoreConfig:
     fig_triplets: int = 16
     fig_images: int = 4
     draw_thresh: float = 0.5
+    overwrite: bool = False
 
 
 def parse_ablation(spec: str) -> tuple[str, Path]:
@@ -193,7 +194,7 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     """
     timer = Timer()
     cfg = resolve_config(cfg)
-    out = Path(cfg.out)
+    out = check_output(cfg.out, "folder", overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
 
@@ -237,8 +238,6 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
             warn(f"{source.path} was cropped with context {source.context} but {main.path} was trained on "
                  f"crops with context {trained}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_manifest(out)  # this folder is being rewritten: not finished until the end
     log(f"eval: split {cfg.split} ({len(split.image_ids)} images), ROIs from {source.kind} {source.path}, "
         f"models {', '.join(m.name for m in models)}, device {device_name(device)}")
 
@@ -297,51 +296,52 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         progress.update(task, completed=len(split.image_ids))  # images without ROIs were skipped
     loop_s = t_loop.elapsed
 
-    # Results files and COCO evaluation.
-    files = {name: f"{name}.json" for name in names}
-    rows = []
-    for name in names:
-        results = []
-        for iid in split.image_ids:
-            if iid in dets[name]:
-                results.extend(to_coco_results(iid, dets[name][iid], split.categories))
-        write_json(out / files[name], results, indent=None)
-        stats = coco_evaluate(split.coco, results)
-        rows.append({"name": name, "title": row_title(name, source.detail.get("arch")), "results": files[name],
-                     "detections": len(results), **{k: stats[k] for k in STAT_NAMES},
-                     "per_class_AP": stats["per_class_AP"]})
-    base = rows[0]
-    for row in rows:
-        row["delta"] = {k: (row[k] - base[k] if row[k] >= 0 and base[k] >= 0 else None) for k in STAT_NAMES}
-    timing = {"images": n_images, "rois": n_rois, "loop_s": round(loop_s, 3), "forward_s": round(fwd_s, 3),
-              "postprocess_s": round(post_s, 3), "roi_source_s": round(max(loop_s - fwd_s - post_s, 0.0), 3),
-              "images_per_s": round(n_images / loop_s, 3) if loop_s > 0 else None,
-              "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
-              "device": device_name(device)}
-    metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
-               "score_modes": list(SCORE_MODES), "figure_score": cfg.score, "nms_iou": cfg.nms_iou,
-               "max_per_image": cfg.max_per_image,
-               "source": {"kind": source.kind, "path": str(source.path),
-                          "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
-                          "context": source.context if math.isfinite(source.context) else None,
-                          **{k: v for k, v in source.detail.items() if k != "identity"}},
-               "rows": rows, "discriminator": discriminator_quality(main), "timing": timing}
-    write_json(out / "metrics.json", metrics)
-    write_text(out / "table.md", table_markdown(metrics))
+    # Results files and COCO evaluation, in a folder swapped onto `out` once complete.
+    with staged_dir(out) as work:
+        files = {name: f"{name}.json" for name in names}
+        rows = []
+        for name in names:
+            results = []
+            for iid in split.image_ids:
+                if iid in dets[name]:
+                    results.extend(to_coco_results(iid, dets[name][iid], split.categories))
+            write_json(work / files[name], results, indent=None)
+            stats = coco_evaluate(split.coco, results)
+            rows.append({"name": name, "title": row_title(name, source.detail.get("arch")), "results": files[name],
+                         "detections": len(results), **{k: stats[k] for k in STAT_NAMES},
+                         "per_class_AP": stats["per_class_AP"]})
+        base = rows[0]
+        for row in rows:
+            row["delta"] = {k: (row[k] - base[k] if row[k] >= 0 and base[k] >= 0 else None) for k in STAT_NAMES}
+        timing = {"images": n_images, "rois": n_rois, "loop_s": round(loop_s, 3), "forward_s": round(fwd_s, 3),
+                  "postprocess_s": round(post_s, 3), "roi_source_s": round(max(loop_s - fwd_s - post_s, 0.0), 3),
+                  "images_per_s": round(n_images / loop_s, 3) if loop_s > 0 else None,
+                  "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
+                  "device": device_name(device)}
+        metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
+                   "score_modes": list(SCORE_MODES), "figure_score": cfg.score, "nms_iou": cfg.nms_iou,
+                   "max_per_image": cfg.max_per_image,
+                   "source": {"kind": source.kind, "path": str(source.path),
+                              "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
+                              "context": source.context if math.isfinite(source.context) else None,
+                              **{k: v for k, v in source.detail.items() if k != "identity"}},
+                   "rows": rows, "discriminator": discriminator_quality(main), "timing": timing}
+        write_json(work / "metrics.json", metrics)
+        write_text(work / "table.md", table_markdown(metrics))
 
-    if cfg.figures:
-        write_figures(cfg, out, split, image_dir, dets, picker, main, class_names)
+        if cfg.figures:
+            write_figures(cfg, work, split, image_dir, dets, picker, main, class_names)
 
-    inputs: dict[str, Any] = {"annotations": ann, "mtgan": main.path}
-    if source.kind == "rois":
-        inputs["rois"] = source.path
-        inputs["rois_lr"] = source.lr_path
-    else:
-        inputs["detector"] = source.path
-    for m in models[1:]:
-        inputs[f"ablation_{m.name}"] = m.path
-    write_manifest(out, STAGE, cfg, inputs, metrics, seed=cfg.seed, device=device_name(device),
-                   wall_time_s=timer.elapsed)
+        inputs: dict[str, Any] = {"annotations": ann, "mtgan": main.path}
+        if source.kind == "rois":
+            inputs["rois"] = source.path
+            inputs["rois_lr"] = source.lr_path
+        else:
+            inputs["detector"] = source.path
+        for m in models[1:]:
+            inputs[f"ablation_{m.name}"] = m.path
+        write_manifest(work, STAGE, cfg, inputs, metrics, seed=cfg.seed, device=device_name(device),
+                       wall_time_s=timer.elapsed)
     print_comparison(metrics)
     log(f"wrote {out}")
     return metrics

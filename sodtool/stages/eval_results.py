@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sodtool.artefacts import Timer, read_json, write_json, write_manifest, write_text
+from sodtool.artefacts import Timer, check_output, read_json, staged_dir, write_json, write_manifest, write_text
 from sodtool.coco import SplitPaths, load_split
 from sodtool.console import log, print_table, summary_table
 from sodtool.evaluate import STAT_NAMES, STAT_TITLES, check_results, coco_evaluate, resolve_ground_truth
@@ -21,6 +21,7 @@ class EvalResultsConfig:
     data: Path | None = None
     split: str = "minival"
     out: Path | None = None
+    overwrite: bool = False
 
 
 def default_eval_out(results: Path) -> Path:
@@ -37,6 +38,8 @@ def evaluate_results(cfg: EvalResultsConfig) -> dict:
     """
     timer = Timer()
     ann, images = resolve_ground_truth(cfg.data, cfg.split, cfg.ann, cfg.images)
+    out = check_output(Path(cfg.out) if cfg.out is not None else default_eval_out(cfg.results), "folder",
+                       overwrite=cfg.overwrite)
     split = load_split(SplitPaths(ann=ann, images=images or ann.parent), check_files=False)
     raw = read_json(cfg.results, "results file")
     results = check_results(split.coco, raw, cfg.results)
@@ -52,12 +55,12 @@ def evaluate_results(cfg: EvalResultsConfig) -> dict:
         "images_with_detections": len({r["image_id"] for r in results}),
     }
 
-    out = Path(cfg.out) if cfg.out is not None else default_eval_out(cfg.results)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
-    write_text(out / "metrics.md", metrics_markdown(metrics, title=f"COCO bbox evaluation of {Path(cfg.results).name}"))
-    write_manifest(out, "eval-results", cfg, {"results": cfg.results, "annotations": ann}, metrics,
-                   seed=None, device="cpu", wall_time_s=timer.elapsed)
+    with staged_dir(out) as work:
+        write_json(work / "metrics.json", metrics)
+        write_text(work / "metrics.md",
+                   metrics_markdown(metrics, title=f"COCO bbox evaluation of {Path(cfg.results).name}"))
+        write_manifest(work, "eval-results", cfg, {"results": cfg.results, "annotations": ann}, metrics,
+                       seed=None, device="cpu", wall_time_s=timer.elapsed)
 
     summary_table(f"COCO bbox evaluation ({metrics['counts']['detections']} detections, "
                   f"{metrics['counts']['images']} images)", {STAT_TITLES[k]: metrics[k] for k in STAT_NAMES},

@@ -29,6 +29,7 @@ metrics.md (Markdown tables), optionally images/<name>_sr.png, and manifest.json
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from sodtool.artefacts import Timer, atomic_path, write_json, write_manifest, write_text
+from sodtool.artefacts import Timer, atomic_path, check_output, staged_dir, write_json, write_manifest, write_text
 from sodtool.console import print_table, track
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
@@ -64,6 +65,7 @@ class EvalSRConfig:
     border: int = 4
     device: str = "auto"
     save_images: bool = False
+    overwrite: bool = False
 
 
 def eval_sr(cfg: EvalSRConfig) -> dict:
@@ -73,6 +75,7 @@ def eval_sr(cfg: EvalSRConfig) -> dict:
         raise InputError(f"--scale must be >= 1, got {cfg.scale}")
     if cfg.border < 0:
         raise InputError(f"--border must be >= 0, got {cfg.border}")
+    out = check_output(cfg.out, "folder", overwrite=cfg.overwrite) if cfg.out is not None else None
     dev = resolve_device(cfg.device)
     pairs = find_pairs(Path(cfg.data))
 
@@ -84,69 +87,70 @@ def eval_sr(cfg: EvalSRConfig) -> dict:
         if gen.scale != cfg.scale:
             raise InputError(f"the generator in {gen_path} upscales x{gen.scale}, but --scale is {cfg.scale}")
 
-    methods = ["bicubic", "bicubic_matlab"] + (["generator"] if gen is not None else [])
-    per_image = []
-    for name, hr_path, lr_path in track(pairs, "eval sr"):
-        hr, grey = read_rgb(hr_path)
-        lr, _ = read_rgb(lr_path)
-        hr, cropped = match_sizes(hr, lr, cfg.scale, hr_path, lr_path)
-        min_side = 2 * cfg.border + 11
-        if min(hr.shape[-2:]) < min_side:
-            raise InputError(f"{hr_path} is {hr.shape[-1]}x{hr.shape[-2]} px: too small for SSIM with a border of {cfg.border} (needs {min_side} px)")
-        outputs = {
-            "bicubic": to_uint8_range(bicubic_up(lr, cfg.scale, kernel="torch")),
-            "bicubic_matlab": to_uint8_range(bicubic_up(lr, cfg.scale, kernel="matlab")),
+    # Written in a folder swapped onto `out` once complete (nothing written without --out).
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(staged_dir(out)) if out is not None else None
+        methods = ["bicubic", "bicubic_matlab"] + (["generator"] if gen is not None else [])
+        per_image = []
+        for name, hr_path, lr_path in track(pairs, "eval sr"):
+            hr, grey = read_rgb(hr_path)
+            lr, _ = read_rgb(lr_path)
+            hr, cropped = match_sizes(hr, lr, cfg.scale, hr_path, lr_path)
+            min_side = 2 * cfg.border + 11
+            if min(hr.shape[-2:]) < min_side:
+                raise InputError(f"{hr_path} is {hr.shape[-1]}x{hr.shape[-2]} px: too small for SSIM with a border of {cfg.border} (needs {min_side} px)")
+            outputs = {
+                "bicubic": to_uint8_range(bicubic_up(lr, cfg.scale, kernel="torch")),
+                "bicubic_matlab": to_uint8_range(bicubic_up(lr, cfg.scale, kernel="matlab")),
+            }
+            if gen is not None:
+                with torch.no_grad():
+                    sr = gen(lr.unsqueeze(0).to(dev)).squeeze(0).float().cpu()
+                outputs["generator"] = to_uint8_range(sr)
+            row = {"name": name, "hr_size": [int(hr.shape[-1]), int(hr.shape[-2])], "greyscale": grey, "hr_cropped": cropped}
+            for m in methods:
+                row[m] = measure(outputs[m], hr, cfg.border, grey)
+            per_image.append(row)
+            if cfg.save_images and work is not None and gen is not None:
+                _save_png(outputs["generator"], work / "images" / f"{Path(name).stem}_sr.png")
+
+        mean = {m: {k: _mean([r[m][k] for r in per_image]) for k in METRIC_KEYS} for m in methods}
+        metrics = {
+            "data": str(cfg.data),
+            "generator": str(gen_path) if gen_path is not None else None,
+            "generator_config": None,
+            "scale": cfg.scale,
+            "border": cfg.border,
+            "num_images": len(per_image),
+            "conventions": {
+                "border": f"{cfg.border} px cropped from each side before measuring",
+                "psnr": "10 log10(255^2 / MSE) on 8-bit-rounded outputs; mean of per-image values",
+                "ssim": "Wang et al. 2004: Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03, L 255, valid filtering; RGB = mean of channels",
+                "y_channel": "ITU-R BT.601 Y = 16 + 65.481 R + 128.553 G + 24.966 B (MATLAB rgb2ycbcr, not rounded)",
+                "greyscale": "converted to RGB for the generator; Y metrics compare the grey level (HR) with (Y - 16) / 219 of the output",
+                "bicubic": "PyTorch F.interpolate bicubic (a = -0.75) of the LR file",
+                "bicubic_matlab": "MATLAB imresize bicubic (a = -0.5, symmetric edges) of the LR file",
+            },
+            "mean": mean,
+            "images": per_image,
         }
         if gen is not None:
-            with torch.no_grad():
-                sr = gen(lr.unsqueeze(0).to(dev)).squeeze(0).float().cpu()
-            outputs["generator"] = to_uint8_range(sr)
-        row = {"name": name, "hr_size": [int(hr.shape[-1]), int(hr.shape[-2])], "greyscale": grey, "hr_cropped": cropped}
-        for m in methods:
-            row[m] = measure(outputs[m], hr, cfg.border, grey)
-        per_image.append(row)
-        if cfg.save_images and cfg.out is not None and gen is not None:
-            _save_png(outputs["generator"], Path(cfg.out) / "images" / f"{Path(name).stem}_sr.png")
+            metrics["generator_config"] = generator_config(gen)
+        metrics = _json_safe(metrics)
 
-    mean = {m: {k: _mean([r[m][k] for r in per_image]) for k in METRIC_KEYS} for m in methods}
-    metrics = {
-        "data": str(cfg.data),
-        "generator": str(gen_path) if gen_path is not None else None,
-        "generator_config": None,
-        "scale": cfg.scale,
-        "border": cfg.border,
-        "num_images": len(per_image),
-        "conventions": {
-            "border": f"{cfg.border} px cropped from each side before measuring",
-            "psnr": "10 log10(255^2 / MSE) on 8-bit-rounded outputs; mean of per-image values",
-            "ssim": "Wang et al. 2004: Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03, L 255, valid filtering; RGB = mean of channels",
-            "y_channel": "ITU-R BT.601 Y = 16 + 65.481 R + 128.553 G + 24.966 B (MATLAB rgb2ycbcr, not rounded)",
-            "greyscale": "converted to RGB for the generator; Y metrics compare the grey level (HR) with (Y - 16) / 219 of the output",
-            "bicubic": "PyTorch F.interpolate bicubic (a = -0.75) of the LR file",
-            "bicubic_matlab": "MATLAB imresize bicubic (a = -0.5, symmetric edges) of the LR file",
-        },
-        "mean": mean,
-        "images": per_image,
-    }
-    if gen is not None:
-        metrics["generator_config"] = generator_config(gen)
-    metrics = _json_safe(metrics)
+        title = f"SR x{cfg.scale} on {Path(cfg.data).name} ({len(per_image)} images, border {cfg.border} px)"
+        header = ["method", "PSNR RGB", "SSIM RGB", "PSNR Y", "SSIM Y"]
+        rows = [[m] + [_fmt(mean[m][k], k) for k in METRIC_KEYS] for m in methods]
+        print_table(title, header, rows)
 
-    title = f"SR x{cfg.scale} on {Path(cfg.data).name} ({len(per_image)} images, border {cfg.border} px)"
-    header = ["method", "PSNR RGB", "SSIM RGB", "PSNR Y", "SSIM Y"]
-    rows = [[m] + [_fmt(mean[m][k], k) for k in METRIC_KEYS] for m in methods]
-    print_table(title, header, rows)
-
-    if cfg.out is not None:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "metrics.json", metrics)
-        write_text(out / "metrics.md", markdown(metrics, methods, title))
-        write_manifest(
-            out, "eval-sr", cfg, {"generator": gen_path, "data": cfg.data},
-            {"mean": metrics["mean"], "border": cfg.border, "scale": cfg.scale, "num_images": len(per_image)},
-            seed=None, device=device_name(dev), wall_time_s=timer.elapsed,
-        )
+        if work is not None:
+            write_json(work / "metrics.json", metrics)
+            write_text(work / "metrics.md", markdown(metrics, methods, title))
+            write_manifest(
+                work, "eval-sr", cfg, {"generator": gen_path, "data": cfg.data},
+                {"mean": metrics["mean"], "border": cfg.border, "scale": cfg.scale, "num_images": len(per_image)},
+                seed=None, device=device_name(dev), wall_time_s=timer.elapsed,
+            )
     return metrics
 
 

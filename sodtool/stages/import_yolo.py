@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sodtool.artefacts import Timer, write_json, write_manifest
+from sodtool.artefacts import Timer, check_output, swap_into, temp_path, write_json, write_manifest
 from sodtool.coco import read_image_rgb, size_bucket
 from sodtool.console import log, summary_table, track, warn
 from sodtool.errors import InputError
@@ -352,6 +352,7 @@ def import_yolo(cfg: ImportYoloConfig) -> dict:
         raise InputError(f"--link must be one of {', '.join(LINK_MODES)}, got '{cfg.link}'")
     out = Path(cfg.out) if cfg.out is not None else default_out(src)
     _check_out(src, out, cfg.overwrite)
+    check_output(out, "folder", finished=False)  # path kind, permissions; leftovers of killed runs go
 
     if cfg.classes is not None:
         classes_path = Path(cfg.classes)
@@ -385,7 +386,7 @@ def import_yolo(cfg: ImportYoloConfig) -> dict:
     flat = len(set(base_names)) == len(base_names)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     metrics: dict = {}
@@ -440,23 +441,10 @@ def import_yolo(cfg: ImportYoloConfig) -> dict:
         write_manifest(tmp, "import-yolo", cfg, {"src": src, "classes": classes_path,
                                                  "train_list": cfg.train_list, "minival_list": cfg.minival_list},
                        metrics, seed=cfg.seed, device="cpu", wall_time_s=timer.elapsed)
-        _move_into_place(tmp, out)
+        swap_into(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"wrote {out}")
     summary_table(f"import-yolo {src.name}", metrics)
     return metrics
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder onto `out`, replacing an existing one only after success."""
-    if out.is_dir() and not out.is_symlink():
-        old = out.parent / f".{out.name}.{os.getpid()}.old"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        if out.is_symlink():
-            out.unlink()
-        os.replace(tmp, out)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sodtool.artefacts import Timer, atomic_path, write_json, write_manifest
+from sodtool.artefacts import Timer, atomic_path, check_output, staged_dir, write_json, write_manifest
 from sodtool.coco import SplitPaths, load_split, size_bucket
 from sodtool.console import log, print_table, summary_table, warn
 from sodtool.evaluate import resolve_ground_truth
@@ -34,6 +34,7 @@ class StatsConfig:
     ann: Path | None = None
     images: Path | None = None
     out: Path | None = None
+    overwrite: bool = False
 
 
 def bin_labels(edges: tuple[int, ...] = HIST_EDGES) -> list[str]:
@@ -109,20 +110,21 @@ def dataset_stats(cfg: StatsConfig) -> dict:
     """
     timer = Timer()
     ann, images = resolve_ground_truth(cfg.data, cfg.split, cfg.ann, cfg.images)
+    out = check_output(Path(cfg.out) if cfg.out is not None else _default_out(cfg.data, ann, cfg.split), "folder",
+                       overwrite=cfg.overwrite)
     split = load_split(SplitPaths(ann=ann, images=images or ann.parent), check_files=False)
     stats = compute_stats(split.coco, images)
     stats = {"annotations": str(ann), "image_dir": str(images) if images else None, "split": cfg.split, **stats}
     if stats.get("missing_image_files"):
         warn(f"{stats['missing_image_files']} of {stats['images']} image files are missing under {images}")
 
-    out = Path(cfg.out) if cfg.out is not None else _default_out(cfg.data, ann, cfg.split)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"stats_{cfg.split}.json", stats)
-    title = f"{(Path(cfg.data).resolve().name if cfg.data else ann.name)} {cfg.split}: {stats['objects']} objects"
-    draw_size_histogram(stats["histogram"]["counts"], out / f"sizes_{cfg.split}.png", title=title)
-    write_manifest(out, "data-stats", cfg, {"annotations": ann}, {k: stats[k] for k in (
-        "images", "categories", "objects", "crowd", "images_without_objects", "sizes")},
-        seed=None, device="cpu", wall_time_s=timer.elapsed)
+    with staged_dir(out) as work:
+        write_json(work / f"stats_{cfg.split}.json", stats)
+        title = f"{(Path(cfg.data).resolve().name if cfg.data else ann.name)} {cfg.split}: {stats['objects']} objects"
+        draw_size_histogram(stats["histogram"]["counts"], work / f"sizes_{cfg.split}.png", title=title)
+        write_manifest(work, "data-stats", cfg, {"annotations": ann}, {k: stats[k] for k in (
+            "images", "categories", "objects", "crowd", "images_without_objects", "sizes")},
+            seed=None, device="cpu", wall_time_s=timer.elapsed)
 
     summary_table(f"{ann.name} ({cfg.split})", {
         "images": stats["images"], "categories": stats["categories"], "objects (non-crowd)": stats["objects"],

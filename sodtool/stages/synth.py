@@ -29,7 +29,7 @@ Determinism: each image draws from its own `numpy.random.Generator` seeded by
 images are made, and `train` and `minival` never share an image. Boxes are integer pixels,
 xywh in the JSON, always inside the image with positive size.
 
-Layout written (atomically: built in `<out>.tmp-<pid>` and renamed into place at the end):
+Layout written (atomically: built in `.<out>.<pid>.tmp` beside it and renamed into place at the end):
 `images/train/*.jpg`, `images/minival/*.jpg`, `annotations/instances_train.json`,
 `annotations/instances_minival.json`, and `manifest.json`.
 """
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from sodtool import __version__
-from sodtool.artefacts import MANIFEST, Timer, read_json, write_json, write_manifest
+from sodtool.artefacts import MANIFEST, Timer, check_output, read_json, swap_into, temp_path, write_json, write_manifest
 from sodtool.coco import size_bucket
 from sodtool.console import log, make_progress, print_table
 from sodtool.errors import InputError
@@ -546,9 +545,10 @@ def synthesize(cfg: SynthConfig) -> dict:
     timer = Timer()
     cfg = resolve_config(cfg)
     out = Path(cfg.out)
-    existed = _check_out(out, cfg.overwrite)
+    _check_out(out, cfg.overwrite)
+    check_output(out, "folder", finished=False)  # path kind, permissions; leftovers of killed runs go
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     cats = categories(cfg.classes)
@@ -603,7 +603,7 @@ def synthesize(cfg: SynthConfig) -> dict:
         metrics["images_per_s"] = round(total / max(timer.elapsed, 1e-9), 2)
         write_manifest(tmp, STAGE, cfg, inputs={}, metrics=metrics, seed=cfg.seed, device="cpu",
                        wall_time_s=timer.elapsed)
-        _move_into_place(tmp, out, existed)
+        swap_into(tmp, out)
     finally:
         if pool is not None:
             pool.terminate()
@@ -621,19 +621,6 @@ def synthesize(cfg: SynthConfig) -> dict:
     print_table("objects per class", ["class"] + list(SPLITS),
                 [[n] + [metrics["splits"][s]["per_class"][n] for s in SPLITS] for n in names])
     return metrics
-
-
-def _move_into_place(tmp: Path, out: Path, existed: bool) -> None:
-    """Rename the finished folder onto `out`; an old `out` is moved aside first, then removed."""
-    if not existed:
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if old.exists():
-        shutil.rmtree(old)
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["SynthConfig", "synthesize", "resolve_config", "make_image", "render_object", "sample_box_size",

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sodtool.artefacts import MANIFEST, Timer, config_dict, file_identity, write_json, write_manifest
+from sodtool.artefacts import Timer, check_output, config_dict, file_identity, write_json, write_manifest
 from sodtool.coco import load_split, resolve_split
 from sodtool.console import log, make_progress, summary_table, warn
 from sodtool.device import autocast, device_name, resolve_device, seed_everything
@@ -26,8 +26,10 @@ from sodtool.engine import (
     MetricsLog,
     StepBatchSampler,
     all_finite,
+    close_run_dir,
     last_record,
     load_resume,
+    open_run_dir,
     resume_position,
     save_training_state,
 )
@@ -318,6 +320,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     Returns the metrics (COCO AP of minival under "AP", "AP50", ... when `eval`).
     """
     timer = Timer()
+    check_output(cfg.out, "folder", finished=False)
     dev = resolve_device(cfg.device)
     resolve_train_config(cfg, 0)  # fail fast on a bad detector / preset / arch name
     train_paths = resolve_split(cfg.data, cfg.train_split, cfg.train_ann, cfg.train_images)
@@ -335,7 +338,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
              "for 90k iterations falls far short of the paper's baseline")
 
     out = Path(cfg.out)
-    ckpt_path, log_path, model_path = out / "checkpoint.pt", out / "metrics.jsonl", out / "model.pt"
+    ckpt_path = out / "checkpoint.pt"
     seed_everything(cfg.seed)
     model, arch, build, init_info = _initial_model(cfg, categories)
     if cfg.arch is None:
@@ -343,12 +346,11 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     inputs = {"train_annotations": file_identity(train_paths.ann)}
     state = (load_resume(ckpt_path, cfg, inputs, STAGE, free=RESUME_FREE, restart="pass --no-resume to start over")
              if cfg.resume else None)
-    # Inputs are all checked: from here the folder stops looking finished, then changes.
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / MANIFEST, model_path):
-        if stale.exists():
-            stale.unlink()
-    write_json(out / "config.json", {"config": config_dict(cfg), "arch": arch, "build": build,
+    # Inputs are all checked: from here the folder stops looking finished, then changes (with
+    # --no-resume, a new folder beside it that replaces it at the end).
+    run = open_run_dir(out, True, fresh=not cfg.resume)
+    ckpt_path, log_path, model_path = run / "checkpoint.pt", run / "metrics.jsonl", run / "model.pt"
+    write_json(run / "config.json", {"config": config_dict(cfg), "arch": arch, "build": build,
                                      "categories": categories.to_json()})
     model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -359,9 +361,8 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    elif ckpt_path.exists():
-        log(f"--no-resume: starting over (removing {ckpt_path})")
-        ckpt_path.unlink()
+    elif run != out:
+        log(f"--no-resume: starting over; {out} is replaced once the new run is complete")
     start, _, train_time = resume_position(state, ckpt_path, cfg.iterations, announce=True)
     metrics_log = MetricsLog(log_path, start if state is not None else None)
 
@@ -376,8 +377,6 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     if cfg.train_sizes:
         model.transform.min_size = tuple(int(s) for s in cfg.train_sizes)
 
-    if start > 0:
-        metrics_log.write({"event": "resume", "step": start})
     model.train()
     window: dict[str, float] = {}
     window_n = 0
@@ -434,6 +433,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
         "iterations": cfg.iterations, "resumed_from_step": start, "train_time_s": round(train_time, 3),
         "s_per_iteration": round(train_time / max(1, cfg.iterations), 4),
         "images_seen": cfg.iterations * cfg.batch_size, "arch": arch, **init_info,
+        "skipped_annotations": {"train": train.skipped_report(), **({"val": val.skipped_report()} if val else {})},
     }
     final = last_record(log_path, "loss")
     if final:
@@ -448,11 +448,12 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
         metrics["eval_images"] = len(val.image_ids)
         metrics["eval_time_s"] = round(eval_timer.elapsed, 3)
         metrics.update({k: v for k, v in ev.items()})
-    write_manifest(out, "train_detector", cfg,
+    write_manifest(run, "train_detector", cfg,
                    inputs={"train_annotations": train_paths.ann,
                            "val_annotations": val_paths.ann if val_paths else None,
                            "weights": cfg.weights, "backbone_weights": cfg.backbone_weights},
                    metrics=metrics, seed=cfg.seed, device=device_name(dev), wall_time_s=timer.elapsed)
+    close_run_dir(run, out, True)
     shown = {k: metrics[k] for k in ("arch", "iterations", "resumed_from_step", "train_time_s", "final_loss")
              if k in metrics}
     shown.update({k: metrics[k] for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large") if k in metrics})

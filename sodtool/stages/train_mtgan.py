@@ -61,12 +61,12 @@ import torch
 from PIL import Image
 
 from sodtool import checkpoint
-from sodtool.artefacts import Timer, atomic_path, file_identity, read_manifest, write_manifest
+from sodtool.artefacts import Timer, atomic_path, check_output, file_identity, read_manifest, write_manifest
 from sodtool.console import log, make_progress, summary_table
 from sodtool.device import autocast, device_name, seed_everything
-from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, check_positive, due, fill_preset,
-                            fmt_terms, last_record, load_resume, open_run_dir, resume_position, save_training_state,
-                            setup_device, stop_requested, to_float, use_channels_last, wrap_ddp)
+from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, check_positive, close_run_dir, due,
+                            fill_preset, fmt_terms, last_record, load_resume, open_run_dir, resume_position,
+                            save_training_state, setup_device, stop_requested, to_float, use_channels_last, wrap_ddp)
 from sodtool.errors import InputError, NonFiniteLossError
 from sodtool.losses import LossWeights, discriminator_loss, generator_loss
 from sodtool.models.detector_weights import detector_trunk
@@ -147,6 +147,8 @@ class TrainMTGANConfig:
     num_workers: Optional[int] = None
     # Test hook: checkpoint and return after this iteration (as if killed right after it).
     stop_after: Optional[int] = None
+    # False (--no-resume): start over; a previous run in `out` stays whole until the new one is complete.
+    resume: bool = True
 
 
 def resolve_config(cfg: TrainMTGANConfig) -> TrainMTGANConfig:
@@ -315,7 +317,7 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
     timer = Timer()
     device, ddp, rank, world = setup_device(cfg.device)
     main = rank == 0
-    out = Path(cfg.out)
+    out = check_output(cfg.out, "folder", finished=False)
 
     pair = open_pair(cfg.hr, cfg.lr)
     read_manifest(cfg.sr, "train-sr")
@@ -335,9 +337,6 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
     d = Discriminator(pair.categories.num_classes, cfg.disc_arch, cfg.imagenet_weights, cfg.reg_branch)
     if cfg.disc_init is not None:
         loaded = d.load_trunk(trunk_state, str(cfg.disc_init))
-        if main:
-            log(f"D: {trunk_arch} trunk, {loaded} of {len(d.trunk.state_dict())} tensors from the {det_arch} "
-                f"detector {cfg.disc_init}")
     d = d.to(device).train()
     if not w.adv:
         # No loss reaches the real/fake head: freeze it, so that DDP does not wait for its gradients.
@@ -353,18 +352,22 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
     sched_d = torch.optim.lr_scheduler.StepLR(opt_d, step_size=cfg.d_lr_step, gamma=cfg.d_lr_gamma)
 
     ckpt_path = out / "checkpoint.pt"
-    ckpt = load_resume(ckpt_path, cfg, inputs, STAGE)
+    ckpt = load_resume(ckpt_path, cfg, inputs, STAGE) if cfg.resume else None
     if ckpt is not None:
         g.load_state_dict(ckpt["generator"])
         d.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["optimizer_g"])
         opt_d.load_state_dict(ckpt["optimizer_d"])
         sched_d.load_state_dict(ckpt["scheduler_d"])
+    if cfg.disc_init is not None and ckpt is None and main:
+        log(f"D: {trunk_arch} trunk, {loaded} of {len(d.trunk.state_dict())} tensors from the {det_arch} "
+            f"detector {cfg.disc_init}")
     step, stream_state, prior_s = resume_position(ckpt, ckpt_path, cfg.iterations, main)
     channels_last = use_channels_last(device, g, d)
     g_model, d_model = wrap_ddp(g, device, ddp), wrap_ddp(d, device, ddp)
-    open_run_dir(out, main)
-    metrics_log = MetricsLog(out / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
+    run = open_run_dir(out, main, fresh=not cfg.resume)
+    ckpt_path = run / "checkpoint.pt"
+    metrics_log = MetricsLog(run / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
     held = load_held_out(pair, val_rows, native_sides(pair.hr)[val_rows] >= pair.hr_size) if main else None
     held_labels = label_rows(pair.hr, val_rows) if main else None
     loader = make_train_loader(cfg, pair, train_rows, device, rank, world)
@@ -419,7 +422,7 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
             if step % cfg.val_every == 0 and step < cfg.iterations:
                 validate(step)
             if main and due(step, cfg.sample_every):
-                save_sample_grid(g, held, device, out / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
+                save_sample_grid(g, held, device, run / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
             progress.update(task, completed=step)
             if due(step, cfg.checkpoint_every, cfg.stop_after):
                 save_state(step)
@@ -428,19 +431,20 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
 
     val = validate(step)
     if not last_terms and main:  # resumed at the end: nothing new was logged
-        rec = last_record(out / "metrics.jsonl", "g_total")
+        rec = last_record(run / "metrics.jsonl", "g_total")
         last_terms = {k: v for k, v in rec.items() if k.startswith(("g_", "d_"))}
     metrics = {"iterations": step, "train_crops": int(len(train_rows)), "val_crops": int(len(val_rows)),
                **{f"final_{k}": v for k, v in last_terms.items()}, **val,
                "train_time_s": round(prior_s + timer.elapsed, 2)}
     if main:
-        save_sample_grid(g, held, device, out / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
+        save_sample_grid(g, held, device, run / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
         checkpoint.save({**generator_checkpoint(g), **discriminator_checkpoint(d), **extra, "step": step},
-                        out / "model.pt")
+                        run / "model.pt")
         save_state(step)
-        write_manifest(out, STAGE, cfg, {"hr": pair.hr, "lr": pair.lr, "sr": g_path,
+        write_manifest(run, STAGE, cfg, {"hr": pair.hr, "lr": pair.lr, "sr": g_path,
                                               "imagenet_weights": cfg.imagenet_weights, "disc_init": cfg.disc_init},
                        metrics, seed=cfg.seed,
                        device=device_name(device), wall_time_s=timer.elapsed)
+        close_run_dir(run, out, main)
         summary_table("train mtgan", metrics)
     return metrics

@@ -54,12 +54,12 @@ import torch
 import torch.nn.functional as F
 
 from sodtool import checkpoint
-from sodtool.artefacts import Timer, file_identity, write_manifest
+from sodtool.artefacts import Timer, check_output, file_identity, write_manifest
 from sodtool.console import make_progress, summary_table
 from sodtool.device import autocast, device_name, seed_everything
-from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, check_positive, due, fill_preset,
-                            fmt_terms, last_record, load_resume, open_run_dir, resume_position, save_training_state,
-                            setup_device, stop_requested, to_float, use_channels_last, wrap_ddp)
+from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, check_positive, close_run_dir, due,
+                            fill_preset, fmt_terms, last_record, load_resume, open_run_dir, resume_position,
+                            save_training_state, setup_device, stop_requested, to_float, use_channels_last, wrap_ddp)
 from sodtool.errors import InputError, NonFiniteLossError
 from sodtool.models.networks import Generator, generator_checkpoint
 from sodtool.srdata import (MultiStoreLoader, check_common, check_enough_rows, concat_held_out, evaluate_generator,
@@ -108,6 +108,8 @@ class TrainSRConfig:
     num_workers: Optional[int] = None
     # Test hook: checkpoint and return after this iteration (as if killed right after it).
     stop_after: Optional[int] = None
+    # False (--no-resume): start over; a previous run in `out` stays whole until the new one is complete.
+    resume: bool = True
 
 
 def resolve_config(cfg: TrainSRConfig) -> TrainSRConfig:
@@ -143,7 +145,7 @@ def train_sr(cfg: TrainSRConfig) -> dict:
     timer = Timer()
     device, ddp, rank, world = setup_device(cfg.device)
     main = rank == 0
-    out = Path(cfg.out)
+    out = check_output(cfg.out, "folder", finished=False)
 
     pairs = [open_pair(h, l) for h, l in store_paths(cfg)]
     pair = pairs[0]
@@ -170,7 +172,7 @@ def train_sr(cfg: TrainSRConfig) -> dict:
                   residual_bicubic=cfg.residual_bicubic).to(device)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999))
     ckpt_path = out / "checkpoint.pt"
-    ckpt = load_resume(ckpt_path, cfg, inputs, STAGE)
+    ckpt = load_resume(ckpt_path, cfg, inputs, STAGE) if cfg.resume else None
     if ckpt is not None and set(ckpt.get("inputs", {})) != set(inputs):
         raise InputError(f"{ckpt_path} was trained on {len(ckpt.get('inputs', {})) // 2} store pair(s), "
                          f"not {len(pairs)}; use another --out to train on these")
@@ -181,8 +183,9 @@ def train_sr(cfg: TrainSRConfig) -> dict:
     channels_last = use_channels_last(device, g)
     model = wrap_ddp(g, device, ddp)
     g.train()
-    open_run_dir(out, main)
-    metrics_log = MetricsLog(out / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
+    run = open_run_dir(out, main, fresh=not cfg.resume)
+    ckpt_path = run / "checkpoint.pt"
+    metrics_log = MetricsLog(run / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
     held = concat_held_out([load_held_out(p, v, nat[v]) for p, (_, v, nat) in zip(pairs, splits)]) if main else None
     loaders = [make_train_loader(cfg, p, t, device, rank, world) for p, (t, _, _) in zip(pairs, splits)]
     loader = loaders[0] if len(loaders) == 1 else MultiStoreLoader(loaders, cfg.seed)
@@ -237,16 +240,17 @@ def train_sr(cfg: TrainSRConfig) -> dict:
                "val_crops": int(sum(len(v) for _, v, _ in splits)), "min_native_size": cfg.min_native_size, **val,
                "train_time_s": round(prior_s + timer.elapsed, 2),
                # rank 0 writes the log; the other ranks would read it while it is written
-               "final_g_mse": last_record(out / "metrics.jsonl", "g_mse").get("g_mse") if main else None}
+               "final_g_mse": last_record(run / "metrics.jsonl", "g_mse").get("g_mse") if main else None}
     if len(pairs) > 1:
         metrics["train_crops_per_store"] = [int(len(t)) for t, _, _ in splits]
         metrics["val_crops_per_store"] = [int(len(v)) for _, v, _ in splits]
     if main:
         checkpoint.save({**generator_checkpoint(g), "stage": STAGE, "step": step, "hr_size": pair.hr_size,
-                         "lr_size": pair.lr_size}, out / "generator.pt")
+                         "lr_size": pair.lr_size}, run / "generator.pt")
         save_state(step)
         files = {name: path for i, p in enumerate(pairs) for name, path in zip(input_names(i), (p.hr, p.lr))}
-        write_manifest(out, STAGE, cfg, files, metrics, seed=cfg.seed,
+        write_manifest(run, STAGE, cfg, files, metrics, seed=cfg.seed,
                        device=device_name(device), wall_time_s=timer.elapsed)
+        close_run_dir(run, out, main)
         summary_table("train sr", {k: v for k, v in metrics.items() if not k.startswith("val_native_ssim")})
     return metrics
