@@ -371,11 +371,11 @@ def _csv_ints(value: Optional[str], option: str) -> Optional[tuple[int, ...]]:
 @train_app.command("detector")
 @handles_input_errors
 def train_detector_cmd(
-    detector: str = typer.Option("frcnn", "--detector", help="Detector family (only frcnn: torchvision Faster R-CNN)."),
+    detector: str = typer.Option("frcnn", "--detector", help="Detector family: frcnn (torchvision Faster R-CNN), ssd or mdssd (one-stage; MDSSD adds the seed paper's three Fusion Blocks to the same SSD). ssd/mdssd presets: quick and bench (MobileNetV3 trunk, 320 px, the frcnn presets' schedule), paper (VGG16, 300 px, SSD's COCO schedule: the MDSSD paper gives none; deconvolution output resized to the shallow map, L2 scale 20 and default boxes from 0.04 of the side are sodtool's choices)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
     out: Path = typer.Option(Path("runs/detector"), "--out", help="Output folder, e.g. RUN/detector. Rerunning into it resumes from its checkpoint.pt."),
-    preset: str = typer.Option("quick", "--preset", help="quick: MobileNetV3-FPN from scratch, 320 px, batch 4, 800 iterations (minutes on a 2-core CPU); bench: the same network, 2400 iterations (about 16 minutes on 2 cores); coco: the paper's ResNet-50-C4, 800/1333 px, batch 16, lr 0.02, 90k iterations, lr /10 at 60k and 80k (GPU, with --backbone-weights)."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="resnet50_fpn, resnet101_fpn, resnet50_c4, resnet18_fpn or mobilenet_v3_fpn (default: the preset's, or the --weights file's)."),
+    preset: str = typer.Option("quick", "--preset", help="quick: MobileNetV3-FPN from scratch, 320 px, batch 4, 800 iterations (minutes on a 2-core CPU); bench: the same network, 2400 iterations (about 16 minutes on 2 cores); coco: the paper's ResNet-50-C4, 800/1333 px, batch 16, lr 0.02, 90k iterations, lr /10 at 60k and 80k (GPU, with --backbone-weights). With --detector ssd/mdssd: quick, bench (MobileNetV3 at 320 px, same schedules) and paper (VGG16 at 300 px, SSD's COCO schedule)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="frcnn: resnet50_fpn, resnet101_fpn, resnet50_c4, resnet18_fpn or mobilenet_v3_fpn; ssd/mdssd: vgg16 or mobilenet_v3 (default: the preset's, or the --weights file's)."),
     train_split: str = typer.Option("train", "--train-split", help="Split to train on."),
     train_ann: Optional[Path] = typer.Option(None, "--train-ann", help="Training annotation file (overrides --data/--train-split)."),
     train_images: Optional[Path] = typer.Option(None, "--train-images", help="Training image folder (overrides --data/--train-split)."),
@@ -394,6 +394,7 @@ def train_detector_cmd(
     gamma: float = typer.Option(0.1, "--gamma", help="lr decay factor at each milestone."),
     min_size: Optional[int] = typer.Option(None, "--min-size", help="Short image side the model resizes to (quick/bench 320, coco 800)."),
     max_size: Optional[int] = typer.Option(None, "--max-size", help="Longest image side allowed after resizing (coco 1333)."),
+    size: Optional[int] = typer.Option(None, "--size", help="--detector ssd/mdssd: the square input size (quick/bench 320 with the MobileNetV3 trunk; VGG16: 300 or 512)."),
     train_sizes: Optional[str] = typer.Option(None, "--train-sizes", help="Multi-scale training: short sides drawn per image, comma-separated (e.g. 256,288,320,352)."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in training (preset: off for quick/bench, whose stripes-d/stripes-a classes are mirror images; on for coco)."),
     vflip: bool = typer.Option(False, "--vflip/--no-vflip", help="Random vertical flips in training (overhead imagery)."),
@@ -434,7 +435,7 @@ def train_detector_cmd(
         train_images=train_images, val_split=val_split, val_ann=val_ann, val_images=val_images, arch=arch,
         iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, warmup_iters=warmup_iters, warmup_factor=warmup_factor,
-        milestones=_csv_ints(milestones, "--milestones"), gamma=gamma, min_size=min_size, max_size=max_size,
+        milestones=_csv_ints(milestones, "--milestones"), gamma=gamma, min_size=min_size, max_size=max_size, size=size,
         train_sizes=_csv_ints(train_sizes, "--train-sizes") or (), hflip=hflip, vflip=vflip, rot90=rot90,
         anchor_sizes=_csv_ints(anchor_sizes, "--anchor-sizes"), fpn_channels=fpn_channels,
         returned_layers=_csv_ints(returned_layers, "--returned-layers"),
@@ -568,7 +569,7 @@ def crop_rois_cmd(
     ann: Optional[Path] = typer.Option(None, "--ann", help="Annotation file (overrides --data/--split)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder (overrides --data/--split)."),
     mode: str = typer.Option("train", "--mode", help="train: Fast R-CNN sampling (1 positive in 4, jittered ground truth added); test: the baseline's top detections, scores kept."),
-    detector: str = typer.Option("frcnn", "--detector", help="Detector family (only frcnn)."),
+    detector: str = typer.Option("frcnn", "--detector", help="Detector family of --detector-weights: frcnn, ssd or mdssd."),
     detector_weights: Optional[Path] = typer.Option(None, "--detector-weights", help="Detector checkpoint RUN/detector/model.pt (run on --device)."),
     detections: Optional[Path] = typer.Option(None, "--detections", help="Or: its detections, a COCO results JSON (from `sodtool detect`)."),
     hr_size: int = typer.Option(128, "--hr-size", help="Side S of the HR crops in px (LR = S/4)."),
@@ -686,7 +687,7 @@ def verify_cmd(
 @app.command("detect")
 @handles_input_errors
 def detect_cmd(
-    detector: str = typer.Option("frcnn", "--detector", help="The detector: RUN/detector/model.pt (or its folder), a torchvision detection state dict, or the family name frcnn with --weights."),
+    detector: str = typer.Option("frcnn", "--detector", help="The detector: RUN/detector/model.pt (or its folder), a torchvision detection state dict (Faster R-CNN, ssd300_vgg16), or a family name (frcnn, ssd, mdssd) with --weights."),
     weights: Optional[Path] = typer.Option(None, "--weights", "--detector-weights", help="With --detector frcnn: the checkpoint file."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
     split: str = typer.Option("minival", "--split", help="Split to run on."),

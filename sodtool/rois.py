@@ -356,7 +356,7 @@ class ModelDetections:
     def __init__(self, path: Path, device, categories) -> None:
         self.det = load_detector(path, device, categories=categories)
         self.det.categories.check_same(categories, f"detector {path} vs the dataset")
-        self.identity = {"family": "frcnn", "kind": "checkpoint", "arch": self.det.arch,
+        self.identity = {"family": self.det.family, "kind": "checkpoint", "arch": self.det.arch,
                          "file": file_identity(path), "identity": self.det.identity}
 
     def __call__(self, image_ids: list[int], images: list[np.ndarray], thresh: float, max_rois: int) -> list[dict]:

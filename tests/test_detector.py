@@ -385,9 +385,16 @@ def test_backbone_weights_load_and_wrong_trunk_is_refused(cli, plain_ds, tmp_pat
 
 def test_unknown_detector_family_and_arch(cli, plain_ds, tmp_path):
     res = cli("train", "detector", "--detector", "yolo", "--data", plain_ds, "--out", tmp_path / "r")
-    assert res.exit_code == 2 and "unknown detector 'yolo' (only frcnn is available)" in res.stderr
+    assert res.exit_code == 2 and "unknown detector 'yolo' (choose from frcnn, ssd, mdssd)" in res.stderr
     res = cli("train", "detector", "--arch", "vgg16", "--data", plain_ds, "--out", tmp_path / "r")
-    assert res.exit_code == 2 and "unknown detector architecture 'vgg16'" in res.stderr
+    assert res.exit_code == 2 and "unknown frcnn architecture 'vgg16'" in res.stderr
+    res = cli("train", "detector", "--detector", "mdssd", "--arch", "resnet50_fpn", "--data", plain_ds,
+              "--out", tmp_path / "r")
+    assert res.exit_code == 2 and "unknown mdssd architecture 'resnet50_fpn'" in res.stderr
+    res = cli("train", "detector", "--detector", "ssd", "--min-size", "320", "--data", plain_ds, "--out", tmp_path / "r")
+    assert res.exit_code == 2 and "--min-size is a Faster R-CNN option" in res.stderr
+    res = cli("train", "detector", "--size", "320", "--data", plain_ds, "--out", tmp_path / "r")
+    assert res.exit_code == 2 and "--size is the input size of --detector ssd / mdssd" in res.stderr
 
 
 # ------------------------------------------------------------------------------------------------

@@ -411,7 +411,7 @@ def test_cli_crop_then_downsample_then_loader(synth, tmp_path, cli):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--detector", "yolo"], "only family is: frcnn"),
+    (["--detector", "yolo"], "not a detector family (frcnn, ssd, mdssd)"),
     (["--mode", "eval"], "--mode must be train or test"),
     (["--detector-weights", "model.pt"], "exactly one of --detector-weights"),
     (["--shard", "3/3"], "--shard must be i/n"),

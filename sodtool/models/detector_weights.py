@@ -2,20 +2,22 @@
 
 Files (all read with `torch.load(weights_only=True)`, through `sodtool.checkpoint`):
 
-- `model.pt` (format `sodtool.detector/1`): {"format", "arch", "num_classes" (K+1), "categories"
-  (JSON of CategoryMap.to_json()), "build" (every option of `build_detector`, image sizes
-  included), "model" (state dict)};
+- `model.pt` (format `sodtool.detector/1`): {"format", "family" ("frcnn", "ssd" or "mdssd";
+  absent in files written before SSD: "frcnn"), "arch", "num_classes" (K+1), "categories" (JSON of
+  CategoryMap.to_json()), "build" (every option of the family's build: `build_detector`'s for
+  Faster R-CNN, {"size"} for SSD / MDSSD), "model" (state dict)};
 - a torchvision detection state dict (e.g. `fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`, downloaded
   by hand) is accepted wherever a detector checkpoint is. Labels inside the model are 0 =
   background and 1..K = the dataset's `CategoryMap` labels, except for a torchvision COCO
   checkpoint (91 outputs, output index = COCO category id), whose `label_map` turns its outputs
-  into the dataset's labels.
+  into the dataset's labels. Faster R-CNN layouts and torchvision's `ssd300_vgg16` are known.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,11 @@ from torch import nn
 from sodtool import checkpoint
 from sodtool.coco import CategoryMap
 from sodtool.errors import InputError
-from sodtool.models.frcnn import ARCHS, default_build
+from sodtool.models import ssd
+from sodtool.models.frcnn import ARCHS, FAMILY as FRCNN, build_detector, default_build
 
 MODEL_FORMAT = "sodtool.detector/1"
+FAMILIES = (FRCNN, *ssd.FAMILIES)
 TRAIN_FORMAT = "sodtool.detector-train/1"  # a training checkpoint: not a weights file
 
 # COCO 2017's 80 categories (id -> name). A 91-output torchvision COCO checkpoint indexes its
@@ -54,10 +58,13 @@ COCO_NUM_OUTPUTS = 91
 # Weight files
 # ----------------------------------------------------------------------------------------------
 
-def save_detector(path: str | os.PathLike, model: nn.Module, arch: str, build: dict, categories) -> Path:
-    """Write sodtool's model.pt (format MODEL_FORMAT) atomically; `build` as from resolve_build."""
+def save_detector(path: str | os.PathLike, model: nn.Module, arch: str, build: dict, categories,
+                  family: str = FRCNN) -> Path:
+    """Write sodtool's model.pt (format MODEL_FORMAT) atomically; `build` as from resolve_build
+    (Faster R-CNN) or {"size": S} (SSD, MDSSD)."""
     return checkpoint.save({
         "format": MODEL_FORMAT,
+        "family": family,
         "arch": arch,
         "num_classes": categories.num_classes + 1,
         "categories": json.dumps(categories.to_json()),
@@ -99,6 +106,12 @@ def infer_arch(sd: dict) -> str | None:
         blocks = {int(k.split(".")[3]) for k in keys if k.startswith("backbone.body.layer3.")}
         return "resnet18_fpn" if len(blocks) == 2 else None
     return None
+
+
+def infer_ssd(sd: dict) -> bool:
+    """Whether a state dict has torchvision's ssd300_vgg16 layout."""
+    return "backbone.scale_weight" in sd and "backbone.extra.1.0.weight" in sd and \
+        "head.classification_head.module_list.0.weight" in sd
 
 
 def _predictor_classes(sd: dict) -> int | None:
@@ -217,14 +230,36 @@ def detector_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_size: int | None = None,
-                             max_size: int | None = None, arch: str | None = None):
-    """Read a detector file into (arch, build, num_classes, state_dict, categories, label_map, format).
+@dataclass
+class DetectorFile:
+    """A detector weights file, read: what its family's build needs and what its outputs mean.
 
-    `path`: sodtool's model.pt (or its run folder), or a torchvision detection state dict.
-    `categories`: the dataset's CategoryMap; checked against a model.pt, required for a
-    torchvision state dict that is not a 91-class COCO model. `arch`: the architecture the
-    caller wants (checked before anything else).
+    family: "frcnn" | "ssd" | "mdssd"; arch: the family's trunk name; build: the build options
+    (`build_detector`'s, or {"size"} for SSD / MDSSD); num_classes: outputs including background;
+    state: the state dict; categories: a CategoryMap; label_map: output index -> label 1..K
+    (0: drop) for a torchvision COCO model, else None; format: "sodtool" | "torchvision".
+    """
+
+    family: str
+    arch: str
+    build: dict
+    num_classes: int
+    state: dict
+    categories: Any
+    label_map: np.ndarray | None
+    format: str
+    path: Path
+
+
+def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_size: int | None = None,
+                             max_size: int | None = None, arch: str | None = None) -> DetectorFile:
+    """Read a detector file.
+
+    `path`: sodtool's model.pt (or its run folder), or a torchvision detection state dict
+    (Faster R-CNN layouts, ssd300_vgg16). `categories`: the dataset's CategoryMap; checked
+    against a model.pt, required for a torchvision state dict that is not a 91-class COCO
+    model. `arch`: the architecture the caller wants (checked before anything else).
+    `min_size` / `max_size` override a Faster R-CNN's image sizes (an SSD's size is fixed).
     """
     want = arch
 
@@ -233,6 +268,9 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
     if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
         raise InputError(f"{path.name} is a training checkpoint; use the finished run's model.pt")
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        family = str(obj.get("family", FRCNN))
+        if family not in FAMILIES:
+            raise InputError(f"{path}: unknown detector family {family!r} (this sodtool knows {', '.join(FAMILIES)})")
         arch = str(obj["arch"])
         if want is not None and arch != want:
             raise InputError(f"{path.name}: weights are for {arch}, the model is {want}")
@@ -248,15 +286,22 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
         categories = own_cats
     else:
         sd = _unwrap_state_dict(obj, path)
-        arch = infer_arch(sd)
-        if arch is None:
-            raise InputError(f"{path.name}: not a Faster R-CNN state dict of a layout sodtool knows ({', '.join(ARCHS)})")
+        if infer_ssd(sd):
+            family, arch, build = "ssd", "vgg16", {"size": 300}
+            # SSD300's first map has 4 default boxes per cell, each with num_classes scores.
+            outputs = int(sd["head.classification_head.module_list.0.weight"].shape[0]) // 4
+        else:
+            family, arch = FRCNN, infer_arch(sd)
+            if arch is None:
+                raise InputError(f"{path.name}: not a Faster R-CNN ({', '.join(ARCHS)}) or ssd300_vgg16 state dict "
+                                 "of a layout sodtool knows")
+            outputs = _predictor_classes(sd)
+            if outputs is None:
+                raise InputError(f"{path.name}: no box predictor (roi_heads.box_predictor.cls_score.weight) in the "
+                                 "state dict")
+            build = _torchvision_build(arch, sd)
         if want is not None and arch != want:
             raise InputError(f"{path.name}: weights are for {arch}, the model is {want}")
-        outputs = _predictor_classes(sd)
-        if outputs is None:
-            raise InputError(f"{path.name}: no box predictor (roi_heads.box_predictor.cls_score.weight) in the state dict")
-        build = _torchvision_build(arch, sd)
         fmt, num_classes = "torchvision", outputs
         if categories is None:
             if outputs != COCO_NUM_OUTPUTS:
@@ -270,18 +315,37 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
         else:
             raise InputError(f"{path.name}: box predictor has {outputs} classes, the dataset has "
                              f"{categories.num_classes}+1")
-    if min_size is not None:
-        build["min_size"] = int(min_size)
-    if max_size is not None:
-        build["max_size"] = int(max_size)
-    return arch, build, num_classes, sd, categories, label_map, fmt, path
+    if family == FRCNN:
+        if min_size is not None:
+            build["min_size"] = int(min_size)
+        if max_size is not None:
+            build["max_size"] = int(max_size)
+    return DetectorFile(family=family, arch=arch, build=build, num_classes=num_classes, state=sd,
+                        categories=categories, label_map=label_map, format=fmt, path=path)
 
 
+def build_from_file(f: DetectorFile) -> nn.Module:
+    """The family's model for a read detector file, its weights loaded (one clear line for any
+    that do not fit)."""
+    if f.family == FRCNN:
+        model = build_detector(f.arch, f.num_classes, **f.build)
+        load_state_into(model, f.state, f.path, f.arch)
+    else:
+        model = ssd.build_ssd(f.family, f.num_classes - 1, f.arch, int(f.build["size"]))
+        own = model.state_dict()
+        bad = [k for k, v in f.state.items() if k not in own or tuple(v.shape) != tuple(own[k].shape)]
+        missing = [k for k in own if k not in f.state]
+        if bad or missing:
+            eg = (bad or missing)[0]
+            raise InputError(f"{f.path.name}: weights do not fit the {f.arch} {f.family}: {len(bad)} tensors unknown "
+                             f"or of another shape, {len(missing)} missing (e.g. {eg})")
+        model.load_state_dict(f.state)
+    return model
 
 
 # The classification network whose layers a detector's trunk is (torchvision's module names).
 TRUNK_OF = {"resnet50_fpn": "resnet50", "resnet101_fpn": "resnet101", "resnet50_c4": "resnet50",
-            "resnet18_fpn": "resnet18", "mobilenet_v3_fpn": "mobilenet_v3_large"}
+            "resnet18_fpn": "resnet18", "mobilenet_v3_fpn": "mobilenet_v3_large", "mobilenet_v3": "mobilenet_v3_large"}
 
 
 def detector_trunk(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], str]:
@@ -290,7 +354,11 @@ def detector_trunk(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor
     layer4), without the FPN, RPN and heads. MobileNet keys gain the `features.` prefix of
     the discriminator's MobileNet trunk. BatchNorm's num_batches_tracked is left out (frozen
     BatchNorm has none)."""
-    arch, _, _, sd, _, _, _, _ = read_detector_checkpoint(path)
+    f = read_detector_checkpoint(path)
+    arch, sd = f.arch, f.state
+    if arch not in TRUNK_OF:
+        raise InputError(f"{f.path.name}: a {arch} {f.family} trunk cannot initialise D (ResNet and MobileNetV3 "
+                         "trunks can)")
     trunk: dict[str, torch.Tensor] = {}
     prefix = "features." if TRUNK_OF[arch].startswith("mobilenet") else ""
     for k, v in sd.items():

@@ -4,9 +4,11 @@ A detector family implements one contract: `predict(det, images)` takes RGB uint
 [H, W, 3] and returns per image boxes float32 [N, 4] xyxy in image pixels, scores float32 [N]
 in [0, 1] and labels int64 [N] in 1..K (the dataset's `CategoryMap` labels), sorted by score.
 `LoadedDetector` holds a model ready for it; `load_detector` reads one from a weight file
-(`sodtool.models.detector_weights`). Faster R-CNN (`sodtool.models.frcnn`) is the family
-implemented today; a new family adds its build module and its branch in `load_detector` /
-`predict`.
+(`sodtool.models.detector_weights`). Families: Faster R-CNN (`sodtool.models.frcnn`) and the
+one-stage SSD / MDSSD (`sodtool.models.ssd`); both are torchvision detection models, whose
+inference differs only in where the score threshold and the detection count are set (the
+Faster R-CNN's `roi_heads`, the SSD itself). A new family adds its build module and its
+branch in `detector_weights.build_from_file` and `_postprocess_owner`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ from sodtool.artefacts import file_identity
 from sodtool.console import make_progress
 from sodtool.coco import to_coco_results
 from sodtool.device import autocast
-from sodtool.models.detector_weights import load_state_into, read_detector_checkpoint
-from sodtool.models.frcnn import build_detector
+from sodtool.models.detector_weights import build_from_file, read_detector_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Loading a trained detector and predicting
@@ -44,6 +45,7 @@ class LoadedDetector:
     identity: dict
     label_map: np.ndarray | None = None
     build: dict = field(default_factory=dict)
+    family: str = "frcnn"
 
     @property
     def device(self) -> torch.device:
@@ -58,13 +60,19 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu", c
     torchvision COCO model gets a label map onto it. `min_size`/`max_size` override the image
     size the model resizes to.
     """
-    arch, build, num_classes, sd, cats, label_map, fmt, path = read_detector_checkpoint(
-        path, categories, min_size=min_size, max_size=max_size)
-    model = build_detector(arch, num_classes, **build)
-    load_state_into(model, sd, path, arch)
+    f = read_detector_checkpoint(path, categories, min_size=min_size, max_size=max_size)
+    model = build_from_file(f)
     model.eval().to(torch.device(device))
-    ident = {**file_identity(path), "format": fmt, "arch": arch, "num_classes": num_classes}
-    return LoadedDetector(model=model, categories=cats, arch=arch, identity=ident, label_map=label_map, build=build)
+    ident = {**file_identity(f.path), "format": f.format, "family": f.family, "arch": f.arch,
+             "num_classes": f.num_classes}
+    return LoadedDetector(model=model, categories=f.categories, arch=f.arch, identity=ident, label_map=f.label_map,
+                          build=f.build, family=f.family)
+
+
+def _postprocess_owner(model: nn.Module) -> nn.Module:
+    """The module whose `score_thresh` / `detections_per_img` steer inference: a Faster R-CNN's
+    roi_heads, an SSD itself."""
+    return model.roi_heads if hasattr(model, "roi_heads") else model
 
 
 def _to_tensor(img: np.ndarray, dev: torch.device) -> torch.Tensor:
@@ -86,7 +94,7 @@ def predict(det: LoadedDetector, images: list[np.ndarray], *, score_thresh: floa
     descending, N <= max_per_image. Per-class NMS at IoU 0.5 (torchvision's default).
     """
     model, dev = det.model, det.device
-    rh = model.roi_heads
+    rh = _postprocess_owner(model)
     saved = (rh.score_thresh, rh.detections_per_img)
     rh.score_thresh = float(score_thresh)
     # With a label map some outputs are dropped afterwards: keep them all until then.

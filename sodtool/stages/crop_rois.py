@@ -62,9 +62,9 @@ from sodtool.coco import CategoryMap, load_split, resolve_split
 from sodtool.console import log, summary_table, track
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
+from sodtool.models.detector_weights import FAMILIES
 
 MODES = ("train", "test")
-FAMILIES = ("frcnn",)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def resolve_config(cfg: CropRoisConfig) -> CropRoisConfig:
     if cfg.mode not in MODES:
         raise InputError(f"--mode must be train or test, got '{cfg.mode}'")
     if cfg.detector not in FAMILIES:
-        raise InputError(f"--detector '{cfg.detector}' is not supported (the only family is: {', '.join(FAMILIES)})")
+        raise InputError(f"--detector '{cfg.detector}' is not a detector family ({', '.join(FAMILIES)})")
     if cfg.gt_only:
         if cfg.mode != "train":
             raise InputError(f"--gt-only samples training ROIs (--mode train); --mode {cfg.mode} needs a detector's "
@@ -195,6 +195,8 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
         source = rois.JsonDetections(Path(cfg.detections), split)
     else:
         source = rois.ModelDetections(Path(cfg.detector_weights), dev, split.categories)
+        if source.det.family != cfg.detector:
+            raise InputError(f"{cfg.detector_weights} holds a {source.det.family} detector, not --detector {cfg.detector}")
     image_ids = split.image_ids[shard_i::shard_n]
     attrs = {
         "categories": split.categories.to_json(),

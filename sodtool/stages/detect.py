@@ -12,9 +12,8 @@ from sodtool.console import summary_table
 from sodtool.device import device_name, resolve_device, seed_everything
 from sodtool.errors import InputError
 from sodtool.evaluate import coco_evaluate
-from sodtool.models.detector_weights import detector_file
+from sodtool.models.detector_weights import FAMILIES, detector_file
 from sodtool.models.detectors import detect_split, load_detector
-from sodtool.models.frcnn import FAMILY
 
 # ----------------------------------------------------------------------------------------------
 # Detection on a split
@@ -52,10 +51,10 @@ class DetectConfig:
 
 def _detector_file(cfg: DetectConfig) -> Path:
     if cfg.weights is not None:
-        if cfg.detector != FAMILY:
-            raise InputError(f"unknown detector '{cfg.detector}' with --weights (only {FAMILY})")
+        if cfg.detector not in FAMILIES:
+            raise InputError(f"unknown detector '{cfg.detector}' with --weights (a family: {', '.join(FAMILIES)})")
         return Path(cfg.weights)
-    if cfg.detector == FAMILY:
+    if cfg.detector in FAMILIES:
         raise InputError(f"--detector {cfg.detector} needs --weights FILE (or pass the checkpoint itself as --detector)")
     p = Path(cfg.detector)
     if not p.exists():
@@ -85,6 +84,8 @@ def detect(cfg: DetectConfig) -> dict:
     paths = resolve_split(cfg.data, cfg.split, cfg.ann, cfg.images)
     split = load_split(paths, skip_invalid=cfg.skip_invalid)
     det = load_detector(ckpt, dev, split.categories, min_size=cfg.min_size, max_size=cfg.max_size)
+    if cfg.weights is not None and det.family != cfg.detector:
+        raise InputError(f"{ckpt} holds a {det.family} detector, not --detector {cfg.detector}")
     if cfg.out is not None:
         out = Path(cfg.out)
     elif ckpt.name == "model.pt" and det.identity.get("format") == "sodtool":

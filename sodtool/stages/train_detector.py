@@ -32,6 +32,7 @@ from sodtool.engine import (
     open_run_dir,
     resume_position,
     save_training_state,
+    stop_requested,
 )
 from sodtool.errors import InputError, NonFiniteLossError
 from sodtool.evaluate import coco_evaluate
@@ -44,6 +45,7 @@ from sodtool.models.detector_weights import (
 )
 from sodtool.models.detectors import LoadedDetector, detect_split
 from sodtool.models.frcnn import ARCHS, FAMILY, build_detector, resolve_build
+from sodtool.models.ssd import ARCHS as SSD_ARCHS, FAMILIES as SSD_FAMILIES, build_ssd, load_state as load_ssd_state
 
 STAGE = "train-detector"
 
@@ -132,6 +134,23 @@ _QUICK = dict(
     rpn_pre_nms_train=1000, rpn_post_nms_train=500, rpn_post_nms_test=300,
     hflip=False, checkpoint_every=100,
 )
+# SSD and MDSSD (`--detector ssd|mdssd`). `quick` / `bench`: the light MobileNetV3 trunk at 320 px
+#   with the Faster R-CNN presets' schedule (the same images seen, so that the Fusion Blocks'
+#   gain is measured on one budget). `paper`: VGG16 at 300 px with SSD's COCO schedule (batch 32,
+#   lr 1e-3, /10 at 280k and 360k of 400k iterations, weight decay 5e-4, flips); the MDSSD seed
+#   leaves its schedule to an appendix it does not include.
+_SSD_QUICK = dict(arch="mobilenet_v3", size=320, iterations=800, batch_size=4, lr=0.02, weight_decay=1e-4,
+                  warmup_iters=100, milestones=(640,), hflip=False, checkpoint_every=100)
+SSD_PRESETS: dict[str, dict[str, Any]] = {
+    "quick": _SSD_QUICK,
+    "bench": {**_SSD_QUICK, "iterations": 2400, "milestones": (1900, 2200), "checkpoint_every": 200},
+    "paper": dict(arch="vgg16", size=300, iterations=400_000, batch_size=32, lr=1e-3, weight_decay=5e-4,
+                  warmup_iters=500, milestones=(280_000, 360_000), hflip=True, checkpoint_every=5000),
+}
+# Options of the Faster R-CNN build, refused with --detector ssd / mdssd.
+FRCNN_ONLY = ("min_size", "max_size", "fpn_channels", "returned_layers", "anchor_sizes", "roi_batch_size",
+              "roi_positive_fraction", "representation_size", "rpn_pre_nms_train", "rpn_post_nms_train",
+              "rpn_post_nms_test", "backbone_weights")
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": _QUICK,
     "bench": {**_QUICK, "iterations": 2400, "milestones": (1900, 2200), "checkpoint_every": 200},
@@ -151,7 +170,7 @@ class TrainDetectorConfig:
 
     data: Path | None = None
     out: Path = Path("runs/detector")
-    detector: str = "frcnn"
+    detector: str = "frcnn"  # or "ssd", "mdssd" (sodtool.models.ssd)
     preset: str = "quick"
     train_split: str = "train"
     train_ann: Path | None = None
@@ -172,6 +191,7 @@ class TrainDetectorConfig:
     gamma: float = 0.1
     min_size: int | None = None
     max_size: int | None = None
+    size: int | None = None  # SSD / MDSSD: the square input size
     train_sizes: tuple[int, ...] = ()  # multi-scale training: short side drawn from these per image
     hflip: bool | None = None  # preset: off on the synthetic data (a flip turns "/" stripes into "\\")
     vflip: bool = False  # random vertical flips (overhead imagery has no "up")
@@ -198,26 +218,40 @@ class TrainDetectorConfig:
     eval_batch_size: int = 4
     amp: bool = False  # bf16 autocast on CUDA
     skip_invalid: bool = False
+    stop_after: int | None = None  # tests: checkpoint and return after this iteration (a kill, simulated)
 
 
 # Fields that may change between a run and its resumption (they steer the run, not its result).
 RESUME_FREE = frozenset({"device", "workers", "resume", "checkpoint_every", "log_every", "eval", "eval_score_thresh",
-                         "eval_batch_size", "out"})
+                         "eval_batch_size", "out", "stop_after"})
 
 
 def resolve_train_config(cfg: TrainDetectorConfig, num_train_images: int | None = None) -> TrainDetectorConfig:
     """Fill the None fields from the preset; turn epochs into iterations."""
-    if cfg.detector != FAMILY:
-        raise InputError(f"unknown detector '{cfg.detector}' (only {FAMILY} is available)")
-    if cfg.preset not in PRESETS:
-        raise InputError(f"unknown preset '{cfg.preset}' (choose from {', '.join(PRESETS)})")
-    p = {"warmup_factor": 0.001, **PRESETS[cfg.preset]}
-    if cfg.arch is not None and cfg.arch not in ARCHS:
-        raise InputError(f"unknown detector architecture '{cfg.arch}' (choose from {', '.join(ARCHS)})")
-    if cfg.arch is not None and cfg.arch != p["arch"]:
+    families = (FAMILY, *SSD_FAMILIES)
+    if cfg.detector not in families:
+        raise InputError(f"unknown detector '{cfg.detector}' (choose from {', '.join(families)})")
+    one_stage = cfg.detector in SSD_FAMILIES
+    presets, archs = (SSD_PRESETS, SSD_ARCHS) if one_stage else (PRESETS, ARCHS)
+    if cfg.preset not in presets:
+        raise InputError(f"unknown preset '{cfg.preset}' for --detector {cfg.detector} "
+                         f"(choose from {', '.join(presets)})")
+    if one_stage:
+        given = [f for f in FRCNN_ONLY if getattr(cfg, f) is not None] + (["train_sizes"] if cfg.train_sizes else [])
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')} is a Faster R-CNN option; --detector {cfg.detector} "
+                             "resizes every image to --size")
+    elif cfg.size is not None:
+        raise InputError("--size is the input size of --detector ssd / mdssd; Faster R-CNN takes --min-size / --max-size")
+    p = {"warmup_factor": 0.001, **presets[cfg.preset]}
+    if cfg.arch is not None and cfg.arch not in archs:
+        raise InputError(f"unknown {cfg.detector} architecture '{cfg.arch}' (choose from {', '.join(archs)})")
+    if cfg.arch is not None and cfg.arch != p["arch"] and not one_stage:
         # The preset's build options are for its own trunk; another trunk gets its defaults.
         for k in ("fpn_channels", "returned_layers", "anchor_sizes", "representation_size"):
             p[k] = None
+    if one_stage and cfg.arch is not None and cfg.arch != p["arch"] and cfg.size is None:
+        p["size"] = 300 if cfg.arch == "vgg16" else 320  # the preset's size is for its own trunk
     if cfg.weights is not None and cfg.arch is None:
         p["arch"] = None  # the weights file decides
     changes = {k: v for k, v in p.items() if getattr(cfg, k) is None}
@@ -262,16 +296,24 @@ def _build_options(cfg: TrainDetectorConfig) -> dict:
 def _initial_model(cfg: TrainDetectorConfig, categories) -> tuple[nn.Module, str, dict, dict]:
     """Build the model to train and load --weights / --backbone-weights into it.
 
-    Returns (model, arch, build, info). With --weights the structure comes from the file (a
-    sodtool model.pt's build, or torchvision's layout for a torchvision state dict); the image
-    sizes and sampling options come from the config.
+    Returns (model, arch, build, info). Faster R-CNN: with --weights the structure comes from the
+    file (a sodtool model.pt's build, or torchvision's layout for a torchvision state dict); the
+    image sizes and sampling options come from the config. SSD / MDSSD: the configured family
+    and trunk; --weights loads every tensor of the file that fits (an ssd300_vgg16 file: all of
+    SSD but a class head of another class count, MDSSD's shared trunk).
     """
+    if cfg.detector in SSD_FAMILIES:
+        return _initial_one_stage(cfg, categories)
     info: dict[str, Any] = {}
     num_classes = categories.num_classes + 1
     if cfg.weights is not None:
-        arch, build, file_classes, sd, _, label_map, fmt, path = read_detector_checkpoint(
-            cfg.weights, categories, min_size=cfg.min_size, max_size=cfg.max_size, arch=cfg.arch)
-        if label_map is not None:
+        f = read_detector_checkpoint(cfg.weights, categories, min_size=cfg.min_size, max_size=cfg.max_size,
+                                     arch=cfg.arch)
+        if f.family != FAMILY:
+            raise InputError(f"{f.path.name} holds a {f.family} detector; --detector {cfg.detector} needs a "
+                             f"{cfg.detector} one")
+        arch, build, sd = f.arch, f.build, f.state
+        if f.label_map is not None:
             # A COCO checkpoint on a COCO-category dataset: keep the rows of the dataset's classes.
             sd = dict(sd)
             rows = torch.as_tensor([0] + list(categories.ids))
@@ -286,8 +328,8 @@ def _initial_model(cfg: TrainDetectorConfig, categories) -> tuple[nn.Module, str
                      "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "min_size", "max_size"):
                 build[k] = v
         model = build_detector(arch, num_classes, **build)
-        load_state_into(model, sd, path, arch)
-        info["weights"] = fmt
+        load_state_into(model, sd, f.path, arch)
+        info["weights"] = f.format
     else:
         arch = cfg.arch
         build = resolve_build(arch, **_build_options(cfg))
@@ -295,6 +337,24 @@ def _initial_model(cfg: TrainDetectorConfig, categories) -> tuple[nn.Module, str
         if cfg.backbone_weights is not None:
             info["backbone_tensors_loaded"] = load_backbone_weights(model, arch, cfg.backbone_weights)
     return model, arch, build, info
+
+
+def _initial_one_stage(cfg: TrainDetectorConfig, categories) -> tuple[nn.Module, str, dict, dict]:
+    """SSD / MDSSD: (model, arch, build {"size"}, info) for `_initial_model`."""
+    info: dict[str, Any] = {}
+    arch, size = cfg.arch, cfg.size
+    if cfg.weights is not None:
+        f = read_detector_checkpoint(cfg.weights, None)
+        if f.family not in SSD_FAMILIES:
+            raise InputError(f"{f.path.name} holds a {f.family} detector; --detector {cfg.detector} takes SSD or "
+                             "MDSSD weights (e.g. torchvision's ssd300_vgg16 file)")
+        arch, size = arch or f.arch, size or int(f.build["size"])
+        model = build_ssd(cfg.detector, categories.num_classes, arch, size)
+        loaded, left = load_ssd_state(model, f.state, str(f.path))
+        info.update(weights=f.format, weight_tensors_loaded=loaded, weight_tensors_left=len(left))
+    else:
+        model = build_ssd(cfg.detector, categories.num_classes, arch, size)
+    return model, arch, {"size": int(size)}, info
 
 
 def _lr_factor(cfg: TrainDetectorConfig):
@@ -416,7 +476,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
                 metrics_log.write(rec)
                 progress.update(task, info=f"loss {rec['loss']:.3f} lr {rec['lr']:.4g}")
                 window, window_n = {}, 0
-            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            if done % cfg.checkpoint_every == 0 or done == cfg.iterations or done == cfg.stop_after:
                 save_training_state(ckpt_path, {"format": TRAIN_FORMAT, "model": model.state_dict(),
                                                 "optimizer": optimizer.state_dict(),
                                                 "scheduler": scheduler.state_dict(), "arch": arch, "build": build,
@@ -424,10 +484,13 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
                                     step=done, cfg=cfg, inputs=inputs, stage=STAGE, elapsed_s=train_time)
                 last_ckpt = done
             progress.update(task, completed=done)
+            if stop_requested(cfg, done):
+                return {"stopped_at": done}
 
-    model.transform.min_size = (int(build["min_size"]),)
+    if cfg.detector == FAMILY:
+        model.transform.min_size = (int(build["min_size"]),)
     model.eval()
-    save_detector(model_path, model, arch, build, categories)
+    save_detector(model_path, model, arch, build, categories, family=cfg.detector)
 
     metrics: dict[str, Any] = {
         "iterations": cfg.iterations, "resumed_from_step": start, "train_time_s": round(train_time, 3),
@@ -439,7 +502,8 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     if final:
         metrics["final_loss"] = final["loss"]
     if val is not None:
-        det = LoadedDetector(model=model, categories=categories, arch=arch, identity={}, build=build)
+        det = LoadedDetector(model=model, categories=categories, arch=arch, identity={}, build=build,
+                             family=cfg.detector)
         eval_timer = Timer()
         results = detect_split(det, val, score_thresh=cfg.eval_score_thresh, max_per_image=100,
                                batch_size=cfg.eval_batch_size, description=f"eval {cfg.val_split}", amp=cfg.amp)
