@@ -97,7 +97,7 @@ class PipelineGroup(OrderedGroup):
     """`sodtool --help` in pipeline order: make the data, train the detector, detect, crop its
     ROIs, downsample them, train SR and the MTGAN on them (under `train`), evaluate."""
 
-    order = ("data", "train", "detect", "crop-rois", "downsample", "eval", "verify", "info")
+    order = ("data", "train", "detect", "crop-rois", "downsample", "eval", "predict", "verify", "info")
 
 
 class TrainGroup(OrderedGroup):
@@ -498,7 +498,7 @@ def train_mtgan_cmd(
     lr: Path = typer.Option(..., "--lr", help="Its LR twin rois_<split>_lr.h5 (from downsample)."),
     sr: Path = typer.Option(..., "--sr", help="The `train sr` run folder whose generator.pt initialises G."),
     out: Path = typer.Option(..., "--out", help="Output folder, e.g. RUN/mtgan. Rerunning into it resumes from its checkpoint.pt."),
-    preset: str = typer.Option("quick", "--preset", help="quick: ResNet-18 D from scratch, batch 32, D trained with Adam at 1e-3, 150 D-only warm-up + 100 adversarial iterations, D lr /10 at 200; bench: the same, 1500 + 500 iterations, /10 at 1750; paper: ResNet-50 D, 80k iterations, batch 64, D SGD 0.01 /10 every 40k, no warm-up."),
+    preset: str = typer.Option("quick", "--preset", help="quick: ResNet-18 D from scratch (or the detector's trunk with --disc-init), batch 32, D trained with Adam at 1e-3, 650 D-only warm-up + 100 adversarial iterations, D lr /10 at 600; bench: the same, 1500 + 500 iterations, /10 at 1750; paper: ResNet-50 D, 80k iterations, batch 64, D SGD 0.01 /10 every 40k, no warm-up."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations, one D and one G step each (overrides the preset)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process (overrides the preset)."),
     disc_arch: Optional[str] = typer.Option(None, "--disc-arch", help="Discriminator trunk: resnet18, resnet34, resnet50 (paper) or resnet101."),
@@ -657,6 +657,47 @@ def downsample_cmd(
 
     downsample(DownsampleConfig(src=src, out=out, scale=scale, batch=batch, overwrite=overwrite,
                                 compression=compression, workers=workers))
+
+
+@app.command("predict")
+@handles_input_errors
+def predict_cmd(
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs (quoted), any size."),
+    detector: Path = typer.Option(..., "--detector", help="The detector: RUN/detector/model.pt (any family) or a torchvision detection state dict."),
+    out: Path = typer.Option(..., "--out", help="Output folder: predictions.json (COCO), drawn/, parts/, manifest.json. Rerunning skips finished images."),
+    mtgan: Optional[Path] = typer.Option(None, "--mtgan", help="Rescore the detector's ROIs with this MTGAN (RUN/mtgan or its model.pt), as eval does."),
+    score: str = typer.Option("fused", "--score", help="With --mtgan: disc (the paper: D's class probability) or fused (geometric mean with the detector's score)."),
+    slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference: tiles of this many px (square), merged across tiles by greedy non-maximum merging (SAHI's GREEDYNMM: a box cut by a tile border comes out once, whole)."),
+    overlap: float = typer.Option(0.2, "--overlap", help="Overlap of neighbouring tiles, as a fraction of the tile side."),
+    slice_full: bool = typer.Option(False, "--slice-full", help="With --slice: also run the detector on the whole image and merge it in."),
+    score_thresh: float = typer.Option(0.05, "--score-thresh", help="Lowest detector score kept as a ROI (the paper's protocol: 0.05)."),
+    max_rois: int = typer.Option(100, "--max-rois", help="ROIs per image (the paper's protocol: 100)."),
+    max_per_image: int = typer.Option(100, "--max-per-image", help="Detections kept per image."),
+    merge_ios: float = typer.Option(0.5, "--merge-ios", help="Tile merging: intersection over the smaller box at which two boxes of a class merge."),
+    nms_iou: float = typer.Option(0.5, "--nms-iou", help="With --mtgan: IoU of the per-class NMS after rescoring."),
+    min_score: float = typer.Option(1e-3, "--min-score", help="With --mtgan: lowest rescored score kept."),
+    draw_threshold: float = typer.Option(0.5, "--draw-threshold", help="Smallest score drawn on the images in OUT/drawn/."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per group and tiles per detector call (tiles of several images go together)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every image (by default a rerun skips those already in OUT)."),
+) -> None:
+    """Detect objects in your own images (optionally sliced, optionally rescored by the MTGAN).
+
+    Writes OUT/predictions.json (a COCO object: images, categories, annotations with scores:
+    pycocotools loads it as a dataset, and its annotations serve as results), one drawn image
+    per input in OUT/drawn/, and OUT/manifest.json. An unreadable input is named and skipped;
+    the command then ends with exit code 2 once every other image is written.
+
+    Example: sodtool predict ../shared/data/kit-aerial/images --detector runs/kit/detector/model.pt --mtgan runs/kit/mtgan --slice 512 --out runs/kit/predict
+    """
+    from sodtool.stages.predict import PredictConfig, predict_images
+
+    predict_images(PredictConfig(inputs=tuple(inputs), detector=detector, out=out, mtgan=mtgan, score=score,
+                                 slice=slice_size, overlap=overlap, slice_full=slice_full,
+                                 score_thresh=score_thresh, max_rois=max_rois, max_per_image=max_per_image,
+                                 merge_ios=merge_ios, nms_iou=nms_iou, min_score=min_score,
+                                 draw_threshold=draw_threshold, batch_size=batch_size, device=device,
+                                 overwrite=overwrite))
 
 
 @app.command("verify")

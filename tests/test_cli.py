@@ -122,6 +122,7 @@ CONFIGS = {
     ("detect",): [("sodtool.stages.detect", "DetectConfig", {})],
     ("crop-rois",): [("sodtool.stages.crop_rois", "CropRoisConfig", {})],
     ("downsample",): [("sodtool.stages.downsample", "DownsampleConfig", {})],
+    ("predict",): [("sodtool.stages.predict", "PredictConfig", {"slice_size": "slice"})],
     ("train", "sr"): [("sodtool.stages.train_sr", "TrainSRConfig", {"workers": "num_workers"})],
     ("train", "mtgan"): [("sodtool.stages.train_mtgan", "TrainMTGANConfig", {
         "workers": "num_workers", "no_reg_branch": "reg_branch", "no_adv": "adv", "no_cls": "cls", "no_reg": "reg"})],
@@ -274,7 +275,7 @@ def _listed_commands(help_text: str) -> list[str]:
 def test_help_lists_commands_in_pipeline_order(cli):
     res = cli("--help")
     assert res.exit_code == 0, res.stderr
-    assert _listed_commands(res.stdout) == ["data", "train", "detect", "crop-rois", "downsample", "eval", "verify",
+    assert _listed_commands(res.stdout) == ["data", "train", "detect", "crop-rois", "downsample", "eval", "predict", "verify",
                                             "info"], res.stdout
 
 
