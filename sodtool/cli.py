@@ -193,6 +193,9 @@ def eval_results(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Rescoring: write figures/ (SR triplets, detections, loss curves)."),
     seed: int = typer.Option(0, "--seed", help="Seed (rescoring is deterministic; recorded in the manifest)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
+    slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference of the detector: overlapping tiles of this many px, merged by greedy non-maximum merging (as `sodtool predict --slice`)."),
+    overlap: float = typer.Option(0.2, "--overlap", help="With --slice: overlap of neighbouring tiles, as a fraction of the tile side."),
+    slice_full: bool = typer.Option(False, "--slice-full", help="With --slice: also run the detector on the whole image and merge it in."),
 ) -> None:
     """Evaluate detections with COCOeval (bbox), or rescore the baseline's ROIs with an MTGAN and compare.
 
@@ -229,7 +232,8 @@ def eval_results(
         rescore_eval(RescoreConfig(mtgan=mtgan, data=data, split=split, ann=ann, images=images, detector=detector,
                                    rois=rois, ablations=tuple(ablation or ()), out=out, score=score,
                                    nms_iou=nms_iou, max_per_image=max_per_image, batch_size=batch_size,
-                                   device=device, seed=seed, figures=figures, overwrite=overwrite))
+                                   device=device, seed=seed, figures=figures, overwrite=overwrite,
+                                   slice=slice_size, overlap=overlap, slice_full=slice_full))
         return
     if results is None:
         typer.echo("sodtool: error: give --results FILE (a COCO results JSON), or --mtgan RUN/mtgan with "
@@ -590,6 +594,9 @@ def crop_rois_cmd(
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store (only once the new one is complete)."),
     gt_only: bool = typer.Option(False, "--gt-only", help="Train mode without a detector: ROIs are the jittered ground truth plus random background boxes (IoU < --fg-iou), e.g. SR training crops of real photos."),
+    slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference of the detector: overlapping tiles of this many px, merged by greedy non-maximum merging (as `sodtool predict --slice`)."),
+    overlap: float = typer.Option(0.2, "--overlap", help="With --slice: overlap of neighbouring tiles, as a fraction of the tile side."),
+    slice_full: bool = typer.Option(False, "--slice-full", help="With --slice: also run the detector on the whole image and merge it in."),
 ) -> None:
     """Crop the ROIs of a split into an HDF5 store: HR crops, labels, box targets, provenance.
 
@@ -613,7 +620,7 @@ def crop_rois_cmd(
         score_thresh=score_thresh, max_rois=max_rois, fg_iou=fg_iou, bg_low=bg_low, fg_fraction=fg_fraction,
         rois_per_image=rois_per_image, gt_jitters=gt_jitters, jitter_iou=jitter_iou, shard=shard, seed=seed,
         device=device, batch_images=batch_images, compression=compression, skip_invalid=skip_invalid,
-        overwrite=overwrite, gt_only=gt_only))
+        overwrite=overwrite, gt_only=gt_only, slice=slice_size, overlap=overlap, slice_full=slice_full))
 
 
 @crop_rois_app.command("merge")

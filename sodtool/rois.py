@@ -30,6 +30,7 @@ for ground-truth-only sampling), with an `identity` dict for manifests.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from sodtool import boxes as B
 from sodtool.artefacts import file_identity, read_json
 from sodtool.coco import xywh_to_xyxy
 from sodtool.evaluate import check_results
-from sodtool.models.detectors import load_detector, predict
+from sodtool.models.detectors import load_detector, predict, predict_sliced
 
 # Crop geometry defaults: HR side in px (LR = HR / 4) and window side / ROI's longer side.
 DEFAULT_HR_SIZE = 128
@@ -353,14 +354,23 @@ class GroundTruthOnly:
 class ModelDetections:
     """Detections from a detector checkpoint, run through the predict contract (sodtool.models.detectors)."""
 
-    def __init__(self, path: Path, device, categories) -> None:
+    def __init__(self, path: Path, device, categories, slicing: Optional[tuple[int, float, bool]] = None) -> None:
+        """slicing: (tile px, overlap, whole image too) for sliced inference (`predict_sliced`), or None."""
         self.det = load_detector(path, device, categories=categories)
         self.det.categories.check_same(categories, f"detector {path} vs the dataset")
+        self.slicing = slicing
         self.identity = {"family": self.det.family, "kind": "checkpoint", "arch": self.det.arch,
                          "file": file_identity(path), "identity": self.det.identity}
+        if slicing is not None:
+            self.identity["slicing"] = {"tile": slicing[0], "overlap": slicing[1], "full": slicing[2]}
 
     def __call__(self, image_ids: list[int], images: list[np.ndarray], thresh: float, max_rois: int) -> list[dict]:
-        preds = predict(self.det, images, score_thresh=thresh, max_per_image=max_rois)
+        if self.slicing is not None:
+            tile, overlap, full = self.slicing
+            preds = predict_sliced(self.det, images, tile=tile, overlap=overlap, full=full, score_thresh=thresh,
+                                   max_per_image=max_rois)
+        else:
+            preds = predict(self.det, images, score_thresh=thresh, max_per_image=max_rois)
         return [{k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in p.items()}
                 for p in preds]
 

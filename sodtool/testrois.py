@@ -120,7 +120,8 @@ def store_rois(path: Path, split_name: str, split) -> tuple[SourceInfo, Iterator
 
 
 def detector_rois(detector: Path, device: torch.device, split, *, hr_size: int, context: float, score_thresh: float,
-                  max_rois: int, batch_images: int) -> tuple[SourceInfo, Iterator[ImageRois]]:
+                  max_rois: int, batch_images: int, slicing: Optional[tuple[int, float, bool]] = None,
+                  ) -> tuple[SourceInfo, Iterator[ImageRois]]:
     """ROIs from running the detector on the split's images, exactly as `crop-rois --mode test`.
 
     The same steps and functions as `sodtool crop-rois` in test mode: `rois.ModelDetections` on
@@ -129,7 +130,7 @@ def detector_rois(detector: Path, device: torch.device, split, *, hr_size: int, 
     windows (`boxes.square_windows`) and `rois.crop_windows` on the same device. A test-mode
     store made with the same detector, context, HR size and batch therefore holds the same crops.
     """
-    source_fn = rois.ModelDetections(Path(detector), device, split.categories)
+    source_fn = rois.ModelDetections(Path(detector), device, split.categories, slicing)
     det = source_fn.det
     source = SourceInfo(kind="detector", path=Path(detector), lr_path=None, categories=det.categories,
                         hr_size=hr_size, context=context,

@@ -120,13 +120,13 @@ CONFIGS = {
     ("data", "import-yolo"): [("sodtool.stages.import_yolo", "ImportYoloConfig", {})],
     ("train", "detector"): [("sodtool.stages.train_detector", "TrainDetectorConfig", {"evaluate": "eval"})],
     ("detect",): [("sodtool.stages.detect", "DetectConfig", {})],
-    ("crop-rois",): [("sodtool.stages.crop_rois", "CropRoisConfig", {})],
+    ("crop-rois",): [("sodtool.stages.crop_rois", "CropRoisConfig", {"slice_size": "slice"})],
     ("downsample",): [("sodtool.stages.downsample", "DownsampleConfig", {})],
     ("predict",): [("sodtool.stages.predict", "PredictConfig", {"slice_size": "slice"})],
     ("train", "sr"): [("sodtool.stages.train_sr", "TrainSRConfig", {"workers": "num_workers"})],
     ("train", "mtgan"): [("sodtool.stages.train_mtgan", "TrainMTGANConfig", {
         "workers": "num_workers", "no_reg_branch": "reg_branch", "no_adv": "adv", "no_cls": "cls", "no_reg": "reg"})],
-    ("eval",): [("sodtool.stages.eval_mtgan", "RescoreConfig", {"ablation": "ablations"}),
+    ("eval",): [("sodtool.stages.eval_mtgan", "RescoreConfig", {"ablation": "ablations", "slice_size": "slice"}),
                 ("sodtool.stages.eval_results", "EvalResultsConfig", {})],
     ("eval", "sr"): [("sodtool.stages.eval_sr", "EvalSRConfig", {})],
 }

@@ -149,3 +149,26 @@ def test_predict_without_mtgan_and_bad_model(cli, models, photos, tmp_path):
     res = cli("predict", photos, "--detector", bad, "--out", tmp_path / "x")
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "x" / "predictions.json").exists()
+
+
+def test_sliced_prediction_with_one_tile_is_plain_prediction_and_feeds_crop_rois_sources(models):
+    """An image no larger than a tile: sliced inference is the plain one. Larger: boxes in image
+    pixels; crop-rois and eval reach it through rois.ModelDetections(slicing=...)."""
+    from sodtool.models.detectors import load_detector, predict, predict_sliced
+    from sodtool.rois import ModelDetections
+
+    detector, _ = models
+    det = load_detector(detector, "cpu")
+    rng = np.random.default_rng(1)
+    small = [rng.integers(0, 255, (100, 120, 3), dtype=np.uint8)]
+    a = predict(det, small, score_thresh=0.0, max_per_image=50)[0]
+    b = predict_sliced(det, small, tile=128, overlap=0.2, score_thresh=0.0, max_per_image=50)[0]
+    for key in ("boxes", "scores", "labels"):
+        np.testing.assert_array_equal(a[key], b[key])
+    big = rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    src = ModelDetections(detector, "cpu", CATS, (96, 0.25, True))
+    assert src.identity["slicing"] == {"tile": 96, "overlap": 0.25, "full": True}
+    (out,) = src([1], [big], 0.0, 40)
+    assert 0 < len(out["boxes"]) <= 40
+    assert out["boxes"][:, 2].max() <= 300 + 1e-3 and out["boxes"][:, 3].max() <= 200 + 1e-3
+    assert out["boxes"][:, 0].max() > 96  # boxes from tiles beyond the first, in image pixels

@@ -26,6 +26,7 @@ from sodtool.console import make_progress
 from sodtool.coco import to_coco_results
 from sodtool.device import autocast
 from sodtool.models.detector_weights import build_from_file, read_detector_checkpoint
+from sodtool.slicing import DEFAULT_MERGE_IOS, merge_detections, tile_grid
 
 # ----------------------------------------------------------------------------------------------
 # Loading a trained detector and predicting
@@ -117,6 +118,37 @@ def predict(det: LoadedDetector, images: list[np.ndarray], *, score_thresh: floa
                                     "labels": labels[order]})
     finally:
         rh.score_thresh, rh.detections_per_img = saved
+    return results
+
+
+def predict_sliced(det: LoadedDetector, images: list[np.ndarray], *, tile: int, overlap: float, full: bool = False,
+                   score_thresh: float = 0.05, max_per_image: int = 100, batch_size: int = 4,
+                   merge_ios: float = DEFAULT_MERGE_IOS, amp: bool = False) -> list[dict]:
+    """`predict` with sliced inference: each image cut into overlapping `tile` px tiles
+    (`slicing.tile_grid`; `full` adds the whole image), the tiles of all `images` batched
+    together, their detections shifted into image pixels and merged across tiles
+    (`slicing.merge_detections`), the top `max_per_image` kept. Same output as `predict`."""
+    crops, owners, offsets = [], [], []
+    for k, img in enumerate(images):
+        h, w = img.shape[:2]
+        grid = tile_grid(w, h, tile, overlap)
+        if full and len(grid) > 1:
+            grid = np.concatenate([grid, np.array([[0, 0, w, h]], np.float32)])
+        for t in grid.astype(int):
+            crops.append(img[t[1]:t[3], t[0]:t[2]])
+            owners.append(k)
+            offsets.append(np.array([t[0], t[1], t[0], t[1]], np.float32))
+    preds = predict(det, crops, score_thresh=score_thresh, max_per_image=max_per_image, batch_size=batch_size,
+                    amp=amp)
+    results = []
+    for k in range(len(images)):
+        mine = [i for i, o in enumerate(owners) if o == k]
+        boxes = np.concatenate([preds[i]["boxes"] + offsets[i] for i in mine])
+        scores = np.concatenate([preds[i]["scores"] for i in mine])
+        labels = np.concatenate([preds[i]["labels"] for i in mine])
+        merged = merge_detections(boxes, scores, labels, merge_ios) if len(mine) > 1 else \
+            {"boxes": boxes, "scores": scores, "labels": labels}
+        results.append({key: v[:max_per_image] for key, v in merged.items()})
     return results
 
 

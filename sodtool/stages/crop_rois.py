@@ -49,7 +49,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -104,6 +104,10 @@ class CropRoisConfig:
     compression: str = S.COMPRESSION
     skip_invalid: bool = False
     overwrite: bool = False
+    # Sliced inference of the detector (`models.detectors.predict_sliced`): tile px or None, overlap, whole image too.
+    slice: Optional[int] = None
+    overlap: float = 0.2
+    slice_full: bool = False
     gt_only: bool = False
 
 
@@ -128,6 +132,10 @@ def resolve_config(cfg: CropRoisConfig) -> CropRoisConfig:
         raise InputError(f"--mode must be train or test, got '{cfg.mode}'")
     if cfg.detector not in FAMILIES:
         raise InputError(f"--detector '{cfg.detector}' is not a detector family ({', '.join(FAMILIES)})")
+    if cfg.slice is not None and (cfg.slice < 32 or cfg.detector_weights is None):
+        raise InputError("--slice takes a tile size of at least 32 px and a detector to run (--detector-weights)")
+    if not 0.0 <= cfg.overlap < 1.0:
+        raise InputError(f"--overlap must be in [0, 1), got {cfg.overlap}")
     if cfg.gt_only:
         if cfg.mode != "train":
             raise InputError(f"--gt-only samples training ROIs (--mode train); --mode {cfg.mode} needs a detector's "
@@ -194,7 +202,8 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
     elif cfg.detections is not None:
         source = rois.JsonDetections(Path(cfg.detections), split)
     else:
-        source = rois.ModelDetections(Path(cfg.detector_weights), dev, split.categories)
+        slicing = (cfg.slice, cfg.overlap, cfg.slice_full) if cfg.slice else None
+        source = rois.ModelDetections(Path(cfg.detector_weights), dev, split.categories, slicing)
         if source.det.family != cfg.detector:
             raise InputError(f"{cfg.detector_weights} holds a {source.det.family} detector, not --detector {cfg.detector}")
     image_ids = split.image_ids[shard_i::shard_n]

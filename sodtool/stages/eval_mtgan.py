@@ -132,6 +132,10 @@ class RescoreConfig:
     fig_images: int = 4
     draw_thresh: float = 0.5
     overwrite: bool = False
+    # With --detector: sliced inference (tile px or None, overlap, whole image too), as crop-rois --slice.
+    slice: Optional[int] = None
+    overlap: float = 0.2
+    slice_full: bool = False
 
 
 def parse_ablation(spec: str) -> tuple[str, Path]:
@@ -194,6 +198,9 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     """
     timer = Timer()
     cfg = resolve_config(cfg)
+    if cfg.slice is not None and (cfg.detector is None or cfg.slice < 32):
+        raise InputError("--slice (a tile size of at least 32 px) runs the detector sliced: give --detector "
+                         "(for --rois, crop the store with `crop-rois --slice`)")
     out = check_output(cfg.out, "folder", overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -225,7 +232,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         source, items = detector_rois(
             Path(cfg.detector), device, split, hr_size=main.hr_size or DEFAULT_HR_SIZE, context=context,
             score_thresh=thresh if cfg.roi_score_thresh is None else cfg.roi_score_thresh,
-            max_rois=max_rois if cfg.rois_per_image is None else cfg.rois_per_image, batch_images=cfg.detector_batch)
+            max_rois=max_rois if cfg.rois_per_image is None else cfg.rois_per_image, batch_images=cfg.detector_batch,
+            slicing=(cfg.slice, cfg.overlap, cfg.slice_full) if cfg.slice else None)
     for m in models:
         if m.hr_size is not None and m.hr_size != source.hr_size:
             raise InputError(f"{m.path} was trained on {m.hr_size} px crops but the ROI crops of {source.path} "

@@ -45,12 +45,12 @@ from sodtool.console import log, make_progress, summary_table, warn
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
 from sodtool.figures import font
-from sodtool.models.detectors import load_detector, predict as detector_predict
+from sodtool.models.detectors import load_detector, predict as detector_predict, predict_sliced
 from sodtool.models.mtgan import load_mtgan, training_context
 from sodtool.resample import SCALE, bicubic_down
 from sodtool.rescoring import SCORE_MODES, MtganScorer, class_scores, refine_boxes, score_rois, select_detections
 from sodtool.rois import DEFAULT_CONTEXT, DEFAULT_HR_SIZE, crop_windows, prepare_detections
-from sodtool.slicing import DEFAULT_MERGE_IOS, merge_detections, tile_grid
+from sodtool.slicing import DEFAULT_MERGE_IOS, tile_grid
 
 STAGE = "predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
@@ -184,31 +184,22 @@ def predict_images(cfg: PredictConfig) -> dict:
                 except (InputError, OSError) as e:
                     warn(f"skipped {im.path}: {str(e).splitlines()[0]}")
                     bad.append(str(im.path))
-            # Every tile of the group's images in one list, run through the detector in batches.
-            tiles, owners = [], []
-            for k, (_, img) in enumerate(loaded):
+            imgs = [img for _, img in loaded]
+            if cfg.slice:
+                preds = predict_sliced(det, imgs, tile=cfg.slice, overlap=cfg.overlap, full=cfg.slice_full,
+                                       score_thresh=cfg.score_thresh, max_per_image=cfg.max_rois,
+                                       batch_size=cfg.batch_size, merge_ios=cfg.merge_ios)
+                n_tiles = sum(len(tile_grid(i.shape[1], i.shape[0], cfg.slice, cfg.overlap))
+                              + (1 if cfg.slice_full and max(i.shape[:2]) > cfg.slice else 0) for i in imgs)
+            else:
+                preds = detector_predict(det, imgs, score_thresh=cfg.score_thresh, max_per_image=cfg.max_rois,
+                                         batch_size=cfg.batch_size) if imgs else []
+                n_tiles = len(imgs)
+            tiles_run += n_tiles
+            progress.update(tile_task, advance=n_tiles, info=f"{tiles_run} tiles")
+            for (im, img), p in zip(loaded, preds):
                 h, w = img.shape[:2]
-                grid = tile_grid(w, h, cfg.slice, cfg.overlap) if cfg.slice else np.array([[0, 0, w, h]], np.float32)
-                for t in grid:
-                    tiles.append(t)
-                    owners.append(k)
-                if cfg.slice and cfg.slice_full and len(grid) > 1:
-                    tiles.append(np.array([0, 0, w, h], np.float32))
-                    owners.append(k)
-            crops = [loaded[o][1][int(t[1]):int(t[3]), int(t[0]):int(t[2])] for t, o in zip(tiles, owners)]
-            preds = detector_predict(det, crops, score_thresh=cfg.score_thresh, max_per_image=cfg.max_rois,
-                                     batch_size=cfg.batch_size) if crops else []
-            tiles_run += len(crops)
-            progress.update(tile_task, advance=len(crops), info=f"{tiles_run} tiles")
-            for k, (im, img) in enumerate(loaded):
-                h, w = img.shape[:2]
-                mine = [(t, p) for t, p, o in zip(tiles, preds, owners) if o == k]
-                boxes = np.concatenate([p["boxes"] + np.array([t[0], t[1], t[0], t[1]], np.float32) for t, p in mine])
-                scores = np.concatenate([p["scores"] for _, p in mine])
-                labels = np.concatenate([p["labels"] for _, p in mine])
-                if len(mine) > 1:
-                    merged = merge_detections(boxes, scores, labels, cfg.merge_ios)
-                    boxes, scores, labels = merged["boxes"], merged["scores"], merged["labels"]
+                boxes, scores, labels = p["boxes"], p["scores"], p["labels"]
                 rois = prepare_detections(boxes, scores, labels, w, h, cfg.score_thresh, cfg.max_rois)
                 if mt is not None and len(rois["boxes"]):
                     result = _rescore(rois, img, scorer, device, context, hr_size, cfg)
