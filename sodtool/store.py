@@ -180,13 +180,13 @@ def store_info(path: str | os.PathLike, expect_schema: str | None = SCHEMA) -> d
         return info
 
 
-def verify_store(path: str | os.PathLike, expect_schema: str | None = None, progress=None) -> dict:
+def verify_store(path: str | os.PathLike, expect_schema: str | None = None) -> dict:
     """Recompute a store's `content_sha256` from its bytes and compare it with the recorded one.
 
     Every dataset is read in row order, a few chunks at a time, and hashed as StoreWriter
     hashed it. Returns {"rows", "bytes" (uncompressed bytes hashed), "content_sha256"}. A store
     whose digest differs, that has none recorded, or whose chunks cannot be decompressed is an
-    InputError naming it. `progress(rows_done_in_field, field)` is called after each slab.
+    InputError naming it.
     """
     path = Path(path)
     with open_store(path, expect_schema) as f:
@@ -207,8 +207,6 @@ def verify_store(path: str | os.PathLike, expect_schema: str | None = None, prog
                                      f"cannot be read ({str(e).splitlines()[0]})") from None
                 h.update(np.ascontiguousarray(block))
                 hashed += block.nbytes
-                if progress is not None:
-                    progress(min(start + step, rows), name)
             digests[name] = h.hexdigest()
     actual = combine_digests(digests)
     if actual != recorded:
