@@ -5,12 +5,14 @@
 # results say how long each stage took.
 #
 #   bash pipelines/bench.sh [RUN] [DATA]   # defaults: runs/bench data/synth-bench (made if missing)
+#   DETECTOR=mdssd bash pipelines/bench.sh runs/bench-mdssd   # SOD-MTGAN over MDSSD's ROIs
 #
 # Rerunning resumes the training stages from their checkpoints and rewrites the other outputs.
 set -euo pipefail
 
 RUN=${1:-runs/bench}
 DATA=${2:-data/synth-bench}
+DETECTOR=${DETECTOR:-frcnn}  # the baseline family: frcnn, or ssd / mdssd (DETECTOR=mdssd bash ...)
 HR=64   # as the quickstart: LR 16
 
 if [ ! -f "$DATA/manifest.json" ]; then
@@ -18,9 +20,9 @@ if [ ! -f "$DATA/manifest.json" ]; then
 fi
 sodtool data stats --data "$DATA" --split train --out "$RUN/stats" --overwrite
 
-sodtool train detector --detector frcnn --preset bench --data "$DATA" --out "$RUN/detector" --seed 0
+sodtool train detector --detector "$DETECTOR" --preset bench --data "$DATA" --out "$RUN/detector" --seed 0
 
-sodtool crop-rois --detector frcnn --detector-weights "$RUN/detector/model.pt" --data "$DATA" --split train \
+sodtool crop-rois --detector "$DETECTOR" --detector-weights "$RUN/detector/model.pt" --data "$DATA" --split train \
   --mode train --hr-size "$HR" --out "$RUN/rois_train.h5" --overwrite
 sodtool downsample "$RUN/rois_train.h5" --out "$RUN/rois_train_lr.h5" --overwrite
 
@@ -30,7 +32,7 @@ sodtool train sr --preset bench --hr "$RUN/rois_train.h5" --lr "$RUN/rois_train_
 sodtool train mtgan --preset bench --hr "$RUN/rois_train.h5" --lr "$RUN/rois_train_lr.h5" --sr "$RUN/sr" \
   --disc-init "$RUN/detector/model.pt" --out "$RUN/mtgan" --seed 0
 
-sodtool crop-rois --detector frcnn --detector-weights "$RUN/detector/model.pt" --data "$DATA" --split minival \
+sodtool crop-rois --detector "$DETECTOR" --detector-weights "$RUN/detector/model.pt" --data "$DATA" --split minival \
   --mode test --hr-size "$HR" --out "$RUN/rois_minival.h5" --overwrite
 sodtool downsample "$RUN/rois_minival.h5" --out "$RUN/rois_minival_lr.h5" --overwrite
 
