@@ -417,3 +417,14 @@ def test_width_given_as_a_string_is_named(tmp_path):
             "categories": [{"id": 1, "name": "a"}]}
     with pytest.raises(InputError, match=r"image 1 \(a.jpg\) has width '320', expected a number of pixels"):
         validate_coco_dict(data, "x.json")
+
+
+def test_non_finite_detector_loss_is_one_line_exit_3(cli, pipeline, tmp_path):
+    """A learning rate that blows the detector up: exit 3 and its one line, whatever torch warned."""
+    res = cli("--quiet", "train", "detector", "--preset", "quick", "--data", pipeline / "data", "--out",
+              tmp_path / "nan", "--iterations", 6, "--batch-size", 2, "--min-size", 192, "--max-size", 192,
+              "--lr", "1e12", "--warmup-iters", 0, "--checkpoint-every", 1, "--no-eval")
+    assert res.exit_code == 3, (res.stderr, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sodtool: error: loss is not finite at iteration"), res.stderr
+    assert not (tmp_path / "nan" / "model.pt").exists()
