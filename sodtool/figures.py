@@ -117,8 +117,10 @@ def sr_triplets(lr: np.ndarray, hr: np.ndarray, sr: np.ndarray, path: str | os.P
 # Fig. 4: detections drawn on images
 # ----------------------------------------------------------------------------------------------
 
-def _draw_boxes(draw: ImageDraw.ImageDraw, boxes: np.ndarray, colour, scale: float, labels: Sequence[str] | None,
+def draw_boxes(draw: ImageDraw.ImageDraw, boxes: np.ndarray, colour, scale: float, labels: Sequence[str] | None,
                 width: int, f) -> None:
+    """Boxes [N, 4] xyxy pixels (times `scale`) as `width`-px outlines of `colour`, each with its
+    label (if any) on a filled tag above it (below, at the top edge)."""
     for j, b in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)):
         x1, y1, x2, y2 = (float(v) * scale for v in b)
         draw.rectangle([x1, y1, max(x2, x1), max(y2, y1)], outline=colour, width=width)
@@ -173,12 +175,12 @@ def detections_figure(images: Sequence[np.ndarray], ground_truth: Sequence[Mappi
                 tile = tile.resize((im.shape[1] * s, im.shape[0] * s), Image.NEAREST)
             tdraw = ImageDraw.Draw(tile)
             gt = ground_truth[i]
-            _draw_boxes(tdraw, gt["boxes"], GT_COLOUR, s, None, 2, f_box)
+            draw_boxes(tdraw, gt["boxes"], GT_COLOUR, s, None, 2, f_box)
             det = detections[m][i]
             keep = np.asarray(det["scores"]) >= score_thresh
             labels = [f"{_name(class_names, int(k))} {float(sc):.2f}"
                       for k, sc in zip(np.asarray(det["labels"])[keep], np.asarray(det["scores"])[keep])]
-            _draw_boxes(tdraw, np.asarray(det["boxes"]).reshape(-1, 4)[keep], DET_COLOUR, s, labels, 2, f_box)
+            draw_boxes(tdraw, np.asarray(det["boxes"]).reshape(-1, 4)[keep], DET_COLOUR, s, labels, 2, f_box)
             canvas.paste(tile, (x, y))
             if captions:
                 draw.text((x, y + cell_h[i] + 2), f"{captions[i]} ({int(keep.sum())} shown)", fill=INK, font=font(11))

@@ -40,11 +40,11 @@ from PIL import Image, ImageDraw
 
 from sodtool.artefacts import Timer, atomic_path, check_output, config_dict, read_json, write_json, write_manifest
 from sodtool.boxes import square_windows
-from sodtool.coco import read_image_rgb
+from sodtool.coco import read_image_rgb, to_coco_results
 from sodtool.console import log, make_progress, summary_table, warn
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
-from sodtool.figures import font
+from sodtool.figures import DET_COLOUR, draw_boxes, font
 from sodtool.models.detectors import load_detector, predict as detector_predict, predict_sliced
 from sodtool.models.mtgan import load_mtgan, training_context
 from sodtool.resample import SCALE, bicubic_down
@@ -261,15 +261,10 @@ def _write_image_outputs(out: Path, im: InputImage, img: np.ndarray, det: dict, 
     h, w = img.shape[:2]
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
-    f = font(max(10, min(w, h) // 60))
-    line = max(1, int(math.ceil(min(w, h) / 400)))
-    for b, s, lab in zip(det["boxes"], det["scores"], det["labels"]):
-        if s < cfg.draw_threshold:
-            continue
-        x1, y1, x2, y2 = (float(v) for v in b)
-        draw.rectangle([x1, y1, max(x2, x1), max(y2, y1)], outline=(255, 64, 0), width=line)
-        draw.text((x1 + 1, max(0.0, y1 - f.size - 2) if hasattr(f, "size") else y1),
-                  f"{names[int(lab) - 1]} {float(s):.2f}", fill=(255, 255, 0), font=f)
+    keep = det["scores"] >= cfg.draw_threshold
+    captions = [f"{names[int(lab) - 1]} {float(sc):.2f}" for lab, sc in zip(det["labels"][keep], det["scores"][keep])]
+    draw_boxes(draw, det["boxes"][keep], DET_COLOUR, 1.0, captions, max(1, int(math.ceil(min(w, h) / 400))),
+               font(max(10, min(w, h) // 60)))
     drawn = _drawn_path(out, im.name)
     drawn.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(drawn) as tmp:
@@ -287,13 +282,11 @@ def _predictions(out: Path, images: list[InputImage], categories) -> dict:
         part = read_json(_part_path(out, im.name), "prediction part")
         coco_images.append({"id": iid, "file_name": part["file_name"], "width": part["width"],
                             "height": part["height"]})
-        cat_ids = categories.labels_to_ids(np.asarray(part["labels"], np.int64)) if part["labels"] else []
-        for b, s, c in zip(part["boxes"], part["scores"], cat_ids):
-            x1, y1, x2, y2 = b
-            bw, bh = max(x2 - x1, 0.0), max(y2 - y1, 0.0)
-            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": int(c),
-                         "bbox": [round(x1, 3), round(y1, 3), round(bw, 3), round(bh, 3)],
-                         "area": round(bw * bh, 3), "score": s, "iscrowd": 0})
+        det = {"boxes": np.asarray(part["boxes"], np.float64).reshape(-1, 4), "scores": part["scores"],
+               "labels": np.asarray(part["labels"], np.int64)}
+        for r in to_coco_results(iid, det, categories):  # the results rounding every sodtool file uses
+            bw, bh = r["bbox"][2], r["bbox"][3]
+            anns.append({"id": len(anns) + 1, **r, "area": round(bw * bh, 3), "iscrowd": 0})
     cats = [{"id": int(i), "name": n} for i, n in zip(categories.ids, categories.names)]
     return {"info": {"description": "sodtool predict"}, "images": coco_images, "categories": cats,
             "annotations": anns}
