@@ -158,16 +158,16 @@ def check_output(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
             raise InputError(f"{option} {p} is a folder; give the path of the file to write")
         if kind == "folder" and not p.is_dir():
             raise InputError(f"{option} {p} is a file; give a folder")
-    probe = p if p.is_dir() else p.parent
+    # The output is created (or renamed into place) in its nearest existing ancestor, and an
+    # existing folder output is also written into.
+    probe = p.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         raise InputError(f"cannot write {p}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK) or (probe != p.parent and p.parent.exists()
-                                                   and not os.access(p.parent, os.W_OK | os.X_OK)):
-        raise InputError(f"cannot write {p}: no permission to write in {probe}")
-    if kind == "folder" and p.is_dir() and not os.access(p.parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {p}: no permission to write in {p.parent}")
+    for folder in [probe] + ([p] if p.is_dir() else []):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write {p}: no permission to write in {folder}")
     if finished is None:
         finished = p.is_file() if kind == "file" else p.is_dir() and any(
             _TEMP_RE.match(e.name) is None for e in p.iterdir())
