@@ -3,6 +3,8 @@ small objects, torchvision ssd300_vgg16 state dicts, losses and detections."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -53,7 +55,8 @@ def test_architecture_maps_losses_and_detections(models, key):
 
 
 def test_mdssd512_has_eight_prediction_layers():
-    model = build_ssd("mdssd", K, "vgg16", 512)
+    with torch.device("meta"):  # shapes only: no weights initialised, no convolution computed
+        model = build_ssd("mdssd", K, "vgg16", 512)
     shapes = map_shapes(model, 512)
     assert len(shapes) == 8 and shapes[0] == (256, 128, 128) and shapes[1] == (512, 64, 64)
     assert shapes[-1] == (256, 1, 1)
@@ -71,17 +74,23 @@ def test_fusion_block_output_has_the_shallow_maps_shape(deep, shallow):
 def test_first_layer_anchors_cover_a_16px_box(models, key):
     size = key[2]
     anchors = first_layer_anchors(models[key], size)
+    centre_y = (anchors[:, 1] + anchors[:, 3]) / 2
     xs = torch.arange(0, size - 16, 3.0)
-    corners = torch.cartesian_prod(xs, xs)
-    boxes = torch.cat([corners, corners + 16], dim=1)  # 16 x 16 px boxes all over the image
-    assert float(box_iou(boxes, anchors).max(dim=1).values.min()) >= 0.5
+    worst = 1.0
+    for y in xs.tolist():  # 16 x 16 px boxes all over the image, one row at a time
+        row = torch.stack([xs, torch.full_like(xs, y), xs + 16, torch.full_like(xs, y + 16)], dim=1)
+        # Only default boxes centred within 16 px of the row: leaving out others can only lower
+        # the best IoU, so the check is at least as strict as against every default box.
+        near = anchors[(centre_y - (y + 8)).abs() <= 16]
+        worst = min(worst, float(box_iou(row, near).max(dim=1).values.min()))
+    assert worst >= 0.5
 
 
 def test_torchvision_ssd300_vgg16_state_dict_loads(models):
     torch.manual_seed(2)
     tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=91)
     state = tv.state_dict()
-    ssd = build_ssd("ssd", K, "vgg16", 300)
+    ssd = copy.deepcopy(models[("ssd", "vgg16", 300)])  # a copy: the fixture's stays at its initialisation
     loaded, left = load_state(ssd, state, "ssd300_vgg16.pth")
     # Everything but the class head, whose 91 COCO outputs do not fit K + 1.
     assert left == sorted(k for k in ssd.state_dict() if k.startswith("head.classification_head."))
@@ -92,7 +101,7 @@ def test_torchvision_ssd300_vgg16_state_dict_loads(models):
         for a, b in zip(tv.backbone(x).values(), ssd.backbone(x).values()):
             assert torch.equal(a, b)
     # MDSSD takes every trunk layer it shares with SSD (VGG16, conv4_3's scale, the extras).
-    mdssd = build_ssd("mdssd", K, "vgg16", 300)
+    mdssd = copy.deepcopy(models[("mdssd", "vgg16", 300)])
     loaded, left = load_state(mdssd, state, "ssd300_vgg16.pth")
     assert loaded == sum(1 for k in state if k.startswith("backbone."))
     assert all(k.startswith(("backbone.fusion.", "head.")) for k in left)

@@ -232,10 +232,12 @@ def build_ssd(family: str, num_classes: int, arch: str = "mobilenet_v3", size: i
 
 
 def map_shapes(model: SSD, size: int) -> list[tuple[int, int, int]]:
-    """(channels, height, width) of each prediction map for a size x size input."""
+    """(channels, height, width) of each prediction map for a size x size input (on the model's
+    device: a model built on the "meta" device gives the shapes without computing anything)."""
     was = model.backbone.training
+    device = next(model.backbone.parameters()).device
     with torch.no_grad():
-        maps = model.backbone.eval()(torch.zeros(1, 3, size, size))
+        maps = model.backbone.eval()(torch.zeros(1, 3, size, size, device=device))
     model.backbone.train(was)
     return [tuple(m.shape[1:]) for m in maps.values()]
 
