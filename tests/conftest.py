@@ -2,6 +2,10 @@
 
 Real data lives in ../shared/data beside the checkout (SODTOOL_SHARED_DATA points elsewhere).
 Without it the tests that need it skip, except under CI (env CI set), where they fail.
+
+Under pytest-xdist (`-n auto`, README's test command) each worker gets an equal share of the
+cores as torch threads, and so do the processes the tests start (OMP_NUM_THREADS): workers
+with every core each would oversubscribe the CPU, which slows torch down many times over.
 """
 
 from __future__ import annotations
@@ -10,10 +14,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SODTOOL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
 
 
 @pytest.fixture(scope="session")
