@@ -27,5 +27,5 @@ sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtga
   --ablation "no_adv=$RUN/mtgan_no_adv" \
   --ablation "no_cls=$RUN/mtgan_no_cls" \
   --ablation "no_reg=$RUN/mtgan_no_reg" \
-  --out "$RUN/eval_minival_ablations" --overwrite
+  --small-area 1024 --out "$RUN/eval_minival_ablations" --overwrite
 cat "$RUN/eval_minival_ablations/table.md"

@@ -34,7 +34,7 @@ sodtool --quiet crop-rois --detector frcnn --detector-weights "$RUN/detector/mod
 sodtool --quiet downsample "$RUN/rois_minival.h5"
 
 sodtool --quiet eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
-  --out "$RUN/eval_minival"
+  --small-area 1024 --out "$RUN/eval_minival"
 SR_SET=${SODTOOL_SHARED_DATA:-../shared/data}/sr/Set5
 if [ -d "$SR_SET" ]; then
   sodtool --quiet eval sr --generator "$RUN/sr/generator.pt" --data "$SR_SET" --out "$RUN/eval_sr_set5"

@@ -8,6 +8,7 @@ detections on the images with the most small objects (Fig. 4) and the training l
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -69,18 +70,31 @@ def class_name(names: Sequence[str], label: int) -> str:
     return names[label - 1] if 1 <= label <= len(names) else "bg"
 
 
-def scored_name(method: str, mode: str) -> str:
-    """A (second stage, score) row's name and results file stem: `mtgan` (D's score, the
-    paper's), `mtgan_fused`, `bicubic`, `bicubic_fused`, `NAME`, `NAME_fused`."""
-    return method if mode == "disc" else f"{method}_{mode}"
+SMALL_SUFFIX = "_small"
 
 
-def row_title(name: str, baseline_arch: Optional[str] = None) -> str:
-    """The table's row title of a row name; the baseline's names its detector architecture when known."""
+def scored_name(method: str, mode: str, small: bool = False) -> str:
+    """A (second stage, score, size gate) row's name and results file stem: `mtgan` (D's score,
+    the paper's), `mtgan_fused`, `bicubic`, `bicubic_fused`, `NAME`, `NAME_fused`, each with
+    `_small` when only small ROIs were rescored (`eval --small-area`)."""
+    return (method if mode == "disc" else f"{method}_{mode}") + (SMALL_SUFFIX if small else "")
+
+
+def row_title(name: str, baseline_arch: Optional[str] = None, small_area: Optional[float] = None) -> str:
+    """The table's row title of a row name; the baseline's names its detector architecture when
+    known; a `_small` row names the size gate (`small_area`, px^2)."""
     if name == BASELINE:
         return f"{ROW_TITLES[BASELINE]} ({baseline_arch})" if baseline_arch else ROW_TITLES[BASELINE]
+    small = name.endswith(SMALL_SUFFIX)
+    if small:
+        name = name[:-len(SMALL_SUFFIX)]
     method, fused = (name[:-len("_fused")], True) if name.endswith("_fused") else (name, False)
-    return f"{ROW_TITLES.get(method, method)}, {'fused score' if fused else 'D score'}"
+    title = f"{ROW_TITLES.get(method, method)}, {'fused score' if fused else 'D score'}"
+    if small:
+        side = math.sqrt(small_area) if small_area else float("nan")
+        square = f" ({side:.0f}²)" if side == round(side) else ""
+        title += f", ROIs < {small_area:g} px²{square} only"
+    return title
 
 
 # Below this share of held-out object crops classified right, D's class scores are closer to
@@ -120,7 +134,9 @@ def table_markdown(metrics: dict) -> str:
              f"COCO bbox AP in percent on {metrics['images']} images; ROIs: the baseline's top "
              f"{metrics['max_per_image']} detections per image from the {src['kind']} {src['path']} "
              f"({metrics['rois']} ROIs); scores: D's class probability (the paper's) and its geometric "
-             f"mean with the baseline's (fused); per-class NMS at IoU {metrics['nms_iou']}.",
+             f"mean with the baseline's (fused); per-class NMS at IoU {metrics['nms_iou']}."
+             + (f" Rows 'ROIs < {metrics['small_area']:g} px² only': larger ROIs keep the baseline's detection."
+                if metrics.get("small_area") else ""),
              "", head, sep]
     for row in metrics["rows"]:
         lines.append(f"| {row['title']} | " + " | ".join(_pct(row[k]) for k, _ in TABLE_COLUMNS) + " |")

@@ -18,12 +18,16 @@ Then per image, pure functions of tensors:
     score s and (1 - s) / K for each of the other K outcomes (the other classes and
     background). The baseline's confidence then keeps D from promoting a class it never saw
     there, while a confident D can still overturn an unsure baseline;
+- `keep_baseline_above`: the size gate of Noh et al. (2019), who send only small proposals through
+  their super-resolution branch: ROIs of area >= `area` keep the baseline's detection (their
+  box, their class with their score, no other class);
 - `select_detections`: candidates below `min_score` dropped, per-class NMS (torchvision
   batched_nms, IoU 0.5) and the top 100 by score.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -32,6 +36,7 @@ from torchvision.ops import batched_nms
 
 from sodtool.boxes import BOX_WEIGHTS, clip, decode_target
 from sodtool.device import autocast
+from sodtool.errors import InputError
 from sodtool.resample import bicubic_up
 
 SCORE_MODES = ("disc", "fused")
@@ -130,6 +135,36 @@ def class_scores(probs: torch.Tensor, base_scores: torch.Tensor, base_labels: to
     rows = torch.nonzero(has).squeeze(1)
     q[rows, base_labels[rows] - 1] = s[rows]
     return torch.sqrt(p * q)
+
+
+def check_small_area(area: Optional[float]) -> None:
+    """`--small-area` is None (every ROI rescored) or a positive, finite area in px² (InputError)."""
+    if area is not None and not (area > 0 and math.isfinite(area)):
+        raise InputError(f"--small-area must be a positive area in px² (e.g. 1024 = 32²), got {area}")
+
+
+def keep_baseline_above(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, base_scores: torch.Tensor,
+                        base_labels: torch.Tensor, area: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The size gate: ROIs whose area (xyxy, image px^2) is >= `area` keep the baseline's detection.
+
+    rois, boxes: [R, 4] xyxy (the ROIs and the second stage's refined boxes); scores: [R, K] of
+    classes 1..K (`class_scores`); base_scores [R], base_labels [R] (1..K). Returns new (boxes,
+    scores): for a large ROI its own box and only its baseline class scored, with the baseline's
+    score, so that after NMS it is the baseline's detection again; small ROIs unchanged.
+    """
+    wh = (rois[:, 2:] - rois[:, :2]).clamp(min=0)
+    large = wh[:, 0] * wh[:, 1] >= area
+    if not bool(large.any()):
+        return boxes, scores
+    boxes, scores = boxes.clone(), scores.clone()
+    rows = torch.nonzero(large).squeeze(1)
+    boxes[rows] = rois[rows].float()
+    scores[rows] = 0.0
+    k = scores.shape[1]
+    has = (base_labels[rows] >= 1) & (base_labels[rows] <= k)
+    rows = rows[has]
+    scores[rows, base_labels[rows] - 1] = base_scores[rows].float()
+    return boxes, scores
 
 
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, *, nms_iou: float, max_per_image: int,

@@ -151,6 +151,26 @@ def test_predict_without_mtgan_and_bad_model(cli, models, photos, tmp_path):
     assert not (tmp_path / "x" / "predictions.json").exists()
 
 
+def test_small_area_gate_below_every_roi_gives_the_detectors_predictions(cli, models, photos, tmp_path):
+    """--small-area 1 rescores no ROI: every detection is the detector's own (box, class, score)."""
+    detector, mtgan = models
+    (photos / "broken.jpg").unlink()
+
+    def annotations(out, *extra):
+        res = cli("predict", photos / "a.png", "--detector", detector, *extra, "--out", out, "--device", "cpu")
+        assert res.exit_code == 0, res.stderr
+        return {(a["category_id"], tuple(round(v, 2) for v in a["bbox"]), round(a["score"], 5))
+                for a in json.loads((out / "predictions.json").read_text())["annotations"]}
+
+    plain = annotations(tmp_path / "plain")
+    gated = annotations(tmp_path / "gated", "--mtgan", mtgan, "--small-area", 1)
+    rescored = annotations(tmp_path / "rescored", "--mtgan", mtgan)
+    assert plain and gated <= plain and len(gated) >= 0.9 * len(plain)  # NMS may drop overlapping copies
+    assert rescored != plain
+    res = cli("predict", photos, "--detector", detector, "--mtgan", mtgan, "--small-area", -5, "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "--small-area must be a positive area" in res.stderr
+
+
 def test_sliced_prediction_with_one_tile_is_plain_prediction_and_feeds_crop_rois_sources(models):
     """An image no larger than a tile: sliced inference is the plain one. Larger: boxes in image
     pixels; crop-rois and eval reach it through rois.ModelDetections(slicing=...)."""

@@ -272,6 +272,48 @@ def test_class_scores_fused_and_disc():
     assert f[1, 2] == pytest.approx(np.sqrt(0.1 * 0.6 / 3))
 
 
+def test_size_gate_keeps_the_baselines_detection_for_large_rois():
+    from sodtool.rescoring import keep_baseline_above
+
+    rois = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 40, 40], [5.0, 5, 37, 37]])  # areas 100, 1600, 1024
+    boxes = rois + 1.0
+    scores = torch.tensor([[0.1, 0.6, 0.2], [0.5, 0.3, 0.1], [0.2, 0.2, 0.2]])
+    base_s, base_l = torch.tensor([0.9, 0.7, 0.4]), torch.tensor([1, 3, 2])
+    b, c = keep_baseline_above(rois, boxes, scores, base_s, base_l, 1024.0)
+    # ROI 0 (below the gate) unchanged; ROIs 1 and 2 (area >= 1024): their own box, their
+    # baseline class with the baseline's score, no other class.
+    assert torch.equal(b[0], boxes[0]) and torch.equal(c[0], scores[0])
+    assert torch.equal(b[1:], rois[1:])
+    assert c[1].tolist() == pytest.approx([0.0, 0.0, 0.7]) and c[2].tolist() == pytest.approx([0.0, 0.4, 0.0])
+    assert torch.equal(scores[1], torch.tensor([0.5, 0.3, 0.1]))  # the inputs are not modified
+    b, c = keep_baseline_above(rois, boxes, scores, base_s, base_l, 1e9)
+    assert b is boxes and c is scores
+
+
+def test_size_gated_rows_are_the_baseline_above_the_gate_and_rescored_below(world, tmp_path):
+    """eval --small-area writes NAME_small rows from the same pass: a gate above every ROI gives
+    the ungated rows, a gate below every ROI gives back the baseline's detections."""
+    from sodtool.stages.eval_mtgan import rescore_eval
+
+    big = rescore_eval(_cfg(world, tmp_path / "big", figures=False, small_area=1e9))
+    names = [r["name"] for r in big["rows"]]
+    assert names == ["baseline", "mtgan", "mtgan_fused", "bicubic", "bicubic_fused",
+                     "mtgan_small", "mtgan_fused_small", "bicubic_small", "bicubic_fused_small"]
+    assert big["rows"][5]["title"] == "SOD-MTGAN, D score, ROIs < 1e+09 px² only"
+    for name in ("mtgan", "mtgan_fused", "bicubic_fused"):
+        assert (tmp_path / "big" / f"{name}_small.json").read_text() == (tmp_path / "big" / f"{name}.json").read_text()
+    tiny = rescore_eval(_cfg(world, tmp_path / "tiny", figures=False, small_area=1.0))
+    assert tiny["rows"][6]["title"] == "SOD-MTGAN, fused score, ROIs < 1 px² (1²) only" and tiny["small_area"] == 1.0
+    base = {(r["image_id"], r["category_id"], tuple(round(v, 3) for v in r["bbox"]), round(r["score"], 5))
+            for r in json.loads((tmp_path / "tiny" / "baseline.json").read_text())}
+    for name in ("mtgan_small", "bicubic_fused_small"):
+        got = {(r["image_id"], r["category_id"], tuple(round(v, 3) for v in r["bbox"]), round(r["score"], 5))
+               for r in json.loads((tmp_path / "tiny" / f"{name}.json").read_text())}
+        assert got <= base and len(got) >= 0.9 * len(base), name  # per-class NMS may drop overlapping copies
+    assert "| Bicubic control (D on bicubic), fused score, ROIs < 1 px² (1²) only |" in (
+        tmp_path / "tiny" / "table.md").read_text()
+
+
 def test_select_detections_nms_per_class_and_topk():
     from sodtool.rescoring import select_detections
 
@@ -393,6 +435,11 @@ def test_mode_errors(world, cli, tmp_path):
     res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"],
               "--ablation", "mtgan=x.pt")
     assert res.exit_code == 2 and "reserved" in res.stderr
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"],
+              "--ablation", "noreg_small=x.pt")
+    assert res.exit_code == 2 and "reserved" in res.stderr
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"], "--small-area", "0")
+    assert res.exit_code == 2 and "--small-area must be a positive area" in res.stderr
     res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"], "--score", "max")
     assert res.exit_code == 2 and "--score" in res.stderr
     res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", tmp_path)

@@ -16,6 +16,10 @@ For every image of a split:
 4. Candidates: one per ROI and class with the score `score` ("disc", the paper's: D's
    probability; "fused": its geometric mean with the baseline's; see `sodtool.rescoring`);
    those below `min_score` dropped, per-class NMS at IoU `nms_iou` (0.5), top `max_per_image`.
+   With `small_area`, every rescored row is also written size-gated (`NAME_small.json`): ROIs of
+   area >= small_area keep the baseline's detection and only smaller ones are rescored, as Noh
+   et al. (2019) send only small proposals through super-resolution. Off by default: the paper
+   rescores every ROI.
 5. COCO results JSON with the dataset's category ids and [x, y, w, h] boxes.
 
 The same is done for
@@ -61,6 +65,7 @@ from sodtool.reports import (
     BASELINE,
     BICUBIC,
     MTGAN,
+    SMALL_SUFFIX,
     TripletPicker,
     class_name,
     print_comparison,
@@ -74,7 +79,9 @@ from sodtool.rescoring import (
     BicubicControl,
     MtganScorer,
     SCORE_MODES,
+    check_small_area,
     class_scores,
+    keep_baseline_above,
     refine_boxes,
     score_rois,
     select_detections,
@@ -99,6 +106,7 @@ class RescoreConfig:
     ablations: "NAME=PATH" pairs, each another MTGAN folder / model.pt evaluated the same way;
     out: output folder (default: RUN/eval_<split>, RUN being the MTGAN folder's parent);
     score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4;
+    small_area: also write size-gated rows (step 4), ROIs below this area (image px^2) rescored;
     batch_size: ROIs per forward pass; context / roi_score_thresh / rois_per_image: crop
       context factor, detector score threshold and ROIs per image of the direct path (None: as
       the MTGAN's training store / as crop-rois test mode: 0.05 and 100, the paper's protocol);
@@ -120,6 +128,7 @@ class RescoreConfig:
     nms_iou: float = 0.5
     max_per_image: int = 100
     min_score: float = 1e-3
+    small_area: Optional[float] = None
     batch_size: int = 256
     device: str = "auto"
     seed: int = 0
@@ -147,7 +156,7 @@ def parse_ablation(spec: str) -> tuple[str, Path]:
     if not _NAME_RE.match(name):
         raise InputError(f"--ablation name '{name}' must start with a letter or digit and contain only "
                          "letters, digits, '_', '.', '+' or '-'")
-    if name.lower() in RESERVED_NAMES or name.lower().endswith("_fused"):
+    if name.lower() in RESERVED_NAMES or name.lower().endswith(("_fused", SMALL_SUFFIX)):
         raise InputError(f"--ablation name '{name}' is reserved (it would overwrite {name}.json); pick another")
     return name, Path(path)
 
@@ -181,6 +190,7 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
+    check_small_area(cfg.small_area)
     names = [parse_ablation(a)[0] for a in cfg.ablations]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -250,8 +260,9 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         f"models {', '.join(m.name for m in models)}, device {device_name(device)}")
 
     # Every second stage with every score, from the one forward pass below.
-    names = [BASELINE] + [scored_name(n, mode) for n in [MTGAN, BICUBIC] + [m.name for m in models[1:]]
-                          for mode in SCORE_MODES]
+    gates = (False, True) if cfg.small_area is not None else (False,)
+    names = [BASELINE] + [scored_name(n, mode, small) for small in gates
+                          for n in [MTGAN, BICUBIC] + [m.name for m in models[1:]] for mode in SCORE_MODES]
     dets: dict[str, dict[int, dict]] = {n: {} for n in names}
     picker = TripletPicker(cfg.fig_triplets if cfg.figures else 0)
     class_names = list(split.categories.names)
@@ -288,8 +299,12 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                     boxes = refine_boxes(r_t, reg, g.width, g.height)
                     for mode in SCORE_MODES:
                         cs = class_scores(o["probs"][sl], s_t, l_t, mode)
-                        dets[scored_name(name, mode)][g.image_id] = select_detections(
-                            boxes, cs, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image, min_score=cfg.min_score)
+                        for small in gates:
+                            b, c = (keep_baseline_above(r_t, boxes, cs, s_t, l_t, cfg.small_area) if small
+                                    else (boxes, cs))
+                            dets[scored_name(name, mode, small)][g.image_id] = select_detections(
+                                b, c, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image,
+                                min_score=cfg.min_score)
             for j, row in enumerate(sr_rows.tolist()):
                 p = outs[MTGAN]["probs"][row]
                 d_cls = int(p[1:].argmax()) + 1
@@ -315,7 +330,7 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                     results.extend(to_coco_results(iid, dets[name][iid], split.categories))
             write_json(work / files[name], results, indent=None)
             stats = coco_evaluate(split.coco, results)
-            rows.append({"name": name, "title": row_title(name, source.detail.get("arch")), "results": files[name],
+            rows.append({"name": name, "title": row_title(name, source.detail.get("arch"), cfg.small_area), "results": files[name],
                          "detections": len(results), **{k: stats[k] for k in STAT_NAMES},
                          "per_class_AP": stats["per_class_AP"]})
         base = rows[0]
@@ -327,7 +342,7 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                   "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
                   "device": device_name(device)}
         metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
-                   "score_modes": list(SCORE_MODES), "figure_score": cfg.score, "nms_iou": cfg.nms_iou,
+                   "score_modes": list(SCORE_MODES), "small_area": cfg.small_area, "figure_score": cfg.score, "nms_iou": cfg.nms_iou,
                    "max_per_image": cfg.max_per_image,
                    "source": {"kind": source.kind, "path": str(source.path),
                               "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,

@@ -48,14 +48,23 @@ from sodtool.figures import DET_COLOUR, draw_boxes, font
 from sodtool.models.detectors import load_detector, predict as detector_predict, predict_sliced
 from sodtool.models.mtgan import load_mtgan, training_context
 from sodtool.resample import SCALE, bicubic_down
-from sodtool.rescoring import SCORE_MODES, MtganScorer, class_scores, refine_boxes, score_rois, select_detections
+from sodtool.rescoring import (
+    SCORE_MODES,
+    MtganScorer,
+    check_small_area,
+    class_scores,
+    keep_baseline_above,
+    refine_boxes,
+    score_rois,
+    select_detections,
+)
 from sodtool.rois import DEFAULT_CONTEXT, DEFAULT_HR_SIZE, crop_windows, prepare_detections
 from sodtool.slicing import DEFAULT_MERGE_IOS, tile_grid
 
 STAGE = "predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 # Settings whose change makes earlier parts stale (a rerun with other ones redoes every image).
-PART_KEYS = ("detector", "mtgan", "score", "slice", "overlap", "slice_full", "score_thresh", "max_rois",
+PART_KEYS = ("detector", "mtgan", "score", "small_area", "slice", "overlap", "slice_full", "score_thresh", "max_rois",
              "max_per_image", "merge_ios", "nms_iou", "min_score")
 
 
@@ -68,6 +77,7 @@ class PredictConfig:
     out: Path
     mtgan: Optional[Path] = None
     score: str = "fused"
+    small_area: Optional[float] = None  # rescore only ROIs below this area (px²), as eval --small-area
     slice: Optional[int] = None
     overlap: float = 0.2
     slice_full: bool = False
@@ -124,6 +134,7 @@ def expand_inputs(inputs: tuple[str, ...]) -> list[InputImage]:
 def _check(cfg: PredictConfig) -> None:
     if cfg.score not in SCORE_MODES:
         raise InputError(f"--score must be one of {', '.join(SCORE_MODES)}, got '{cfg.score}'")
+    check_small_area(cfg.small_area)
     if cfg.slice is not None and cfg.slice < 32:
         raise InputError(f"--slice must be at least 32 px, got {cfg.slice}")
     if not 0.0 <= cfg.overlap < 1.0:
@@ -250,7 +261,10 @@ def _rescore(rois: dict, img: np.ndarray, scorer, device, context: float, hr_siz
     outs, _ = score_rois([scorer], lr, device, 256, np.zeros(0, np.int64))
     o = outs["mtgan"]
     boxes = refine_boxes(r, o["reg"], w, h)
-    cs = class_scores(o["probs"], torch.from_numpy(rois["scores"]), torch.from_numpy(rois["labels"]), cfg.score)
+    base_s, base_l = torch.from_numpy(rois["scores"]), torch.from_numpy(rois["labels"])
+    cs = class_scores(o["probs"], base_s, base_l, cfg.score)
+    if cfg.small_area is not None:
+        boxes, cs = keep_baseline_above(r, boxes, cs, base_s, base_l, cfg.small_area)
     return select_detections(boxes, cs, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image,
                              min_score=cfg.min_score)
 
