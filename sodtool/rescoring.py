@@ -137,10 +137,13 @@ def class_scores(probs: torch.Tensor, base_scores: torch.Tensor, base_labels: to
     return torch.sqrt(p * q)
 
 
-def check_small_area(area: Optional[float]) -> None:
-    """`--small-area` is None (every ROI rescored) or a positive, finite area in px² (InputError)."""
-    if area is not None and not (area > 0 and math.isfinite(area)):
-        raise InputError(f"--small-area must be a positive area in px² (e.g. 1024 = 32²), got {area}")
+def check_small_area(area: Optional[float]) -> Optional[float]:
+    """`--small-area`: a finite area in px², or 0 / None for no gate (every ROI rescored, the
+    paper's protocol). Returns the area, or None for no gate; a negative or non-finite one is an
+    InputError."""
+    if area is not None and not (area >= 0 and math.isfinite(area)):
+        raise InputError(f"--small-area must be an area in px² (e.g. 1024 = 32²; 0: every ROI), got {area}")
+    return area or None
 
 
 def keep_baseline_above(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, base_scores: torch.Tensor,

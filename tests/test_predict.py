@@ -152,7 +152,8 @@ def test_predict_without_mtgan_and_bad_model(cli, models, photos, tmp_path):
 
 
 def test_small_area_gate_below_every_roi_gives_the_detectors_predictions(cli, models, photos, tmp_path):
-    """--small-area 1 rescores no ROI: every detection is the detector's own (box, class, score)."""
+    """--small-area 1 rescores no ROI: every detection is the detector's own (box, class, score);
+    --small-area 0 rescores every ROI; the default gates at 32²."""
     detector, mtgan = models
     (photos / "broken.jpg").unlink()
 
@@ -164,11 +165,14 @@ def test_small_area_gate_below_every_roi_gives_the_detectors_predictions(cli, mo
 
     plain = annotations(tmp_path / "plain")
     gated = annotations(tmp_path / "gated", "--mtgan", mtgan, "--small-area", 1)
-    rescored = annotations(tmp_path / "rescored", "--mtgan", mtgan)
+    rescored = annotations(tmp_path / "rescored", "--mtgan", mtgan, "--small-area", 0)
     assert plain and gated <= plain and len(gated) >= 0.9 * len(plain)  # NMS may drop overlapping copies
     assert rescored != plain
+    annotations(tmp_path / "default", "--mtgan", mtgan)
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert manifest["config"]["small_area"] == 1024.0
     res = cli("predict", photos, "--detector", detector, "--mtgan", mtgan, "--small-area", -5, "--out", tmp_path / "x")
-    assert res.exit_code == 2 and "--small-area must be a positive area" in res.stderr
+    assert res.exit_code == 2 and "--small-area must be an area in px²" in res.stderr
 
 
 def test_sliced_prediction_with_one_tile_is_plain_prediction_and_feeds_crop_rois_sources(models):

@@ -438,8 +438,8 @@ def test_mode_errors(world, cli, tmp_path):
     res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"],
               "--ablation", "noreg_small=x.pt")
     assert res.exit_code == 2 and "reserved" in res.stderr
-    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"], "--small-area", "0")
-    assert res.exit_code == 2 and "--small-area must be a positive area" in res.stderr
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"], "--small-area", "-1")
+    assert res.exit_code == 2 and "--small-area must be an area in px²" in res.stderr
     res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"], "--score", "max")
     assert res.exit_code == 2 and "--score" in res.stderr
     res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", tmp_path)

@@ -106,7 +106,8 @@ class RescoreConfig:
     ablations: "NAME=PATH" pairs, each another MTGAN folder / model.pt evaluated the same way;
     out: output folder (default: RUN/eval_<split>, RUN being the MTGAN folder's parent);
     score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4;
-    small_area: also write size-gated rows (step 4), ROIs below this area (image px^2) rescored;
+    small_area: also write size-gated rows (step 4), ROIs below this area (image px^2) rescored
+      (None or 0: no gated rows);
     batch_size: ROIs per forward pass; context / roi_score_thresh / rois_per_image: crop
       context factor, detector score threshold and ROIs per image of the direct path (None: as
       the MTGAN's training store / as crop-rois test mode: 0.05 and 100, the paper's protocol);
@@ -190,13 +191,13 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
-    check_small_area(cfg.small_area)
+    small_area = check_small_area(cfg.small_area)
     names = [parse_ablation(a)[0] for a in cfg.ablations]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"--ablation name(s) given twice: {', '.join(dup)}")
     out = Path(cfg.out) if cfg.out is not None else mtgan_file(cfg.mtgan).parent.parent / f"eval_{cfg.split}"
-    return dataclasses.replace(cfg, out=out, ablations=tuple(str(a) for a in cfg.ablations))
+    return dataclasses.replace(cfg, out=out, ablations=tuple(str(a) for a in cfg.ablations), small_area=small_area)
 
 
 def rescore_eval(cfg: RescoreConfig) -> dict:
