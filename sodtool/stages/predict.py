@@ -216,7 +216,7 @@ def predict_images(cfg: PredictConfig) -> dict:
                 boxes, scores, labels = p["boxes"], p["scores"], p["labels"]
                 rois = prepare_detections(boxes, scores, labels, w, h, cfg.score_thresh, cfg.max_rois)
                 if mt is not None and len(rois["boxes"]):
-                    result = _rescore(rois, img, scorer, device, context, hr_size, cfg)
+                    result = _rescore(rois, img, scorer, device, context, hr_size, len(names), cfg)
                 else:
                     keep = slice(0, cfg.max_per_image)
                     result = {k2: v[keep] for k2, v in rois.items()}
@@ -254,18 +254,30 @@ def _stale(part: Path, settings: dict) -> bool:
         return True
 
 
-def _rescore(rois: dict, img: np.ndarray, scorer, device, context: float, hr_size: int, cfg: PredictConfig) -> dict:
-    """The MTGAN's detections from one image's ROIs, as `eval` computes them."""
+def _rescore(rois: dict, img: np.ndarray, scorer, device, context: float, hr_size: int, num_classes: int,
+             cfg: PredictConfig) -> dict:
+    """The MTGAN's detections from one image's ROIs, as `eval` computes them. With the size gate
+    only the ROIs below `small_area` go through G and D: the others keep the detector's detection,
+    so their rows of D's outputs stay zero and are never read."""
     h, w = img.shape[:2]
     r = torch.from_numpy(rois["boxes"]).float()
-    windows = square_windows(r, context)
-    hr = crop_windows(torch.from_numpy(img), windows, hr_size)
-    lr = bicubic_down(hr, SCALE)
-    outs, _ = score_rois([scorer], lr, device, 256, np.zeros(0, np.int64))
-    o = outs["mtgan"]
-    boxes = refine_boxes(r, o["reg"], w, h)
     base_s, base_l = torch.from_numpy(rois["scores"]), torch.from_numpy(rois["labels"])
-    cs = class_scores(o["probs"], base_s, base_l, cfg.score)
+    probs, reg = torch.zeros(len(r), num_classes + 1), torch.zeros(len(r), 4)
+    wh = (r[:, 2:] - r[:, :2]).clamp(min=0)
+    todo = torch.nonzero(wh[:, 0] * wh[:, 1] < cfg.small_area if cfg.small_area else torch.ones(len(r), dtype=torch.bool))
+    todo = todo.squeeze(1)
+    has_reg = True
+    if len(todo):
+        hr = crop_windows(torch.from_numpy(img), square_windows(r[todo], context), hr_size)
+        outs, _ = score_rois([scorer], bicubic_down(hr, SCALE), device, 256, np.zeros(0, np.int64))
+        o = outs["mtgan"]
+        probs[todo] = o["probs"]
+        if o["reg"] is None:
+            has_reg = False
+        else:
+            reg[todo] = o["reg"]
+    boxes = refine_boxes(r, reg if has_reg else None, w, h)
+    cs = class_scores(probs, base_s, base_l, cfg.score)
     if cfg.small_area:
         boxes, cs = keep_baseline_above(r, boxes, cs, base_s, base_l, cfg.small_area)
     return select_detections(boxes, cs, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image,
