@@ -146,6 +146,13 @@ def check_small_area(area: Optional[float]) -> Optional[float]:
     return area or None
 
 
+def at_or_above(rois: torch.Tensor, area: float) -> torch.Tensor:
+    """bool [R]: the ROIs [R, 4] (xyxy, image px) whose area is >= `area` px², those the size gate
+    leaves to the baseline."""
+    wh = (rois[:, 2:] - rois[:, :2]).clamp(min=0)
+    return wh[:, 0] * wh[:, 1] >= area
+
+
 def keep_baseline_above(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, base_scores: torch.Tensor,
                         base_labels: torch.Tensor, area: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The size gate: ROIs whose area (xyxy, image px^2) is >= `area` keep the baseline's detection.
@@ -155,8 +162,7 @@ def keep_baseline_above(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.T
     scores): for a large ROI its own box and only its baseline class scored, with the baseline's
     score, so that after NMS it is the baseline's detection again; small ROIs unchanged.
     """
-    wh = (rois[:, 2:] - rois[:, :2]).clamp(min=0)
-    large = wh[:, 0] * wh[:, 1] >= area
+    large = at_or_above(rois, area)
     if not bool(large.any()):
         return boxes, scores
     boxes, scores = boxes.clone(), scores.clone()

@@ -331,7 +331,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                     results.extend(to_coco_results(iid, dets[name][iid], split.categories))
             write_json(work / files[name], results, indent=None)
             stats = coco_evaluate(split.coco, results)
-            rows.append({"name": name, "title": row_title(name, source.detail.get("arch"), cfg.small_area), "results": files[name],
+            title = row_title(name, source.detail.get("arch"), cfg.small_area)
+            rows.append({"name": name, "title": title, "results": files[name],
                          "detections": len(results), **{k: stats[k] for k in STAT_NAMES},
                          "per_class_AP": stats["per_class_AP"]})
         base = rows[0]
@@ -343,8 +344,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                   "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
                   "device": device_name(device)}
         metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
-                   "score_modes": list(SCORE_MODES), "small_area": cfg.small_area, "figure_score": cfg.score, "nms_iou": cfg.nms_iou,
-                   "max_per_image": cfg.max_per_image,
+                   "score_modes": list(SCORE_MODES), "small_area": cfg.small_area, "figure_score": cfg.score,
+                   "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image,
                    "source": {"kind": source.kind, "path": str(source.path),
                               "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
                               "context": source.context if math.isfinite(source.context) else None,

@@ -52,6 +52,7 @@ from sodtool.resample import SCALE, bicubic_down
 from sodtool.rescoring import (
     SCORE_MODES,
     MtganScorer,
+    at_or_above,
     check_small_area,
     class_scores,
     keep_baseline_above,
@@ -65,8 +66,8 @@ from sodtool.slicing import DEFAULT_MERGE_IOS, tile_grid
 STAGE = "predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 # Settings whose change makes earlier parts stale (a rerun with other ones redoes every image).
-PART_KEYS = ("detector", "mtgan", "score", "small_area", "slice", "overlap", "slice_full", "score_thresh", "max_rois",
-             "max_per_image", "merge_ios", "nms_iou", "min_score")
+PART_KEYS = ("detector", "mtgan", "score", "small_area", "slice", "overlap", "slice_full", "score_thresh",
+             "max_rois", "max_per_image", "merge_ios", "nms_iou", "min_score")
 
 
 @dataclass(frozen=True)
@@ -262,21 +263,16 @@ def _rescore(rois: dict, img: np.ndarray, scorer, device, context: float, hr_siz
     h, w = img.shape[:2]
     r = torch.from_numpy(rois["boxes"]).float()
     base_s, base_l = torch.from_numpy(rois["scores"]), torch.from_numpy(rois["labels"])
-    probs, reg = torch.zeros(len(r), num_classes + 1), torch.zeros(len(r), 4)
-    wh = (r[:, 2:] - r[:, :2]).clamp(min=0)
-    todo = torch.nonzero(wh[:, 0] * wh[:, 1] < cfg.small_area if cfg.small_area else torch.ones(len(r), dtype=torch.bool))
-    todo = todo.squeeze(1)
-    has_reg = True
+    large = at_or_above(r, cfg.small_area) if cfg.small_area else torch.zeros(len(r), dtype=torch.bool)
+    todo = torch.nonzero(~large).squeeze(1)
+    probs = torch.zeros(len(r), num_classes + 1)
+    reg: Optional[torch.Tensor] = torch.zeros(len(r), 4)
     if len(todo):
         hr = crop_windows(torch.from_numpy(img), square_windows(r[todo], context), hr_size)
-        outs, _ = score_rois([scorer], bicubic_down(hr, SCALE), device, 256, np.zeros(0, np.int64))
-        o = outs["mtgan"]
+        o = score_rois([scorer], bicubic_down(hr, SCALE), device, 256, np.zeros(0, np.int64))[0]["mtgan"]
         probs[todo] = o["probs"]
-        if o["reg"] is None:
-            has_reg = False
-        else:
-            reg[todo] = o["reg"]
-    boxes = refine_boxes(r, reg if has_reg else None, w, h)
+        reg = None if o["reg"] is None else reg.index_copy(0, todo, o["reg"])
+    boxes = refine_boxes(r, reg, w, h)
     cs = class_scores(probs, base_s, base_l, cfg.score)
     if cfg.small_area:
         boxes, cs = keep_baseline_above(r, boxes, cs, base_s, base_l, cfg.small_area)
