@@ -196,3 +196,40 @@ def test_torchvision_ssd300_file_runs_through_detect(cli, tiny_data, tmp_path):
     res = cli("detect", "--detector", "mdssd", "--weights", path, "--data", tiny_data, "--split", "minival",
               "--out", tmp_path / "d2.json")
     assert res.exit_code == 2 and "holds a ssd detector, not --detector mdssd" in res.stderr
+
+
+def test_gradient_clipping_bounds_the_first_step_and_logs_the_norm(tiny_data, tmp_path):
+    """With --clip-grad-norm c, the first SGD step (no momentum history, no weight decay, no
+    warm-up) is the unclipped step scaled to norm lr * c, and metrics.jsonl logs the norm before
+    clipping: ||w_unclipped - w_clipped|| = lr * (norm - c)."""
+    from sodtool.stages.train_detector import TrainDetectorConfig, train_detector
+
+    lr, clip = 0.01, 0.5
+    kw = dict(data=tiny_data, detector="mdssd", size=128, iterations=1, batch_size=2, lr=lr, weight_decay=0.0,
+              warmup_iters=0, log_every=1, seed=0, eval=False, device="cpu")
+    train_detector(TrainDetectorConfig(out=tmp_path / "free", **kw))
+    train_detector(TrainDetectorConfig(out=tmp_path / "clipped", clip_grad_norm=clip, **kw))
+    free = torch.load(tmp_path / "free" / "model.pt", weights_only=True)["model"]
+    clipped = torch.load(tmp_path / "clipped" / "model.pt", weights_only=True)["model"]
+    gap = sum(float((free[k].double() - clipped[k].double()).pow(2).sum()) for k in free
+              if free[k].is_floating_point()) ** 0.5
+    norm = _rows(tmp_path / "clipped" / "metrics.jsonl")[0]["grad_norm_max"]
+    assert norm > clip and "grad_norm_max" not in _rows(tmp_path / "free" / "metrics.jsonl")[0]
+    assert gap == pytest.approx(lr * (norm - clip), rel=1e-3)
+
+
+def test_clip_grad_norm_presets_and_bad_values(cli, tiny_data, tmp_path):
+    from sodtool.stages.train_detector import TrainDetectorConfig, resolve_train_config
+
+    def clip(**kw):
+        return resolve_train_config(TrainDetectorConfig(**kw)).clip_grad_norm
+
+    assert clip(detector="mdssd", preset="bench") == clip(detector="ssd", preset="bench") == 10.0
+    assert clip(detector="mdssd", preset="quick") is None and clip(detector="frcnn", preset="bench") is None
+    assert clip(detector="mdssd", preset="bench", clip_grad_norm=0.0) == 0.0  # 0: off
+    for bad in ("-1", "nan"):
+        res = cli("train", "detector", "--detector", "mdssd", "--data", tiny_data, "--out", tmp_path / "r",
+                  "--clip-grad-norm", bad)
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "--clip-grad-norm must be a norm >= 0" in res.stderr
+    assert not (tmp_path / "r").exists()
