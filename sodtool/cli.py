@@ -48,12 +48,19 @@ def handles_input_errors(fn):
     def wrapper(*args, **kwargs):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
+            completed = False
             try:
                 result = fn(*args, **kwargs)
+                completed = True
             except InputError as e:
                 _fail(str(e))
             except OSError as e:
                 _fail(_os_error_line(e))
+            finally:  # under torchrun every exit path tears the process group down
+                if "torch.distributed" in sys.modules:  # no torch import for commands that never loaded it
+                    from sodtool.device import finish_distributed
+
+                    finish_distributed(completed)
         for w in caught:  # the command succeeded: its warnings, one line each
             typer.echo(f"warning: {str(w.message).splitlines()[0] if str(w.message) else w.category.__name__}",
                        err=True)
