@@ -501,3 +501,26 @@ def test_verdict_line_says_whether_the_rescored_rows_can_be_trusted():
     assert "pipeline runs, not what the method can do" in weak and "pipelines/bench.sh" in weak
     strong = verdict({"val_d_cls_acc_fg_sr": 0.81, "val_d_cls_acc_fg_hr": 0.9, "val_fg_crops": 300})
     assert "measure the method" in strong
+    # The advice names something longer than the run's own preset: a bench D is not sent to bench.
+    assert "pipelines/bench.sh" in verdict({"val_d_cls_acc_fg_sr": 0.2, "preset": "quick"})
+    on_bench = verdict({"val_d_cls_acc_fg_sr": 0.45, "val_d_cls_acc_fg_hr": 0.7, "val_fg_crops": 82, "preset": "bench"})
+    assert "pipelines/bench.sh" not in on_bench and "--preset paper" in on_bench
+    on_paper = verdict({"val_d_cls_acc_fg_sr": 0.3, "preset": "paper"})
+    assert "--preset paper" not in on_paper and "loss curves" in on_paper
+
+
+def test_discriminator_quality_carries_the_runs_preset(tmp_path):
+    """eval's verdict reads D's held-out accuracy and the MTGAN run's preset from its manifest."""
+    from types import SimpleNamespace
+
+    from sodtool.artefacts import write_manifest
+    from sodtool.models.mtgan import discriminator_quality
+
+    run = tmp_path / "mtgan"
+    run.mkdir()
+    write_manifest(run, "train-mtgan", {"preset": "bench", "seed": 0},
+                   {}, {"val_d_cls_acc_fg_sr": 0.45, "val_d_cls_acc_fg_hr": 0.7, "val_fg_crops": 82, "final_g_mse": 0.1},
+                   seed=0, device="cpu", wall_time_s=1.0, outputs=[])
+    assert discriminator_quality(SimpleNamespace(run_dir=run)) == {
+        "val_d_cls_acc_fg_sr": 0.45, "val_d_cls_acc_fg_hr": 0.7, "val_fg_crops": 82, "preset": "bench"}
+    assert discriminator_quality(SimpleNamespace(run_dir=tmp_path / "moved")) == {}

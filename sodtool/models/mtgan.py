@@ -95,11 +95,15 @@ def training_context(model: MtganModel, default: Optional[float], *, quiet: bool
 
 def discriminator_quality(model: MtganModel) -> dict:
     """D's held-out class accuracy at the end of training, from the MTGAN run's manifest:
-    {"val_d_cls_acc_fg_sr", "val_d_cls_acc_fg_hr", "val_d_cls_acc_fg_bicubic", "val_fg_crops"}
-    where recorded ({} when the manifest cannot be read)."""
+    {"val_d_cls_acc_fg_sr", "val_d_cls_acc_fg_hr", "val_d_cls_acc_fg_bicubic", "val_fg_crops",
+    "preset"} where recorded ({} when the manifest cannot be read). "preset" is the run's
+    `--preset` (quick / bench / paper), so the verdict can say what would train D longer."""
     try:
-        metrics = read_manifest(model.run_dir)["metrics"]
+        manifest = read_manifest(model.run_dir)
     except Exception:  # noqa: BLE001 - a model.pt moved away from its run folder: unknown
         return {}
+    metrics = manifest.get("metrics", {})
     keys = ("val_d_cls_acc_fg_sr", "val_d_cls_acc_fg_hr", "val_d_cls_acc_fg_bicubic", "val_fg_crops")
-    return {k: metrics[k] for k in keys if k in metrics}
+    quality = {k: metrics[k] for k in keys if k in metrics}
+    preset = manifest.get("config", {}).get("preset")
+    return {**quality, "preset": preset} if preset else quality
