@@ -3,7 +3,10 @@
 # mtgan/ and rois_minival.h5, e.g. after quickstart.sh): train one MTGAN per ablation with the
 # same preset, seed and inputs, then evaluate them all beside the full model.
 #
-#   bash pipelines/ablations.sh [RUN] [DATA] [PRESET]     # defaults: runs/quick data/synth-quick quick
+#   bash pipelines/ablations.sh [RUN] [DATA] [PRESET] [SEED]   # defaults: runs/quick data/synth-quick quick 0
+#
+# SEED is the MTGAN seed, the one RUN/mtgan was trained with: each ablation differs from the full
+# model by its one flag alone.
 #
 # Paper, Table 3 (COCO minival, ResNet-50 D; AP / AP50 / AP75 / AP_S / AP_M / AP_L):
 #   w/o reg+ branch  36.7 57.5 39.8 19.0 40.9 49.9
@@ -16,10 +19,11 @@ set -euo pipefail
 RUN=${1:-runs/quick}
 DATA=${2:-data/synth-quick}
 PRESET=${3:-quick}
+SEED=${4:-0}
 
 for ablation in no-reg-branch no-adv no-cls no-reg; do
   sodtool train mtgan --preset "$PRESET" --hr "$RUN/rois_train.h5" --lr "$RUN/rois_train_lr.h5" --sr "$RUN/sr" \
-    --disc-init "$RUN/detector/model.pt" --out "$RUN/mtgan_${ablation//-/_}" --seed 0 "--$ablation"
+    --disc-init "$RUN/detector/model.pt" --out "$RUN/mtgan_${ablation//-/_}" --seed "$SEED" "--$ablation"
 done
 
 sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
