@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The synthetic bench preset end to end: 4000 training and 500 minival images, every stage of the
-# quickstart with the bench presets (longer detector, SR and MTGAN training). About 50 minutes
-# on a 2-core CPU when the bench data exist (making them takes 2-5 more); the README's measured
-# results say how long each stage took.
+# quickstart with the bench presets (longer detector, SR and MTGAN training). Roughly 1-1.5 hours
+# on a 2-core CPU when the bench data exist (making them takes 2-5 more minutes), from the stage
+# times in README's measured results; the whole pipeline was not timed in one piece.
 #
 #   bash pipelines/bench.sh [RUN] [DATA]   # defaults: runs/bench data/synth-bench (made if missing)
 #   DETECTOR=mdssd bash pipelines/bench.sh runs/bench-mdssd   # SOD-MTGAN over MDSSD's ROIs
