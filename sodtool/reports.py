@@ -17,6 +17,7 @@ import numpy as np
 from sodtool import figures
 from sodtool.artefacts import read_jsonl
 from sodtool.console import log, print_table, warn
+from sodtool.errors import InputError
 from sodtool.models.mtgan import MtganModel, training_logs
 
 # Rows of the comparison table, in order; ablations follow.
@@ -157,6 +158,44 @@ def table_markdown(metrics: dict) -> str:
         lines.append(f"| {row['title']} | {cells} |")
     lines += ["", "n/a: the ground truth has no object of that size (COCOeval reports -1).", "",
               verdict(metrics.get("discriminator"))]
+    return "\n".join(lines) + "\n"
+
+
+def seeds_markdown(runs: Sequence[dict]) -> str:
+    """Several `eval` runs of one comparison (e.g. MTGAN seeds 0, 1, 2) as one Markdown table: each
+    row found in every run, in the first run's order, with its AP columns as mean ± sd over the
+    runs (sample sd, n - 1; percent, one decimal), then D's held-out SR accuracy per run. Rows
+    missing from some run are named under the table, not averaged. Runs of another split or image
+    count than the first are an InputError: each mean must be over the same measurement."""
+    if not runs:
+        raise InputError("give at least one eval metrics.json")
+    for i, m in enumerate(runs[1:], 2):
+        if (m["split"], m["images"]) != (runs[0]["split"], runs[0]["images"]):
+            raise InputError(f"run {i} is on {m['split']} ({m['images']} images), run 1 on {runs[0]['split']} "
+                             f"({runs[0]['images']} images): compare like with like")
+    by_name = [{r["name"]: r for r in m["rows"]} for m in runs]
+    names = [r["name"] for r in runs[0]["rows"] if all(r["name"] in b for b in by_name)]
+    partial = sorted({n for b in by_name for n in b} - set(names))
+    n = len(runs)
+    head = "| Method | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |"
+    lines = [f"COCO bbox AP in percent on {runs[0]['split']}, {runs[0]['images']} images; mean ± sd of {n} "
+             f"run{'s' if n > 1 else ''}.", "", head, "| --- | " + " | ".join("---:" for _ in TABLE_COLUMNS) + " |"]
+    for name in names:
+        cells = []
+        for k, _ in TABLE_COLUMNS:
+            v = np.array([b[name][k] for b in by_name], dtype=np.float64) * 100
+            if (v < 0).any():
+                cells.append("n/a")  # COCOeval's -1: no ground truth of that size
+            elif n == 1:
+                cells.append(f"{v[0]:.1f}")
+            else:
+                cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}")
+        lines.append(f"| {by_name[0][name]['title']} | " + " | ".join(cells) + " |")
+    accs = [(m.get("discriminator") or {}).get("val_d_cls_acc_fg_sr") for m in runs]
+    lines += ["", "D's held-out object accuracy on SR input, per run: "
+              + ", ".join("unknown" if a is None else f"{100 * a:.0f}%" for a in accs) + "."]
+    if partial:
+        lines.append("Rows not in every run, left out: " + ", ".join(partial) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -509,6 +509,49 @@ def test_verdict_line_says_whether_the_rescored_rows_can_be_trusted():
     assert "--preset paper" not in on_paper and "loss curves" in on_paper
 
 
+def _eval_metrics(ap_s: float, extra_row: bool = False, images: int = 500) -> dict:
+    """A minimal eval metrics.json: the baseline and one MTGAN row (AP_small = ap_s)."""
+    cols = {"AP": 0.4, "AP50": 0.7, "AP75": 0.4, "AP_small": ap_s, "AP_medium": 0.5, "AP_large": -1.0}
+    rows = [{"name": "baseline", "title": "Baseline detector", **cols, "AP_small": 0.175},
+            {"name": "mtgan", "title": "SOD-MTGAN, D score", **cols}]
+    if extra_row:
+        rows.append({"name": "no_adv", "title": "no_adv, D score", **cols})
+    return {"split": "minival", "images": images, "rows": rows,
+            "discriminator": {"val_d_cls_acc_fg_sr": ap_s}}
+
+
+def test_seeds_table_gives_mean_and_sample_sd_of_the_rows_every_run_has(tmp_path):
+    import subprocess
+    import sys
+
+    from sodtool.reports import seeds_markdown
+
+    runs = [_eval_metrics(0.234, extra_row=True), _eval_metrics(0.217), _eval_metrics(0.187)]
+    table = seeds_markdown(runs)
+    # AP_S of seeds 23.4, 21.7, 18.7: mean 21.27, sample sd 2.38 (README's bench row 21.2 ± 2.3 is
+    # the same computation on unrounded values); a constant column has sd 0; no ground truth: n/a.
+    assert "| SOD-MTGAN, D score | 40.0 ± 0.0 | 70.0 ± 0.0 | 40.0 ± 0.0 | 21.3 ± 2.4 | 50.0 ± 0.0 | n/a |" in table
+    assert "| Baseline detector | 40.0 ± 0.0 | 70.0 ± 0.0 | 40.0 ± 0.0 | 17.5 ± 0.0 |" in table
+    assert "mean ± sd of 3 runs" in table and "per run: 23%, 22%, 19%." in table
+    assert "no_adv, D score" not in table and "Rows not in every run, left out: no_adv." in table
+    assert "21.7 |" in seeds_markdown(runs[1:2])  # one run: its value, no sd
+    with pytest.raises(InputError, match="run 2 is on minival \\(100 images\\)"):
+        seeds_markdown([runs[0], _eval_metrics(0.2, images=100)])
+
+    # The script: one table on stdout; a missing folder is one line on stderr and exit code 2.
+    for i, m in enumerate(runs):
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "metrics.json").write_text(json.dumps(m))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "seeds_table.py"
+    ok = subprocess.run([sys.executable, str(script)] + [str(tmp_path / f"s{i}") for i in range(3)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout == table
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "s0"), str(tmp_path / "missing")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("error: ") and "missing: not found" in bad.stderr
+
+
 def test_discriminator_quality_carries_the_runs_preset(tmp_path):
     """eval's verdict reads D's held-out accuracy and the MTGAN run's preset from its manifest."""
     from types import SimpleNamespace

@@ -1,0 +1,47 @@
+"""Mean ± sd over several `sodtool eval` runs of one comparison, e.g. MTGAN seeds 0, 1 and 2.
+
+Reads each folder's metrics.json (or the file itself) and prints one Markdown table: every row of
+the first run (baseline, SOD-MTGAN, bicubic control, ablations, gated rows) with its AP columns as
+mean ± sd over the runs (sample sd), then D's held-out accuracy per run. README's multi-seed
+tables are this script's output.
+
+    python benchmarks/seeds_table.py runs/bench/eval_minival runs/bench_s1/eval_minival runs/bench_s2/eval_minival
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sodtool.errors import InputError  # noqa: E402
+from sodtool.reports import seeds_markdown  # noqa: E402
+
+
+def load(path: Path) -> dict:
+    if not path.exists():
+        raise InputError(f"{path}: not found (give eval output folders or their metrics.json)")
+    f = path / "metrics.json" if path.is_dir() else path
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{f}: not an eval metrics.json ({e.__class__.__name__})") from None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="eval output folders (or their metrics.json)")
+    args = ap.parse_args()
+    try:
+        print(seeds_markdown([load(p) for p in args.runs]), end="")
+    except (InputError, KeyError) as e:
+        print(f"error: {e if isinstance(e, InputError) else f'not an eval metrics.json: no {e}'}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
