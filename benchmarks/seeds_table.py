@@ -11,13 +11,13 @@ tables are this script's output.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sodtool.artefacts import read_json  # noqa: E402
 from sodtool.errors import InputError  # noqa: E402
 from sodtool.reports import seeds_markdown  # noqa: E402
 
@@ -25,11 +25,7 @@ from sodtool.reports import seeds_markdown  # noqa: E402
 def load(path: Path) -> dict:
     if not path.exists():
         raise InputError(f"{path}: not found (give eval output folders or their metrics.json)")
-    f = path / "metrics.json" if path.is_dir() else path
-    try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{f}: not an eval metrics.json ({e.__class__.__name__})") from None
+    return read_json(path / "metrics.json" if path.is_dir() else path, "eval metrics.json")
 
 
 def main() -> None:

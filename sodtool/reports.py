@@ -27,6 +27,9 @@ ROW_TITLES = {BASELINE: "Baseline detector", MTGAN: "SOD-MTGAN", BICUBIC: "Bicub
 TABLE_COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("AP_small", "AP_S"),
                  ("AP_medium", "AP_M"), ("AP_large", "AP_L"))
 SMALL_AREA = 32.0 ** 2
+# The Markdown header and alignment lines of a table with TABLE_COLUMNS.
+_TABLE_HEAD = ("| Method | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
+               "| --- | " + " | ".join("---:" for _ in TABLE_COLUMNS) + " |")
 
 
 class TripletPicker:
@@ -106,11 +109,11 @@ TRUSTED_D_ACCURACY = 0.5
 # What trains a stronger D than the MTGAN run's own preset (None: the preset is not recorded).
 # bench.sh trains with the quick schedule too, but on the paper's 128 px crops of 8 times the
 # images; there D classified 67% of held-out object crops (README, "Bench").
+_BENCH_ADVICE = ("pipelines/bench.sh (the paper's 128 px crops, 8 times the images) and the paper preset on a GPU "
+                 "train a stronger D.")
 LONGER_TRAINING = {
-    None: "pipelines/bench.sh (the paper's 128 px crops, 8 times the images) and the paper preset on a GPU "
-          "train a stronger D.",
-    "quick": "pipelines/bench.sh (the paper's 128 px crops, 8 times the images) and the paper preset on a GPU "
-             "train a stronger D.",
+    None: _BENCH_ADVICE,
+    "quick": _BENCH_ADVICE,
     "bench": "the paper preset on a GPU (train mtgan --preset paper: ResNet-50 D, 80,000 iterations) trains D "
              "40 times longer.",
     "paper": "D is still weak after the paper's whole schedule; its loss curves (figures/loss_*.png beside "
@@ -143,8 +146,7 @@ def _pct(v: Optional[float], signed: bool = False) -> str:
 def table_markdown(metrics: dict) -> str:
     """The comparison as Markdown: AP columns in percent with one decimal (the paper's Tables 2-3),
     then the differences to the baseline in percentage points."""
-    head = "| Method | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |"
-    sep = "| --- | " + " | ".join("---:" for _ in TABLE_COLUMNS) + " |"
+    head, sep = _TABLE_HEAD
     src = metrics["source"]
     lines = [f"# SOD-MTGAN evaluation on {metrics['split']}", "",
              f"COCO bbox AP in percent on {metrics['images']} images; ROIs: the baseline's top "
@@ -181,9 +183,8 @@ def seeds_markdown(runs: Sequence[dict]) -> str:
     names = [r["name"] for r in runs[0]["rows"] if all(r["name"] in b for b in by_name)]
     partial = sorted({n for b in by_name for n in b} - set(names))
     n = len(runs)
-    head = "| Method | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |"
     lines = [f"COCO bbox AP in percent on {runs[0]['split']}, {runs[0]['images']} images; mean ± sd of {n} "
-             f"run{'s' if n > 1 else ''}.", "", head, "| --- | " + " | ".join("---:" for _ in TABLE_COLUMNS) + " |"]
+             f"run{'s' if n > 1 else ''}.", "", *_TABLE_HEAD]
     for name in names:
         cells = []
         for k, _ in TABLE_COLUMNS:
