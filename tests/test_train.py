@@ -499,7 +499,8 @@ def test_d_sees_real_and_fake_crops_as_one_batch():
 
 def test_validation_feeds_d_what_rescoring_feeds_it():
     # Held-out D accuracy is measured on exactly the images `eval` rescoring gives D: G's output
-    # unclamped (as in training), and the same bicubic upsampling.
+    # unclamped (as in training), the same bicubic upsampling, and the same memory layout
+    # (channels_last, which changes the order of oneDNN's sums).
     from sodtool.rescoring import BicubicControl, MtganScorer, score_rois
     from sodtool.srdata import HeldOut
     from sodtool.stages.train_mtgan import evaluate_discriminator
@@ -522,6 +523,8 @@ def test_validation_feeds_d_what_rescoring_feeds_it():
     assert validation[0].max() > 1.0
     for a, b in zip(validation, rec.seen):
         assert torch.equal(a, b)
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        assert b.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_paper_preset_is_table_1_exactly(tmp_path):

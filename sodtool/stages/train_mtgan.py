@@ -192,7 +192,8 @@ def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, ba
     """Held-out class accuracy of D (eval mode) on HR, SR and bicubic crops: on all rows, and on the
     object rows alone (`_fg_`). SR and bicubic crops go through the very second stages `eval`
     rescores with (`rescoring.MtganScorer`: D sees G's output unclamped, as in training;
-    `rescoring.BicubicControl`), so these figures are what rescoring will see."""
+    `rescoring.BicubicControl`), in `score_rois`'s layout (channels_last), so these figures are
+    what rescoring will see."""
     if len(held.rows) == 0:
         return {}
     g, d = unwrap(g), unwrap(d)
@@ -204,10 +205,10 @@ def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, ba
     correct_fg = dict(correct)  # on the object rows alone: a D that answers "background" everywhere scores 0
     try:
         for i in range(0, len(held.rows), batch_size):
-            x = to_float(held.lr[i:i + batch_size], device)
+            x = to_float(held.lr[i:i + batch_size], device, channels_last=True)
             u = labels[i:i + batch_size].to(device)
             with autocast(device):
-                preds = {"hr": d(to_float(held.hr[i:i + batch_size], device)).cls.argmax(1),
+                preds = {"hr": d(to_float(held.hr[i:i + batch_size], device, channels_last=True)).cls.argmax(1),
                          **{k: m(x).probs.argmax(1) for k, m in methods.items()}}
             for k, pred in preds.items():
                 hit = pred == u
