@@ -149,10 +149,12 @@ def root(
 
     Example: sodtool data synth --preset quick --out data/synth-quick
     """
+    from sodtool.allocator import keep_freed_memory
     from sodtool.console import set_quiet
 
     _state["debug"] = debug
     set_quiet(quiet)
+    keep_freed_memory()  # before any stage allocates: large batches then reuse freed memory
 
 
 @app.command()
