@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -304,8 +305,7 @@ print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="malloc options are glibc's")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc options are glibc's")
 def test_keep_freed_memory_makes_malloc_reuse_large_freed_blocks():
     # A 64 MiB block (a batch's activations are 10x that) freed and asked for again: glibc's
     # default unmaps it and faults in all 16,384 pages anew; after keep_freed_memory(), which the
