@@ -507,6 +507,12 @@ def test_verdict_line_says_whether_the_rescored_rows_can_be_trusted():
     assert "pipelines/bench.sh" not in on_bench and "--preset paper" in on_bench
     on_paper = verdict({"val_d_cls_acc_fg_sr": 0.3, "preset": "paper"})
     assert "--preset paper" not in on_paper and "loss curves" in on_paper
+    # A quick D on 128 px crops is bench.sh's own run (its seed 1: 49%): not sent to bench.sh again.
+    at_128 = verdict({"val_d_cls_acc_fg_sr": 0.49, "val_d_cls_acc_fg_hr": 0.57, "val_fg_crops": 82,
+                      "preset": "quick", "hr_size": 128})
+    assert "pipelines/bench.sh (" not in at_128 and "already has the paper's 128 px crops" in at_128
+    assert "--preset bench" in at_128 and "--seed" in at_128
+    assert "pipelines/bench.sh (" in verdict({"val_d_cls_acc_fg_sr": 0.2, "preset": "quick", "hr_size": 64})
 
 
 def _eval_metrics(ap_s: float, extra_row: bool = False, images: int = 500) -> dict:
@@ -553,7 +559,8 @@ def test_seeds_table_gives_mean_and_sample_sd_of_the_rows_every_run_has(tmp_path
 
 
 def test_discriminator_quality_carries_the_runs_preset(tmp_path):
-    """eval's verdict reads D's held-out accuracy and the MTGAN run's preset from its manifest."""
+    """eval's verdict reads D's held-out accuracy and the MTGAN run's preset from its manifest,
+    and the HR crop side from the model."""
     from types import SimpleNamespace
 
     from sodtool.artefacts import write_manifest
@@ -564,6 +571,6 @@ def test_discriminator_quality_carries_the_runs_preset(tmp_path):
     write_manifest(run, "train-mtgan", {"preset": "bench", "seed": 0},
                    {}, {"val_d_cls_acc_fg_sr": 0.45, "val_d_cls_acc_fg_hr": 0.7, "val_fg_crops": 82, "final_g_mse": 0.1},
                    seed=0, device="cpu", wall_time_s=1.0, outputs=[])
-    assert discriminator_quality(SimpleNamespace(run_dir=run)) == {
-        "val_d_cls_acc_fg_sr": 0.45, "val_d_cls_acc_fg_hr": 0.7, "val_fg_crops": 82, "preset": "bench"}
-    assert discriminator_quality(SimpleNamespace(run_dir=tmp_path / "moved")) == {}
+    assert discriminator_quality(SimpleNamespace(run_dir=run, hr_size=128)) == {
+        "val_d_cls_acc_fg_sr": 0.45, "val_d_cls_acc_fg_hr": 0.7, "val_fg_crops": 82, "preset": "bench", "hr_size": 128}
+    assert discriminator_quality(SimpleNamespace(run_dir=tmp_path / "moved", hr_size=128)) == {}
