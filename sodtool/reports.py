@@ -120,7 +120,7 @@ LONGER_TRAINING = {
              "this table) show whether it stopped learning.",
 }
 # A quick-preset D already trained on the paper's 128 px crops is bench.sh's own setting: bench.sh
-# is then no advice. The seeds of that setting spread from 49% to 67% held-out accuracy (README).
+# is then no advice. The seeds of that setting spread from 49% to 70% held-out accuracy (README).
 _AT_128_ADVICE = ("this run already has the paper's 128 px crops (pipelines/bench.sh's setting, whose seeds "
                   "spread widely): another --seed, the bench preset (train mtgan --preset bench: 2,000 iterations "
                   "instead of 750) or the paper preset on a GPU train D longer.")

@@ -316,6 +316,7 @@ def test_keep_freed_memory_makes_malloc_reuse_large_freed_blocks():
         applied, n = map(int, res.stdout.split())
         return applied, n
 
-    assert faults("default") == (0, pytest.approx(16384, rel=0.1))
-    applied, n = faults("keep")
-    assert applied == 1 and n < 100
+    (default_applied, default_n), (applied, n) = faults("default"), faults("keep")
+    assert default_applied == 0 and applied == 1
+    # 16,384 faults by default on 4 KiB pages (fewer where transparent huge pages are "always").
+    assert n < 100 and default_n > n
