@@ -199,6 +199,7 @@ def eval_results(
     device: str = typer.Option("auto", "--device", help="Rescoring: auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
     nms_iou: float = typer.Option(0.5, "--nms-iou", help="Rescoring: IoU of the per-class NMS."),
     max_per_image: int = typer.Option(100, "--max-per-image", help="Rescoring: detections kept per image."),
+    sr_only: bool = typer.Option(False, "--sr-only", help="Rescoring: send every ROI through G (or bicubic) from its LR crop. By default D reads the HR crop of a ROI whose crop window in the image is wider than the LR crop, whose shrinking would lose detail the image has (the paper's G upsamples ROIs as the image holds them)."),
     small_area: Optional[float] = typer.Option(None, "--small-area", help="Rescoring: also write size-gated rows (NAME_small.json), in which only ROIs of area below this many px² are rescored and larger ones keep the baseline's detection, as Noh et al. (2019) route only small proposals through super-resolution (1024 = 32², COCO's small; the pipelines pass it). Default: no gated rows, every ROI rescored as the paper."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Rescoring: write figures/ (SR triplets, detections, loss curves)."),
     seed: int = typer.Option(0, "--seed", help="Seed (rescoring is deterministic; recorded in the manifest)."),
@@ -242,7 +243,7 @@ def eval_results(
         rescore_eval(RescoreConfig(mtgan=mtgan, data=data, split=split, ann=ann, images=images, detector=detector,
                                    rois=rois, ablations=tuple(ablation or ()), out=out, score=score,
                                    nms_iou=nms_iou, max_per_image=max_per_image, small_area=small_area,
-                                   batch_size=batch_size, device=device, seed=seed, figures=figures,
+                                   sr_only=sr_only, batch_size=batch_size, device=device, seed=seed, figures=figures,
                                    overwrite=overwrite,
                                    slice=slice_size, overlap=overlap, slice_full=slice_full))
         return
@@ -686,6 +687,7 @@ def predict_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder: predictions.json (COCO), drawn/, parts/, manifest.json. Rerunning skips finished images."),
     mtgan: Optional[Path] = typer.Option(None, "--mtgan", help="Rescore the detector's ROIs with this MTGAN (RUN/mtgan or its model.pt), as eval does."),
     score: str = typer.Option("fused", "--score", help="With --mtgan: disc (the paper: D's class probability) or fused (geometric mean with the detector's score)."),
+    sr_only: bool = typer.Option(False, "--sr-only", help="With --mtgan: every rescored ROI through G from its LR crop (by default D reads the HR crop of ROIs whose window is wider than the LR crop, as eval)."),
     small_area: float = typer.Option(1024.0, "--small-area", help="With --mtgan: rescore only ROIs of area below this many px² (1024 = 32², COCO's small); larger ones keep the detector's detection, as eval's 'ROIs < 32² only' rows (measured best on bench). 0: every ROI, as the paper."),
     slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference: tiles of this many px (square), merged across tiles by greedy non-maximum merging (SAHI's GREEDYNMM: a box cut by a tile border comes out once, whole)."),
     overlap: float = typer.Option(0.2, "--overlap", help="Overlap of neighbouring tiles, as a fraction of the tile side."),
@@ -713,7 +715,7 @@ def predict_cmd(
     from sodtool.stages.predict import PredictConfig, predict_images
 
     predict_images(PredictConfig(inputs=tuple(inputs), detector=detector, out=out, mtgan=mtgan, score=score,
-                                 small_area=small_area,
+                                 small_area=small_area, sr_only=sr_only,
                                  slice=slice_size, overlap=overlap, slice_full=slice_full,
                                  score_thresh=score_thresh, max_rois=max_rois, max_per_image=max_per_image,
                                  merge_ios=merge_ios, nms_iou=nms_iou, min_score=min_score,

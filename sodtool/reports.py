@@ -41,14 +41,17 @@ class TripletPicker:
         self.items: list[tuple] = []  # (-score, order, lr, hr, sr, caption)
         self.order = 0
 
-    def wanted(self, rois: np.ndarray, scores: np.ndarray, owner: np.ndarray) -> np.ndarray:
-        """Row indices worth keeping the SR of: per image the 2 best small ROIs."""
+    def wanted(self, rois: np.ndarray, scores: np.ndarray, owner: np.ndarray,
+               eligible: Optional[np.ndarray] = None) -> np.ndarray:
+        """Row indices worth keeping the SR of: per image the 2 best small ROIs (among `eligible`
+        rows, bool [R], when given)."""
         if self.n == 0 or len(rois) == 0:
             return np.zeros(0, np.int64)
         area = (rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1])
+        small = area < SMALL_AREA if eligible is None else (area < SMALL_AREA) & eligible
         rows = []
         for o in np.unique(owner):
-            idx = np.flatnonzero((owner == o) & (area < SMALL_AREA))
+            idx = np.flatnonzero((owner == o) & small)
             rows.extend(idx[np.argsort(-scores[idx], kind="stable")[:2]].tolist())
         return np.asarray(sorted(rows), np.int64)
 
@@ -156,6 +159,16 @@ def _pct(v: Optional[float], signed: bool = False) -> str:
     return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
 
 
+def _crops_sentence(crops: Optional[dict]) -> str:
+    """What the second stages read (eval's `crops` entry; none in metrics of older runs)."""
+    if not crops:
+        return ""
+    if crops["sr_only"]:
+        return " Every ROI through G (or bicubic) from its LR crop (--sr-only)."
+    return (f" D reads the HR crop of the {crops['rois_read_from_hr']} ROIs whose crop window is wider than "
+            f"the {crops['lr_size']} px LR crop; the others go through G (or bicubic).")
+
+
 def table_markdown(metrics: dict) -> str:
     """The comparison as Markdown: AP columns in percent with one decimal (the paper's Tables 2-3),
     then the differences to the baseline in percentage points."""
@@ -166,6 +179,7 @@ def table_markdown(metrics: dict) -> str:
              f"{metrics['max_per_image']} detections per image from the {src['kind']} {src['path']} "
              f"({metrics['rois']} ROIs); scores: D's class probability (the paper's) and its geometric "
              f"mean with the baseline's (fused); per-class NMS at IoU {metrics['nms_iou']}."
+             + _crops_sentence(metrics.get("crops"))
              + (f" Rows 'ROIs < {metrics['small_area']:g} px² only': larger ROIs keep the baseline's detection."
                 if metrics.get("small_area") else ""),
              "", head, sep]

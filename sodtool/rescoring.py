@@ -3,10 +3,19 @@
 The second-stage interface: a method maps the LR crops of a batch of ROIs, float [B, 3, s, s]
 in [0, 1] on the device, to `Scores`: class probabilities [B, K+1] (0 = background), box deltas
 [B, 4] in `boxes.BOX_WEIGHTS` scale or None (no regression branch), and the image it classified
-(the SR crop [B, 3, 4s, 4s], for figures) or None. `MtganScorer` (D(G(x)), the paper) and
+(the SR crop [B, 3, 4s, 4s], for figures) or None; its `read_hr` maps HR crops [B, 3, 4s, 4s] to
+`Scores` the same way, without super-resolution. `MtganScorer` (D(G(x)), the paper) and
 `BicubicControl` (D(bicubic(x)), which separates the gain of super-resolution from that of a
 second-stage classifier) are two instances; a new method (e.g. feature-level SR) is a third.
 `score_rois` runs several methods over the same crops in one pass.
+
+Which crop a ROI's second stage reads (`reads_hr`): the paper's G upsamples a ROI as the image
+holds it, never a shrunken copy. sodtool's crops have fixed sizes (HR = 4 x LR), so a ROI whose
+crop window in the image is wider than the LR crop loses detail in the LR crop that the image
+has; D reads such a ROI's HR crop (the image's own pixels at D's input size) and only narrower
+windows go through G (or bicubic, for the control); `score_rois` without `hr_rows` sends every
+ROI through G (`eval --sr-only`). Bench, HR 128, three MTGAN seeds, D's score over every ROI: AP
+40.3 -> 42.1, AP_M 52.3 -> 55.1, AP_L 46.1 -> 47.8 with the HR crops (README).
 
 Then per image, pure functions of tensors:
 - `refine_boxes`: the refined box `boxes.decode_target(roi, reg / BOX_WEIGHTS)` clipped to the image
@@ -51,6 +60,13 @@ class Scores(NamedTuple):
     image: Optional[torch.Tensor]
 
 
+def discriminator_scores(discriminator: torch.nn.Module, x: torch.Tensor,
+                         image: Optional[torch.Tensor] = None) -> Scores:
+    """D's softmax probabilities and box deltas for the crops x [B, 3, S, S]; `image` is carried as is."""
+    o = discriminator(x)
+    return Scores(torch.softmax(o.cls.float(), dim=1), o.reg.float() if o.reg is not None else None, image)
+
+
 class MtganScorer:
     """SOD-MTGAN: D(G(x)), D seeing G's output unclamped, as during training."""
 
@@ -59,8 +75,10 @@ class MtganScorer:
 
     def __call__(self, x: torch.Tensor) -> Scores:
         sr = self.generator(x)
-        o = self.discriminator(sr)
-        return Scores(torch.softmax(o.cls.float(), dim=1), o.reg.float() if o.reg is not None else None, sr)
+        return discriminator_scores(self.discriminator, sr, sr)
+
+    def read_hr(self, hr: torch.Tensor) -> Scores:
+        return discriminator_scores(self.discriminator, hr)
 
 
 class BicubicControl:
@@ -70,37 +88,72 @@ class BicubicControl:
         self.name, self.discriminator = name, discriminator
 
     def __call__(self, x: torch.Tensor) -> Scores:
-        o = self.discriminator(bicubic_up(x))
-        return Scores(torch.softmax(o.cls.float(), dim=1), o.reg.float() if o.reg is not None else None, None)
+        return discriminator_scores(self.discriminator, bicubic_up(x))
+
+    def read_hr(self, hr: torch.Tensor) -> Scores:
+        return discriminator_scores(self.discriminator, hr)
+
+
+def reads_hr(rois: torch.Tensor, context: float, lr_size: int) -> torch.Tensor:
+    """bool [R]: the ROIs [R, 4] (xyxy, image px) whose square crop window (`boxes.square_windows`:
+    side = context x the longer side) is wider than `lr_size` px. Their LR crops are shrunken
+    copies of the image, so their second stage reads the HR crop instead (module docstring)."""
+    wh = (rois[:, 2:] - rois[:, :2]).float()
+    return context * wh.max(dim=1).values.clamp(min=1.0) > lr_size
+
+
+def _crops_in(u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 crops [B, 3, S, S] -> float in [0, 1] on `device`, channels_last."""
+    x = u8.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
 def score_rois(methods: Sequence, lr_u8: torch.Tensor, device: torch.device, batch_size: int,
-               keep_rows: np.ndarray) -> tuple[dict[str, dict], np.ndarray]:
-    """Every method over the same LR crops, `batch_size` ROIs at a time.
+               keep_rows: np.ndarray, hr_u8: Optional[torch.Tensor] = None,
+               hr_rows: Optional[torch.Tensor] = None) -> tuple[dict[str, dict], np.ndarray]:
+    """Every method over the same crops, `batch_size` ROIs at a time.
 
-    lr_u8: uint8 [R, 3, s, s] (CPU). Returns ({name: {"probs": float32 [R, K+1], "reg": float32
-    [R, 4] | None}} on the CPU, uint8 images [len(keep_rows), 3, S, S] of the FIRST method at
-    `keep_rows`, e.g. SR crops for figures). The crops go in channels_last on every device: on
-    CPU, oneDNN's convolutions then run D(G(x)) 1.5x faster at LR 32 and 1.3x at LR 16 (one thread,
-    benchmarks/bench_rescore.py), and the probabilities move by under 1e-6. On CUDA also bf16
-    autocast.
+    lr_u8: uint8 [R, 3, s, s] (CPU). hr_u8: uint8 [R, 3, 4s, 4s] and hr_rows: bool [R]
+    (`reads_hr`), or None: the rows each method scores with `read_hr` on their HR crop instead
+    of from their LR crop. Returns ({name: {"probs": float32 [R, K+1], "reg": float32 [R, 4] |
+    None}} on the CPU, uint8 images [len(keep_rows), 3, S, S] of the FIRST method at `keep_rows`,
+    e.g. SR crops for figures; those rows must be read from the LR crop). The crops go in
+    channels_last on every device: on CPU, oneDNN's convolutions then run D(G(x)) 1.5x faster at
+    LR 32 and 1.3x at LR 16 (one thread, benchmarks/bench_rescore.py), and the probabilities
+    move by under 1e-6. On CUDA also bf16 autocast.
     """
+    if hr_rows is not None and bool(hr_rows[torch.from_numpy(keep_rows)].any()):
+        raise ValueError("keep_rows must be rows scored from their LR crop")
     parts: dict[str, dict[str, list]] = {m.name: {"probs": [], "reg": []} for m in methods}
     kept: list[torch.Tensor] = []
     r = lr_u8.shape[0]
     for s in range(0, r, batch_size):
-        x = lr_u8[s:s + batch_size].to(device, non_blocking=True).float().div_(255.0)
-        x = x.contiguous(memory_format=torch.channels_last)
-        want = keep_rows[(keep_rows >= s) & (keep_rows < s + batch_size)] - s
+        e = min(s + batch_size, r)
+        on_hr = hr_rows[s:e] if hr_rows is not None else torch.zeros(e - s, dtype=torch.bool)
+        from_lr = torch.nonzero(~on_hr).squeeze(1)
+        from_hr = torch.nonzero(on_hr).squeeze(1)
+        # A batch's rows in LR order: row j of the batch is row at[j] of the LR pass.
+        at = torch.cumsum(~on_hr, 0) - 1
+        x = _crops_in(lr_u8[s:e][from_lr], device) if len(from_lr) else None
+        xh = _crops_in(hr_u8[s:e][from_hr], device) if len(from_hr) else None
+        want = torch.from_numpy(keep_rows[(keep_rows >= s) & (keep_rows < e)] - s)
         with autocast(device):
             for i, m in enumerate(methods):
-                out = m(x)
-                parts[m.name]["probs"].append(out.probs.cpu())
-                parts[m.name]["reg"].append(out.reg.cpu() if out.reg is not None else None)
-                if i == 0 and len(want) and out.image is not None:
-                    idx = torch.from_numpy(want).to(device)
-                    kept.append((out.image[idx].float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu())
+                lo = m(x) if x is not None else None
+                hi = m.read_hr(xh) if xh is not None else None
+                done = [(rows, o) for rows, o in ((from_lr, lo), (from_hr, hi)) if o is not None]
+                probs = torch.empty(e - s, done[0][1].probs.shape[1])
+                reg = torch.empty(e - s, 4) if done[0][1].reg is not None else None
+                for rows, o in done:
+                    probs[rows] = o.probs.cpu()
+                    if reg is not None:
+                        reg[rows] = o.reg.cpu()
+                parts[m.name]["probs"].append(probs)
+                parts[m.name]["reg"].append(reg)
+                if i == 0 and len(want) and lo is not None and lo.image is not None:
+                    idx = at[want].to(device)
+                    kept.append((lo.image[idx].float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu())
     res = {}
     for name, p in parts.items():
         regs = p["reg"]

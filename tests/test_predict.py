@@ -175,32 +175,38 @@ def test_small_area_gate_below_every_roi_gives_the_detectors_predictions(cli, mo
     assert res.exit_code == 2 and "--small-area must be an area in px²" in res.stderr
 
 
-def test_gated_rescoring_sends_only_small_rois_through_g_and_d(models):
-    """predict's gate runs G and D on the small ROIs only, and gives what the full pass gated
-    afterwards gives (eval's `_small` rows)."""
+@pytest.mark.parametrize("sr_only", [False, True])
+def test_gated_rescoring_sends_only_small_rois_through_g_and_d(models, sr_only):
+    """predict's gate runs D on the small ROIs only, and gives what the full pass gated
+    afterwards gives (eval's `_small` rows). G sees those of them whose crop window is no wider
+    than the LR crop (here none: 8 px LR crops), or all of them with sr_only."""
     from sodtool.boxes import square_windows
     from sodtool.models.mtgan import load_mtgan
     from sodtool.resample import bicubic_down
-    from sodtool.rescoring import (MtganScorer, class_scores, keep_baseline_above, refine_boxes, score_rois,
-                                   select_detections)
+    from sodtool.rescoring import (MtganScorer, class_scores, keep_baseline_above, reads_hr, refine_boxes,
+                                   score_rois, select_detections)
     from sodtool.rois import crop_windows
     from sodtool.stages.predict import PredictConfig, _rescore
 
     cpu = torch.device("cpu")
     m = load_mtgan(models[1], cpu, "mtgan")
-    seen = []
+    seen_g, seen_d = [], []
     scorer = MtganScorer("mtgan", m.generator, m.discriminator)
-    m.generator.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    m.generator.register_forward_hook(lambda mod, args, out: seen_g.append(args[0].shape[0]))
+    m.discriminator.register_forward_hook(lambda mod, args, out: seen_d.append(args[0].shape[0]))
     img = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
     boxes = np.array([[10, 10, 20, 22], [30, 30, 90, 100], [5, 60, 25, 75], [50, 5, 150, 60]], np.float32)
     rois = {"boxes": boxes, "scores": np.array([0.9, 0.8, 0.7, 0.6], np.float32), "labels": np.array([1, 2, 1, 2])}
-    cfg = PredictConfig(inputs=("x",), detector=Path("d"), out=Path("o"), small_area=1024.0, min_score=0.0)
+    cfg = PredictConfig(inputs=("x",), detector=Path("d"), out=Path("o"), small_area=1024.0, min_score=0.0,
+                        sr_only=sr_only)
     got = _rescore(rois, img, scorer, cpu, 1.5, 32, CATS.num_classes, cfg)
-    assert seen == [2]  # areas 120, 4200, 300, 5500: two ROIs below 32²
+    assert sum(seen_d) == 2  # areas 120, 4200, 300, 5500: two ROIs below 32²
+    assert seen_g == ([2] if sr_only else [])  # their windows, 18 and 22.5 px, are wider than 8 px
 
     r = torch.from_numpy(boxes)
     hr = crop_windows(torch.from_numpy(img), square_windows(r, 1.5), 32)
-    o = score_rois([scorer], bicubic_down(hr, 4), cpu, 256, np.zeros(0, np.int64))[0]["mtgan"]
+    on_hr = None if sr_only else reads_hr(r, 1.5, 8)
+    o = score_rois([scorer], bicubic_down(hr, 4), cpu, 256, np.zeros(0, np.int64), hr, on_hr)[0]["mtgan"]
     s, lab = torch.from_numpy(rois["scores"]), torch.from_numpy(rois["labels"])
     b, c = keep_baseline_above(r, refine_boxes(r, o["reg"], 160, 120), class_scores(o["probs"], s, lab, "fused"),
                                s, lab, 1024.0)

@@ -68,6 +68,12 @@ def world(tmp_path_factory):
             dets.append({"image_id": a["image_id"], "category_id": cid,
                          "bbox": [max(0.0, x + dx), max(0.0, y + dy), w, h],
                          "score": float(np.clip(0.9 - 0.5 * j - rng.uniform(0, 0.3), 0.06, 1.0))})
+    # Two tiny ROIs per image: crop windows (6 px) no wider than the 8 px LR crop, which go
+    # through G; every other ROI here is read from its HR crop (rescoring.reads_hr).
+    for im in ann["images"]:
+        for j in range(2):
+            dets.append({"image_id": im["id"], "category_id": cats[j]["id"], "bbox": [20.0 + 40 * j, 150.0, 4.0, 3.0],
+                         "score": 0.3 + 0.1 * j})
     det_path = root / "dets.json"
     det_path.write_text(json.dumps(dets))
     run = root / "run"
@@ -312,6 +318,78 @@ def test_size_gated_rows_are_the_baseline_above_the_gate_and_rescored_below(worl
         assert got <= base and len(got) >= 0.9 * len(base), name  # per-class NMS may drop overlapping copies
     assert "| Bicubic control (D on bicubic), fused score, ROIs < 1 px² (1²) only |" in (
         tmp_path / "tiny" / "table.md").read_text()
+
+
+def test_reads_hr_is_a_crop_window_wider_than_the_lr_crop():
+    """The window is context x the ROI's longer side (at least 1 px), as `boxes.square_windows`;
+    a window exactly as wide as the LR crop still reads the LR crop (it holds every pixel)."""
+    from sodtool.boxes import square_windows
+    from sodtool.rescoring import reads_hr
+
+    rois = torch.tensor([[0.0, 0, 20, 10], [0.0, 0, 10, 21.4], [5.0, 5, 5, 5], [0.0, 0, 21.4, 21.3],
+                         [100.0, 100, 300, 120]])
+    # windows 30, 32.1, 1.5 (a point: 1 px side), 32.1, 300 px against a 32 px LR crop
+    assert reads_hr(rois, 1.5, 32).tolist() == [False, True, False, True, True]
+    wide = square_windows(rois, 1.5)
+    assert reads_hr(rois, 1.5, 32).tolist() == ((wide[:, 2] - wide[:, 0]) > 32).tolist()
+    assert reads_hr(torch.tensor([[0.0, 0, 16, 8]]), 2.0, 32).tolist() == [False]  # exactly 32 px
+    assert reads_hr(torch.tensor([[0.0, 0, 16, 8]]), 2.0, 31).tolist() == [True]
+
+
+def test_score_rois_reads_flagged_rows_from_their_hr_crop(world):
+    """Flagged rows: D on their HR crop, and G never sees them; the others: D(G(LR)) as without
+    flags; the kept SR images are G's output of kept LR rows; a kept row that reads HR is refused."""
+    from sodtool.models.mtgan import load_mtgan
+    from sodtool.rescoring import BicubicControl, MtganScorer, score_rois
+
+    cpu = torch.device("cpu")
+    m = load_mtgan(world["mtgan"], cpu)
+    g_rows = []
+    m.generator.register_forward_hook(lambda mod, args, out: g_rows.append(args[0].shape[0]))
+    gen = torch.Generator().manual_seed(0)
+    lr = torch.randint(0, 256, (7, 3, HR // 4, HR // 4), dtype=torch.uint8, generator=gen)
+    hr = torch.randint(0, 256, (7, 3, HR, HR), dtype=torch.uint8, generator=gen)
+    flags = torch.tensor([False, True, False, True, True, False, True])
+    methods = [MtganScorer("mtgan", m.generator, m.discriminator), BicubicControl("bicubic", m.discriminator)]
+    keep = np.array([0, 5])
+    both, kept = score_rois(methods, lr, cpu, 4, keep, hr, flags)
+    assert g_rows == [2, 1]  # batches of 4 rows: rows 0, 2 then row 5
+    plain, plain_kept = score_rois(methods, lr, cpu, 4, keep)
+    with torch.no_grad():
+        direct = m.discriminator((hr[flags].float() / 255).contiguous(memory_format=torch.channels_last))
+    for name in ("mtgan", "bicubic"):
+        got = both[name]
+        assert got["probs"].shape == (7, K + 1) and got["reg"].shape == (7, 4)
+        assert torch.allclose(got["probs"][flags], torch.softmax(direct.cls, 1), atol=1e-6)
+        assert torch.allclose(got["reg"][flags], direct.reg, atol=1e-5)
+        assert torch.allclose(got["probs"][~flags], plain[name]["probs"][~flags], atol=1e-6)
+    assert kept.shape == (2, 3, HR, HR) and np.abs(kept.astype(int) - plain_kept.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="LR crop"):
+        score_rois(methods, lr, cpu, 4, np.array([1]), hr, flags)
+
+
+def test_eval_says_which_rois_d_read_from_their_hr_crop(world, tmp_path):
+    """metrics.json and table.md count the ROIs read from their HR crop (`reads_hr` over the
+    store's ROIs); --sr-only reads none and changes the rescored rows, not the baseline."""
+    import h5py
+
+    from sodtool.rescoring import reads_hr
+    from sodtool.stages.eval_mtgan import rescore_eval
+
+    with h5py.File(world["rois"], "r") as fh:
+        rois = torch.from_numpy(fh["roi"][:]).float()
+    want = int(reads_hr(rois, 1.5, HR // 4).sum())
+    assert 0 < want < len(rois)  # both kinds of ROI in this split
+    hr = rescore_eval(_cfg(world, tmp_path / "hr", figures=False))
+    assert hr["crops"] == {"sr_only": False, "lr_size": HR // 4, "context": 1.5, "rois_read_from_hr": want}
+    assert (f"D reads the HR crop of the {want} ROIs whose crop window is wider than the {HR // 4} px LR crop"
+            in (tmp_path / "hr" / "table.md").read_text())
+    sr = rescore_eval(_cfg(world, tmp_path / "sr", figures=False, sr_only=True))
+    assert sr["crops"]["sr_only"] and sr["crops"]["rois_read_from_hr"] == 0
+    assert "Every ROI through G (or bicubic) from its LR crop (--sr-only)." in (tmp_path / "sr" / "table.md").read_text()
+    read = {p.name: p.read_text() for p in (tmp_path / "hr").glob("*.json") if p.name != "manifest.json"}
+    assert read["baseline.json"] == (tmp_path / "sr" / "baseline.json").read_text()
+    assert read["mtgan.json"] != (tmp_path / "sr" / "mtgan.json").read_text()
 
 
 def test_select_detections_nms_per_class_and_topk():

@@ -12,7 +12,9 @@ For every image of a split:
 3. The second stages (`sodtool.rescoring`): G(LR) -> D gives class probabilities p [R, K+1]
    and box deltas; the refined box is `boxes.decode_target(roi, reg / BOX_WEIGHTS)` clipped to the
    image (the ROI itself when D has no regression branch). D sees G's output unclamped, as
-   during training.
+   during training. A ROI whose crop window in the image is wider than the LR crop is read
+   from its HR crop by D alone (`rescoring.reads_hr`: its LR crop lost detail the image has);
+   `sr_only` sends every ROI through G.
 4. Candidates: one per ROI and class with the score `score` ("disc", the paper's: D's
    probability; "fused": its geometric mean with the baseline's; see `sodtool.rescoring`);
    those below `min_score` dropped, per-class NMS at IoU `nms_iou` (0.5), top `max_per_image`.
@@ -83,6 +85,7 @@ from sodtool.rescoring import (
     check_small_area,
     class_scores,
     keep_baseline_above,
+    reads_hr,
     refine_boxes,
     score_rois,
     select_detections,
@@ -109,6 +112,7 @@ class RescoreConfig:
     score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4;
     small_area: also write size-gated rows (step 4), ROIs below this area (image px^2) rescored
       (None or 0: no gated rows);
+    sr_only: every ROI through G (or bicubic), even those whose window is wider than the LR crop (step 3);
     batch_size: ROIs per forward pass; context / roi_score_thresh / rois_per_image: crop
       context factor, detector score threshold and ROIs per image of the direct path (None: as
       the MTGAN's training store / as crop-rois test mode: 0.05 and 100, the paper's protocol);
@@ -131,6 +135,7 @@ class RescoreConfig:
     max_per_image: int = 100
     min_score: float = 1e-3
     small_area: Optional[float] = None
+    sr_only: bool = False
     batch_size: int = 256
     device: str = "auto"
     seed: int = 0
@@ -261,6 +266,11 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     log(f"eval: split {cfg.split} ({len(split.image_ids)} images), ROIs from {source.kind} {source.path}, "
         f"models {', '.join(m.name for m in models)}, device {device_name(device)}")
 
+    # Which ROIs D reads from their HR crop: those whose window is wider than the LR crop.
+    crop_context = (source.context if math.isfinite(source.context)
+                    else float(training_context(main, DEFAULT_CONTEXT, quiet=True)))
+    lr_size = source.hr_size // SCALE
+
     # Every second stage with every score, from the one forward pass below.
     gates = (False, True) if cfg.small_area is not None else (False,)
     names = [BASELINE] + [scored_name(n, mode, small) for small in gates
@@ -268,7 +278,7 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     dets: dict[str, dict[int, dict]] = {n: {} for n in names}
     picker = TripletPicker(cfg.fig_triplets if cfg.figures else 0)
     class_names = list(split.categories.names)
-    n_images = n_rois = 0
+    n_images = n_rois = n_hr_read = 0
     fwd_s = post_s = 0.0
     t_loop = Timer()
     with make_progress() as progress:
@@ -281,9 +291,13 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
             scores = np.concatenate([g.scores for g in group]).astype(np.float32)
             labels = np.concatenate([g.labels for g in group]).astype(np.int64)
             owner = np.concatenate([np.full(len(g.rois), i) for i, g in enumerate(group)])
-            sr_rows = picker.wanted(rois, scores, owner)
+            hr_rows = None if cfg.sr_only else reads_hr(torch.from_numpy(rois), crop_context, lr_size)
+            # The SR triplet figure shows G's output: only ROIs that went through G.
+            sr_rows = picker.wanted(rois, scores, owner, None if hr_rows is None else ~hr_rows.numpy())
             t = Timer()
-            outs, srs = score_rois(methods, torch.from_numpy(lr), device, cfg.batch_size, sr_rows)
+            outs, srs = score_rois(methods, torch.from_numpy(lr), device, cfg.batch_size, sr_rows,
+                                   torch.from_numpy(hr), hr_rows)
+            n_hr_read += 0 if hr_rows is None else int(hr_rows.sum())
             fwd_s += t.elapsed
             t = Timer()
             start = 0
@@ -346,6 +360,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                   "device": device_name(device)}
         metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
                    "score_modes": list(SCORE_MODES), "small_area": cfg.small_area, "figure_score": cfg.score,
+                   "crops": {"sr_only": cfg.sr_only, "lr_size": lr_size, "context": crop_context,
+                             "rois_read_from_hr": n_hr_read},
                    "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image,
                    "source": {"kind": source.kind, "path": str(source.path),
                               "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,

@@ -10,9 +10,10 @@ For every input image (files, folders searched recursively, globs; any size; the
    an object cut by a tile border comes out once, whole);
 2. its top `max_rois` boxes at score >= `score_thresh` (the paper's protocol: 100 at 0.05) are
    the ROIs; with `mtgan` they are rescored as `eval` does (square context windows, HR crops,
-   4x bicubic LR, D(G(x)), `score` "disc" or "fused", D's box deltas, per-class NMS, top
-   `max_per_image`), those of area >= `small_area` (default 32²; 0: none) keeping the
-   detector's detection; without it they are the detections;
+   4x bicubic LR, D(G(x)) or D on the HR crop where the window is wider than the LR crop unless
+   `sr_only`, `score` "disc" or "fused", D's box deltas, per-class NMS, top `max_per_image`),
+   those of area >= `small_area` (default 32²; 0: none) keeping the detector's detection;
+   without it they are the detections;
 3. `out/parts/<n>.json` (that image's detections) and `out/drawn/<name>.jpg` (boxes, class names
    and scores at >= `draw_threshold`) are written atomically.
 
@@ -56,6 +57,7 @@ from sodtool.rescoring import (
     check_small_area,
     class_scores,
     keep_baseline_above,
+    reads_hr,
     refine_boxes,
     score_rois,
     select_detections,
@@ -66,7 +68,7 @@ from sodtool.slicing import DEFAULT_MERGE_IOS, tile_grid
 STAGE = "predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 # Settings whose change makes earlier parts stale (a rerun with other ones redoes every image).
-PART_KEYS = ("detector", "mtgan", "score", "small_area", "slice", "overlap", "slice_full", "score_thresh",
+PART_KEYS = ("detector", "mtgan", "score", "small_area", "sr_only", "slice", "overlap", "slice_full", "score_thresh",
              "max_rois", "max_per_image", "merge_ios", "nms_iou", "min_score")
 
 
@@ -82,6 +84,7 @@ class PredictConfig:
     # Rescore only ROIs below this area (px², COCO's small: 32²), as eval's "ROIs < 32² only" rows,
     # the configuration measured best on bench; 0 or None: every ROI (the paper's protocol).
     small_area: Optional[float] = 1024.0
+    sr_only: bool = False  # every ROI through G, none read from its HR crop (eval's --sr-only)
     slice: Optional[int] = None
     overlap: float = 0.2
     slice_full: bool = False
@@ -269,7 +272,8 @@ def _rescore(rois: dict, img: np.ndarray, scorer, device, context: float, hr_siz
     reg: Optional[torch.Tensor] = torch.zeros(len(r), 4)
     if len(todo):
         hr = crop_windows(torch.from_numpy(img), square_windows(r[todo], context), hr_size)
-        o = score_rois([scorer], bicubic_down(hr, SCALE), device, 256, np.zeros(0, np.int64))[0]["mtgan"]
+        on_hr = None if cfg.sr_only else reads_hr(r[todo], context, hr_size // SCALE)
+        o = score_rois([scorer], bicubic_down(hr, SCALE), device, 256, np.zeros(0, np.int64), hr, on_hr)[0]["mtgan"]
         probs[todo] = o["probs"]
         reg = None if o["reg"] is None else reg.index_copy(0, todo, o["reg"])
     boxes = refine_boxes(r, reg, w, h)
