@@ -193,7 +193,9 @@ def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, ba
     object rows alone (`_fg_`). SR and bicubic crops go through the very second stages `eval`
     rescores with (`rescoring.MtganScorer`: D sees G's output unclamped, as in training;
     `rescoring.BicubicControl`), in `score_rois`'s layout (channels_last), so these figures are
-    what rescoring will see."""
+    what rescoring will see: the SR and bicubic ones for ROIs whose crop window is no wider than
+    the LR crop, the HR one for wider ROIs, which rescoring reads from their HR crop
+    (`rescoring.reads_hr`)."""
     if len(held.rows) == 0:
         return {}
     g, d = unwrap(g), unwrap(d)
