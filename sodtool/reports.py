@@ -143,10 +143,17 @@ def verdict(d: Optional[dict]) -> str:
     if not d or d.get("val_d_cls_acc_fg_sr") is None:
         return ("D's held-out accuracy is unknown (no train mtgan manifest beside the model): "
                 "the rescored rows cannot be judged from here.")
-    acc, n = d["val_d_cls_acc_fg_sr"], d.get("val_fg_crops")
+    sr, hr, n = d["val_d_cls_acc_fg_sr"], d.get("val_d_cls_acc_fg_hr", float("nan")), d.get("val_fg_crops")
     crops = f" of {n}" if n else ""
-    head = (f"D classifies {100 * acc:.0f}%{crops} held-out object crops right on SR input "
-            f"({100 * d.get('val_d_cls_acc_fg_hr', float('nan')):.0f}% on HR; held-out images, split by image).")
+    acc = d.get("val_d_cls_acc_fg_read")
+    if acc is None:  # a run from before eval read HR crops: its SR figure
+        acc = sr
+        head = (f"D classifies {100 * sr:.0f}%{crops} held-out object crops right on SR input "
+                f"({100 * hr:.0f}% on HR; held-out images, split by image).")
+    else:
+        head = (f"D classifies {100 * acc:.0f}%{crops} held-out object crops right on the crops eval gives it "
+                f"(HR where the window is wider than the LR crop, else SR; {100 * sr:.0f}% on SR input alone, "
+                f"{100 * hr:.0f}% on HR; held-out images, split by image).")
     if acc < TRUSTED_D_ACCURACY:
         return head + " At that level the SOD-MTGAN rows show that the pipeline runs, not what the method can do: " \
             + _advice(d)

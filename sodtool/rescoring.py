@@ -94,12 +94,17 @@ class BicubicControl:
         return discriminator_scores(self.discriminator, hr)
 
 
+def wider_than_lr(window_sides: torch.Tensor, lr_size: int) -> torch.Tensor:
+    """bool [R]: crop windows (sides [R], image px) wider than the `lr_size` px LR crop, whose LR
+    crops are shrunken copies of the image, so that their second stage reads the HR crop."""
+    return window_sides > lr_size
+
+
 def reads_hr(rois: torch.Tensor, context: float, lr_size: int) -> torch.Tensor:
     """bool [R]: the ROIs [R, 4] (xyxy, image px) whose square crop window (`boxes.square_windows`:
-    side = context x the longer side) is wider than `lr_size` px. Their LR crops are shrunken
-    copies of the image, so their second stage reads the HR crop instead (module docstring)."""
+    side = context x the longer side) is wider than `lr_size` px (module docstring)."""
     wh = (rois[:, 2:] - rois[:, :2]).float()
-    return context * wh.max(dim=1).values.clamp(min=1.0) > lr_size
+    return wider_than_lr(context * wh.max(dim=1).values.clamp(min=1.0), lr_size)
 
 
 def _crops_in(u8: torch.Tensor, device: torch.device) -> torch.Tensor:

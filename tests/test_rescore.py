@@ -591,6 +591,12 @@ def test_verdict_line_says_whether_the_rescored_rows_can_be_trusted():
     assert "pipelines/bench.sh (" not in at_128 and "already has the paper's 128 px crops" in at_128
     assert "--preset bench" in at_128 and "--seed" in at_128
     assert "pipelines/bench.sh (" in verdict({"val_d_cls_acc_fg_sr": 0.2, "preset": "quick", "hr_size": 64})
+    # A run that recorded D's accuracy on the crops eval reads is judged by that figure.
+    read = verdict({"val_d_cls_acc_fg_sr": 0.36, "val_d_cls_acc_fg_hr": 0.52, "val_d_cls_acc_fg_read": 0.51,
+                    "val_fg_crops": 56, "preset": "quick", "hr_size": 64})
+    assert read.startswith("D classifies 51% of 56 held-out object crops right on the crops eval gives it "
+                           "(HR where the window is wider than the LR crop, else SR; 36% on SR input alone, 52% on HR")
+    assert "measure the method" in read
 
 
 def _eval_metrics(ap_s: float, extra_row: bool = False, images: int = 500) -> dict:

@@ -527,6 +527,41 @@ def test_validation_feeds_d_what_rescoring_feeds_it():
         assert b.is_contiguous(memory_format=torch.channels_last)
 
 
+class _BrightIsClassOne(torch.nn.Module):
+    """A stand-in D: class 1 for a crop brighter than 0.5 on average, else class 2."""
+
+    def forward(self, x):
+        from sodtool.models.networks import DiscOut
+
+        bright = x.float().mean(dim=(1, 2, 3)) > 0.5
+        cls = torch.zeros(len(x), K + 1)
+        cls[bright, 1] = 1.0
+        cls[~bright, 2] = 1.0
+        return DiscOut(torch.zeros(len(x)), cls, torch.zeros(len(x), 4))
+
+
+def test_held_out_accuracy_on_the_crops_eval_reads():
+    # "read": D's answer on the HR crop for a window wider than the LR crop, on G's output for the
+    # others, as `eval` rescores them (rescoring.reads_hr).
+    from sodtool.srdata import HeldOut
+    from sodtool.stages.train_mtgan import evaluate_discriminator
+
+    g, _ = _tiny_gan(1)
+    with torch.no_grad():
+        g.tail.bias.fill_(0.8)  # SR crops bright: class 1; the HR crops below are black: class 2
+    n = 4
+    lr = torch.zeros(n, 3, LR_SIZE, LR_SIZE, dtype=torch.uint8)
+    held = HeldOut(np.arange(n), lr, torch.zeros(n, 3, HR, HR, dtype=torch.uint8), np.ones(n, bool))
+    labels = torch.tensor([1, 2, 1, 2])
+    sides = np.array([LR_SIZE - 1, LR_SIZE + 1, LR_SIZE, 3.0 * LR_SIZE], np.float32)  # wide: rows 1 and 3
+    res = evaluate_discriminator(g, _BrightIsClassOne(), held, labels, torch.device("cpu"), batch_size=3,
+                                 window_sides=sides)
+    assert res["val_d_cls_acc_fg_sr"] == 0.5 and res["val_d_cls_acc_fg_hr"] == 0.5
+    assert res["val_d_cls_acc_fg_read"] == 1.0 and res["val_d_cls_acc_read"] == 1.0
+    assert "val_d_cls_acc_fg_read" not in evaluate_discriminator(g, _BrightIsClassOne(), held, labels,
+                                                                  torch.device("cpu"))
+
+
 def test_paper_preset_is_table_1_exactly(tmp_path):
     # --preset paper builds Table 1's generator (no long skip, no bicubic residual) and the
     # paper's optimisers; the CPU presets keep both additions.

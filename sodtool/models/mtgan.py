@@ -95,8 +95,8 @@ def training_context(model: MtganModel, default: Optional[float], *, quiet: bool
 
 def discriminator_quality(model: MtganModel) -> dict:
     """D's held-out class accuracy at the end of training, from the MTGAN run's manifest:
-    {"val_d_cls_acc_fg_sr", "val_d_cls_acc_fg_hr", "val_d_cls_acc_fg_bicubic", "val_fg_crops",
-    "preset", "hr_size"} where recorded ({} when the manifest cannot be read). "preset" is the
+    {"val_d_cls_acc_fg_sr", "val_d_cls_acc_fg_hr", "val_d_cls_acc_fg_bicubic", "val_d_cls_acc_fg_read",
+    "val_fg_crops", "preset", "hr_size"} where recorded ({} when the manifest cannot be read). "preset" is the
     run's `--preset` (quick / bench / paper) and "hr_size" its HR crop side, so the verdict can say
     what would train D longer."""
     try:
@@ -104,7 +104,8 @@ def discriminator_quality(model: MtganModel) -> dict:
     except Exception:  # noqa: BLE001 - a model.pt moved away from its run folder: unknown
         return {}
     metrics = manifest.get("metrics", {})
-    keys = ("val_d_cls_acc_fg_sr", "val_d_cls_acc_fg_hr", "val_d_cls_acc_fg_bicubic", "val_fg_crops")
+    keys = ("val_d_cls_acc_fg_sr", "val_d_cls_acc_fg_hr", "val_d_cls_acc_fg_bicubic", "val_d_cls_acc_fg_read",
+            "val_fg_crops")
     quality = {k: metrics[k] for k in keys if k in metrics}
     preset = manifest.get("config", {}).get("preset")
     if preset:

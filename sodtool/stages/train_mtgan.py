@@ -72,7 +72,7 @@ from sodtool.losses import LossWeights, discriminator_loss, generator_loss
 from sodtool.models.detector_weights import detector_trunk
 from sodtool.models.networks import (ARCHS, DiscOut, Discriminator, discriminator_checkpoint, generator_checkpoint,
                                      generator_from_checkpoint, unwrap)
-from sodtool.rescoring import BicubicControl, MtganScorer
+from sodtool.rescoring import BicubicControl, MtganScorer, wider_than_lr
 from sodtool.resample import SCALE, bicubic_up
 from sodtool.srdata import (HeldOut, check_common, check_enough_rows, evaluate_generator, label_rows, load_held_out,
                             make_train_loader, native_sides, open_pair, row_image_ids, split_rows)
@@ -188,14 +188,16 @@ def loss_weights(cfg: TrainMTGANConfig):
 
 
 @torch.no_grad()
-def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, batch_size: int = 32) -> dict[str, float]:
+def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, batch_size: int = 32,
+                           window_sides: Optional[np.ndarray] = None) -> dict[str, float]:
     """Held-out class accuracy of D (eval mode) on HR, SR and bicubic crops: on all rows, and on the
     object rows alone (`_fg_`). SR and bicubic crops go through the very second stages `eval`
     rescores with (`rescoring.MtganScorer`: D sees G's output unclamped, as in training;
     `rescoring.BicubicControl`), in `score_rois`'s layout (channels_last), so these figures are
     what rescoring will see: the SR and bicubic ones for ROIs whose crop window is no wider than
-    the LR crop, the HR one for wider ROIs, which rescoring reads from their HR crop
-    (`rescoring.reads_hr`)."""
+    the LR crop, the HR one for wider ROIs, which rescoring reads from their HR crop. With the
+    crops' `window_sides` (float [M], image px) also "read": D's answer on the crop `eval` gives it
+    (`rescoring.wider_than_lr`: HR crop for a window wider than the LR crop, else SR)."""
     if len(held.rows) == 0:
         return {}
     g, d = unwrap(g), unwrap(d)
@@ -203,7 +205,8 @@ def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, ba
     g.eval()
     d.eval()
     methods = {"sr": MtganScorer("sr", g, d), "bicubic": BicubicControl("bicubic", d)}
-    correct = {"hr": 0, "sr": 0, "bicubic": 0}
+    wide = None if window_sides is None else wider_than_lr(torch.from_numpy(window_sides), held.lr.shape[-1])
+    correct = {"hr": 0, "sr": 0, "bicubic": 0, **({} if wide is None else {"read": 0})}
     correct_fg = dict(correct)  # on the object rows alone: a D that answers "background" everywhere scores 0
     try:
         for i in range(0, len(held.rows), batch_size):
@@ -212,6 +215,8 @@ def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, ba
             with autocast(device):
                 preds = {"hr": d(to_float(held.hr[i:i + batch_size], device, channels_last=True)).cls.argmax(1),
                          **{k: m(x).probs.argmax(1) for k, m in methods.items()}}
+            if wide is not None:
+                preds["read"] = torch.where(wide[i:i + batch_size].to(device), preds["hr"], preds["sr"])
             for k, pred in preds.items():
                 hit = pred == u
                 correct[k] += int(hit.sum().item())
@@ -375,7 +380,8 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
     run = open_run_dir(out, main, fresh=not cfg.resume)
     ckpt_path = run / "checkpoint.pt"
     metrics_log = MetricsLog(run / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
-    held = load_held_out(pair, val_rows, native_sides(pair.hr)[val_rows] >= pair.hr_size) if main else None
+    held_sides = native_sides(pair.hr)[val_rows] if main else None
+    held = load_held_out(pair, val_rows, held_sides >= pair.hr_size) if main else None
     held_labels = label_rows(pair.hr, val_rows) if main else None
     loader = make_train_loader(cfg, pair, train_rows, device, rank, world)
     stream = BatchStream(loader, **stream_state)
@@ -394,7 +400,8 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
     def validate(at: int) -> dict:
         if not main:
             return {}
-        res = {**evaluate_generator(g, held, device), **evaluate_discriminator(g, d, held, held_labels, device)}
+        res = {**evaluate_generator(g, held, device),
+               **evaluate_discriminator(g, d, held, held_labels, device, window_sides=held_sides)}
         if res:
             metrics_log.write({"step": at, "split": "val", **res})
         return res
