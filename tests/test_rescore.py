@@ -386,7 +386,8 @@ def test_eval_says_which_rois_d_read_from_their_hr_crop(world, tmp_path):
             in (tmp_path / "hr" / "table.md").read_text())
     sr = rescore_eval(_cfg(world, tmp_path / "sr", figures=False, sr_only=True))
     assert sr["crops"]["sr_only"] and sr["crops"]["rois_read_from_hr"] == 0
-    assert "Every ROI through G (or bicubic) from its LR crop (--sr-only)." in (tmp_path / "sr" / "table.md").read_text()
+    sr_table = (tmp_path / "sr" / "table.md").read_text()
+    assert "Every ROI through G (or bicubic) from its LR crop (--sr-only)." in sr_table
     read = {p.name: p.read_text() for p in (tmp_path / "hr").glob("*.json") if p.name != "manifest.json"}
     assert read["baseline.json"] == (tmp_path / "sr" / "baseline.json").read_text()
     assert read["mtgan.json"] != (tmp_path / "sr" / "mtgan.json").read_text()
