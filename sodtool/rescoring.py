@@ -45,6 +45,7 @@ from torchvision.ops import batched_nms
 
 from sodtool.boxes import BOX_WEIGHTS, clip, decode_target
 from sodtool.device import autocast
+from sodtool.engine import to_float
 from sodtool.errors import InputError
 from sodtool.resample import bicubic_up
 
@@ -107,12 +108,6 @@ def reads_hr(rois: torch.Tensor, context: float, lr_size: int) -> torch.Tensor:
     return wider_than_lr(context * wh.max(dim=1).values.clamp(min=1.0), lr_size)
 
 
-def _crops_in(u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 crops [B, 3, S, S] -> float in [0, 1] on `device`, channels_last."""
-    x = u8.to(device, non_blocking=True).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 @torch.no_grad()
 def score_rois(methods: Sequence, lr_u8: torch.Tensor, device: torch.device, batch_size: int,
                keep_rows: np.ndarray, hr_u8: Optional[torch.Tensor] = None,
@@ -140,8 +135,8 @@ def score_rois(methods: Sequence, lr_u8: torch.Tensor, device: torch.device, bat
         from_hr = torch.nonzero(on_hr).squeeze(1)
         # A batch's rows in LR order: row j of the batch is row at[j] of the LR pass.
         at = torch.cumsum(~on_hr, 0) - 1
-        x = _crops_in(lr_u8[s:e][from_lr], device) if len(from_lr) else None
-        xh = _crops_in(hr_u8[s:e][from_hr], device) if len(from_hr) else None
+        x = to_float(lr_u8[s:e][from_lr], device, channels_last=True) if len(from_lr) else None
+        xh = to_float(hr_u8[s:e][from_hr], device, channels_last=True) if len(from_hr) else None
         want = torch.from_numpy(keep_rows[(keep_rows >= s) & (keep_rows < e)] - s)
         with autocast(device):
             for i, m in enumerate(methods):
