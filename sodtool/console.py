@@ -27,13 +27,15 @@ def is_quiet() -> bool:
 
 
 def log(msg: str) -> None:
+    # soft_wrap: rich would otherwise break lines at the console's width, inside a path if need
+    # be ("photos/br", "oken.jpg"), which a user can then neither copy nor grep.
     if not _quiet:
-        console.print(msg, highlight=False)
+        console.print(msg, highlight=False, soft_wrap=True)
 
 
 def warn(msg: str) -> None:
     """Warnings are shown even with --quiet: they say something about the result."""
-    console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+    console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False, soft_wrap=True)
 
 
 def make_progress() -> Progress:

@@ -320,3 +320,20 @@ def test_keep_freed_memory_makes_malloc_reuse_large_freed_blocks():
     assert default_applied == 0 and applied == 1
     # 16,384 faults by default on 4 KiB pages (fewer where transparent huge pages are "always").
     assert n < 100 and default_n > n
+
+
+@pytest.mark.parametrize("kind", ["log", "warn"])
+def test_a_long_path_in_a_message_is_not_broken_across_lines(monkeypatch, kind):
+    # rich breaks lines at the console's width, inside a word if need be; a path named in a
+    # message must stay whole, so that a user can copy it and a script can grep for it.
+    import io
+
+    from rich.console import Console
+
+    from sodtool import console
+
+    buf = io.StringIO()
+    monkeypatch.setattr(console, "console", Console(file=buf, width=40, color_system=None))
+    path = "/tmp/" + "a-rather-long-folder-name/" * 4 + "broken.jpg"
+    getattr(console, kind)(f"skipped {path}: image file unreadable")
+    assert path in buf.getvalue().splitlines()[0]
