@@ -322,11 +322,19 @@ def stop_requested(cfg, step: int) -> bool:
 
 
 def use_channels_last(device: torch.device, *modules: torch.nn.Module) -> bool:
-    """On CUDA, put `modules` in channels_last and let cuDNN autotune (the crop sizes are fixed);
-    returns whether channels_last is on (inputs must then follow)."""
-    if device.type != "cuda":
+    """Put `modules` in channels_last (on CUDA, also let cuDNN autotune: the crop sizes are
+    fixed); returns whether channels_last is on (inputs must then follow).
+
+    On the CPU too: oneDNN's convolutions run faster in it. Measured on the 2-core EPYC, one
+    training step at the quick preset's batch: G's MSE step 1.3x (HR 64) and 1.5x (HR 128), the
+    MTGAN step with D from the MobileNetV3 detector trunk 1.6x (D-only) and 1.5x (with G), with
+    a ResNet-18 D 1.0-1.1x; nowhere slower. The layout changes the order of floating-point
+    sums, so a run does not repeat the figures of a run made before this default.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    elif device.type != "cpu":
         return False
-    torch.backends.cudnn.benchmark = True
     for m in modules:
         m.to(memory_format=torch.channels_last)
     return True

@@ -423,6 +423,11 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     write_json(run / "config.json", {"config": config_dict(cfg), "arch": arch, "build": build,
                                      "categories": categories.to_json()})
     model.to(dev)
+    if dev.type == "cpu":
+        # oneDNN's convolutions are faster in channels_last: a quick-preset iteration took 0.30 s
+        # against 0.40 s (Faster R-CNN) and 0.86 s against 0.96 s (MDSSD) on the 2-core EPYC.
+        # Not on CUDA, where it is unmeasured.
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
@@ -502,7 +507,8 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
 
     if cfg.detector == FAMILY:
         model.transform.min_size = (int(build["min_size"]),)
-    model.eval()
+    # model.pt and the minival figures below in the layout `crop-rois` and `detect` load it in.
+    model.to(memory_format=torch.contiguous_format).eval()
     save_detector(model_path, model, arch, build, categories, family=cfg.detector)
 
     metrics: dict[str, Any] = {
