@@ -8,9 +8,12 @@ and matmuls, forward and backward); on CUDA also the achieved TFLOP/s and its fr
 GPU's dense bf16 peak.
 
 Batches are random tensors already on the device: this measures the networks, not the HDF5
-loader (benchmarks/bench_rois.py measures that).
+loader (benchmarks/bench_rois.py measures that). The networks run in channels_last, as the
+training stages run them (`engine.use_channels_last`); `--nchw` measures the standard layout.
 
     python benchmarks/bench_train.py --preset light --device cpu          # CPU, quick widths
+    python benchmarks/bench_train.py --device cpu --batch-size 32 --hr-size 64 \
+        --disc-arch mobilenet_v3_large [--nchw]                           # the quickstart's shapes
     python benchmarks/bench_train.py --preset paper --device cuda         # G 64/256, ResNet-50, batch 64, bf16
 """
 
@@ -62,9 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
     ap.add_argument("--skip-sr", action="store_true", help="do not time the MSE (train sr) step")
+    ap.add_argument("--nchw", action="store_true", help="keep the standard memory layout, not channels_last")
     args = ap.parse_args(argv)
 
     from sodtool.device import device_name, resolve_device
+    from sodtool.engine import use_channels_last
     from sodtool.losses import LossWeights
     from sodtool.models.networks import Discriminator, Generator
     from sodtool.stages.train_mtgan import train_step
@@ -79,13 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     b, s = cfg["batch_size"], cfg["hr_size"]
-    cl = device.type == "cuda"
+    g = Generator(cfg["channels"], cfg["up_channels"], cfg["num_blocks"]).to(device).train()
+    d = Discriminator(args.num_classes, cfg["disc_arch"]).to(device).train()
+    cl = not args.nchw and use_channels_last(device, g, d)
     fmt = torch.channels_last if cl else torch.contiguous_format
-    if cl:
-        torch.backends.cudnn.benchmark = True
-
-    g = Generator(cfg["channels"], cfg["up_channels"], cfg["num_blocks"]).to(device, memory_format=fmt).train()
-    d = Discriminator(args.num_classes, cfg["disc_arch"]).to(device, memory_format=fmt).train()
     d_params = [p for p in d.parameters() if p.requires_grad]
     opt_g = torch.optim.Adam(g.parameters(), lr=1e-4)
     opt_d = torch.optim.SGD(d_params, lr=0.01, momentum=0.9, weight_decay=1e-4)
