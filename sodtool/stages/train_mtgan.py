@@ -43,9 +43,10 @@ the last good checkpoint is kept untouched).
 
 Device: `--device auto|cpu|cuda`. G and D run in channels_last (faster on CPU too). On CUDA:
 bf16 autocast (losses in float32), pinned memory and loader workers. Several GPUs: launch with
-`torchrun --nproc_per_node=N -m sodtool train mtgan ...`; both networks are wrapped in DDP, each rank reads a disjoint shard
-of the rows, only rank 0 writes files (checkpoints hold rank 0's RNG state; exact resumption is
-a CPU, single-process guarantee). The CUDA path has not been run on a GPU yet.
+`torchrun --nproc_per_node=N -m sodtool train mtgan ...`; both networks are wrapped in DDP, each
+rank reads a disjoint shard of the rows, only rank 0 writes files (checkpoints hold rank 0's RNG
+state; exact resumption is a CPU, single-process guarantee). The CUDA path has not been run on a
+GPU yet.
 """
 
 from __future__ import annotations
