@@ -460,6 +460,7 @@ def test_killed_run_resumes_from_its_checkpoint(cli, plain_ds, tmp_path):
     assert _same(_weights(out), _weights(straight))
     # Trained in channels_last on the CPU (faster there), model.pt is saved in the standard layout.
     trained = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    # Only kernels whose two layouts differ: a 1x1 or one-input-channel kernel is contiguous in both.
     convs = [k for k, t in trained.items() if t.dim() == 4 and t.shape[2:] != (1, 1) and t.shape[1] > 1]
     assert convs and all(trained[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
     assert all(t.is_contiguous() for t in _weights(out).values())
