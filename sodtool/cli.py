@@ -195,6 +195,7 @@ def eval_results(
     rois: Optional[Path] = typer.Option(None, "--rois", help="Rescoring, instead of --detector: a test-mode ROI store (RUN/rois_<split>.h5; its _lr.h5 twin is used when present)."),
     score: str = typer.Option("disc", "--score", help="The score whose detections the figure draws: disc (the paper: D's class probability) or fused (geometric mean with the baseline's score). The table and results files hold both, from one pass."),
     ablation: Optional[list[str]] = typer.Option(None, "--ablation", help="NAME=PATH of another MTGAN (e.g. trained with --no-adv) to evaluate the same way; repeatable."),
+    pretrained_g: Optional[Path] = typer.Option(None, "--pretrained-g", help="Rescoring: the `train sr` run (RUN/sr or its generator.pt) the MTGAN started from; adds the pretrained-G control rows (the MTGAN's D fed that generator's output), which separate what the adversarial stage did to G."),
     batch_size: int = typer.Option(256, "--batch-size", help="Rescoring: ROIs per forward pass (the ROIs of several images)."),
     device: str = typer.Option("auto", "--device", help="Rescoring: auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
     nms_iou: float = typer.Option(0.5, "--nms-iou", help="Rescoring: IoU of the per-class NMS."),
@@ -216,6 +217,7 @@ def eval_results(
 
     --mtgan RUN/mtgan with --detector or --rois: rescore the baseline's top-100 ROIs per image (G, D, NMS).
     Outputs baseline.json, mtgan.json, bicubic.json (control: D on bicubic crops), NAME.json per --ablation,
+    pretrained_g.json with --pretrained-g (control: D on the pretrained generator's crops),
     metrics.json, table.md (AP, AP50, AP75, AP_S, AP_M, AP_L in %), figures/ and manifest.json.
 
     Subcommands evaluate other things.
@@ -225,8 +227,11 @@ def eval_results(
     Example: sodtool eval --split minival --data data/synth-quick --detector runs/quick/detector/model.pt --mtgan runs/quick/mtgan --out runs/quick/eval_minival
 
     Example: sodtool eval --split minival --data data/synth-quick --rois runs/quick/rois_minival.h5 --mtgan runs/quick/mtgan --ablation no_adv=runs/quick/mtgan_no_adv
+
+    Example: sodtool eval --split minival --data data/synth-quick --rois runs/quick/rois_minival.h5 --mtgan runs/quick/mtgan --pretrained-g runs/quick/sr
     """
-    rescoring = [n for n, v in (("--mtgan", mtgan), ("--detector", detector), ("--rois", rois), ("--ablation", ablation)) if v]
+    rescoring = [n for n, v in (("--mtgan", mtgan), ("--detector", detector), ("--rois", rois), ("--ablation", ablation),
+                                ("--pretrained-g", pretrained_g)) if v]
     if ctx.invoked_subcommand is not None:
         if results is not None or rescoring:
             given = "--results" if results is not None else rescoring[0]
@@ -241,7 +246,8 @@ def eval_results(
         from sodtool.stages.eval_mtgan import RescoreConfig, rescore_eval
 
         rescore_eval(RescoreConfig(mtgan=mtgan, data=data, split=split, ann=ann, images=images, detector=detector,
-                                   rois=rois, ablations=tuple(ablation or ()), out=out, score=score,
+                                   rois=rois, ablations=tuple(ablation or ()), pretrained_g=pretrained_g, out=out,
+                                   score=score,
                                    nms_iou=nms_iou, max_per_image=max_per_image, small_area=small_area,
                                    sr_only=sr_only, batch_size=batch_size, device=device, seed=seed, figures=figures,
                                    overwrite=overwrite,

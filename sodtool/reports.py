@@ -21,8 +21,9 @@ from sodtool.errors import InputError
 from sodtool.models.mtgan import MtganModel, training_logs
 
 # Rows of the comparison table, in order; ablations follow.
-BASELINE, MTGAN, BICUBIC = "baseline", "mtgan", "bicubic"
-ROW_TITLES = {BASELINE: "Baseline detector", MTGAN: "SOD-MTGAN", BICUBIC: "Bicubic control (D on bicubic)"}
+BASELINE, MTGAN, BICUBIC, PRETRAINED_G = "baseline", "mtgan", "bicubic", "pretrained_g"
+ROW_TITLES = {BASELINE: "Baseline detector", MTGAN: "SOD-MTGAN", BICUBIC: "Bicubic control (D on bicubic)",
+              PRETRAINED_G: "Pretrained-G control (D on train sr's G)"}
 # The paper's table columns: metrics.json key -> column title.
 TABLE_COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("AP_small", "AP_S"),
                  ("AP_medium", "AP_M"), ("AP_large", "AP_L"))

@@ -659,3 +659,35 @@ def test_discriminator_quality_carries_the_runs_preset(tmp_path):
     assert discriminator_quality(SimpleNamespace(run_dir=run, hr_size=128)) == {
         "val_d_cls_acc_fg_sr": 0.45, "val_d_cls_acc_fg_hr": 0.7, "val_fg_crops": 82, "preset": "bench", "hr_size": 128}
     assert discriminator_quality(SimpleNamespace(run_dir=tmp_path / "moved", hr_size=128)) == {}
+
+
+def test_pretrained_g_control_feeds_the_mtgans_d_that_generator(world, cli, tmp_path):
+    """--pretrained-g adds rows of the MTGAN's D on a `train sr` generator's output: given the
+    MTGAN's own G, they are the SOD-MTGAN rows exactly; a missing generator is refused."""
+    from sodtool.checkpoint import save as save_checkpoint
+    from sodtool.models.networks import generator_checkpoint, generator_from_checkpoint
+
+    sr = tmp_path / "sr"
+    sr.mkdir()
+    save_checkpoint(generator_checkpoint(generator_from_checkpoint(world["mtgan"] / "model.pt")), sr / "generator.pt")
+    out = tmp_path / "e"
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"], "--pretrained-g", sr,
+              "--small-area", "1024", "--no-figures", "--batch-size", "16", "--device", "cpu", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    names = [r["name"] for r in m["rows"]]
+    assert names[:7] == ["baseline", "mtgan", "mtgan_fused", "bicubic", "bicubic_fused", "pretrained_g",
+                         "pretrained_g_fused"]
+    assert {"pretrained_g_small", "pretrained_g_fused_small"} <= set(names)
+    for a, b in (("mtgan", "pretrained_g"), ("mtgan_fused", "pretrained_g_fused"), ("mtgan_small", "pretrained_g_small")):
+        assert json.loads((out / f"{b}.json").read_text()) == json.loads((out / f"{a}.json").read_text())
+    assert "Pretrained-G control (D on train sr's G), D score" in (out / "table.md").read_text()
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["pretrained_g"]["path"].endswith("generator.pt")
+
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"],
+              "--pretrained-g", tmp_path / "nowhere", "--out", tmp_path / "e2")
+    assert res.exit_code == 2 and "--pretrained-g: no generator at" in res.stderr
+    assert not (tmp_path / "e2").exists()
+    res = cli("eval", "--data", world["data"], "--rois", world["rois"], "--mtgan", world["mtgan"],
+              "--ablation", f"pretrained_g={world['abl']}", "--out", tmp_path / "e3")
+    assert res.exit_code == 2 and "reserved" in res.stderr

@@ -30,7 +30,10 @@ The same is done for
   G's output, everything else equal (`bicubic.json`): it separates the gain from
   super-resolution from the gain of a second-stage classifier on the crops;
 - each ablation model (`--ablation NAME=PATH`, e.g. an MTGAN trained with --no-adv): its own G
-  and D (`NAME.json`).
+  and D (`NAME.json`);
+- with `pretrained_g` (a `train sr` run), the pretrained-G control: the MTGAN's D fed the output of
+  the MSE-pretrained generator the MTGAN started from (`pretrained_g.json`): it separates what the
+  adversarial stage did to G from what super-resolution gives D.
 
 Each is evaluated with COCOeval (sodtool.evaluate.coco_evaluate). Outputs in `out` (default
 `RUN/eval_<split>` beside the MTGAN run folder): the results JSONs, `metrics.json` (every row:
@@ -64,10 +67,12 @@ from sodtool.device import device_name, resolve_device, seed_everything
 from sodtool.errors import InputError
 from sodtool.evaluate import STAT_NAMES, coco_evaluate, resolve_ground_truth
 from sodtool.models.mtgan import discriminator_quality, load_mtgan, mtgan_file, training_context
+from sodtool.models.networks import generator_from_checkpoint
 from sodtool.reports import (
     BASELINE,
     BICUBIC,
     MTGAN,
+    PRETRAINED_G,
     SMALL_SUFFIX,
     TripletPicker,
     class_name,
@@ -94,7 +99,7 @@ from sodtool.rois import DEFAULT_CONTEXT, DEFAULT_HR_SIZE, MODE_DEFAULTS
 from sodtool.testrois import batch_images, detector_rois, store_rois
 
 STAGE = "eval-mtgan"
-RESERVED_NAMES = (BASELINE, MTGAN, BICUBIC, "metrics", "table", "manifest", "figures")
+RESERVED_NAMES = (BASELINE, MTGAN, BICUBIC, PRETRAINED_G, "metrics", "table", "manifest", "figures")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -108,6 +113,8 @@ class RescoreConfig:
       when present, else the LR crops are made here the same way);
     mtgan: the MTGAN run folder (RUN/mtgan) or its model.pt;
     ablations: "NAME=PATH" pairs, each another MTGAN folder / model.pt evaluated the same way;
+    pretrained_g: a `train sr` run folder (RUN/sr) or its generator.pt: adds the pretrained-G
+      control rows (module docstring); None: none;
     out: output folder (default: RUN/eval_<split>, RUN being the MTGAN folder's parent);
     score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4;
     small_area: also write size-gated rows (step 4), ROIs below this area (image px^2) rescored
@@ -129,6 +136,7 @@ class RescoreConfig:
     detector: Optional[Path] = None
     rois: Optional[Path] = None
     ablations: tuple[str, ...] = ()
+    pretrained_g: Optional[Path] = None
     out: Optional[Path] = None
     score: str = "disc"
     nms_iou: float = 0.5
@@ -177,6 +185,14 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
         raise InputError(f"--detector file not found: {cfg.detector}")
     if cfg.rois is not None and not Path(cfg.rois).is_file():
         raise InputError(f"--rois store not found: {cfg.rois}")
+    pretrained_g = cfg.pretrained_g
+    if pretrained_g is not None:
+        pretrained_g = Path(pretrained_g)
+        if pretrained_g.is_dir():
+            pretrained_g = pretrained_g / "generator.pt"
+        if not pretrained_g.is_file():
+            raise InputError(f"--pretrained-g: no generator at {pretrained_g} (give a `train sr` run folder or "
+                             "its generator.pt)")
     checks = [
         (cfg.score in SCORE_MODES, f"--score must be one of {', '.join(SCORE_MODES)}, got '{cfg.score}'"),
         (0.0 < cfg.nms_iou <= 1.0, f"--nms-iou must be in (0, 1], got {cfg.nms_iou}"),
@@ -203,7 +219,8 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
     if dup:
         raise InputError(f"--ablation name(s) given twice: {', '.join(dup)}")
     out = Path(cfg.out) if cfg.out is not None else mtgan_file(cfg.mtgan).parent.parent / f"eval_{cfg.split}"
-    return dataclasses.replace(cfg, out=out, ablations=tuple(str(a) for a in cfg.ablations), small_area=small_area)
+    return dataclasses.replace(cfg, out=out, ablations=tuple(str(a) for a in cfg.ablations), small_area=small_area,
+                               pretrained_g=pretrained_g)
 
 
 def rescore_eval(cfg: RescoreConfig) -> dict:
@@ -237,9 +254,12 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         m.categories.check_same(split.categories, f"ablation '{name}' ({m.path}) vs dataset {ann}")
         models.append(m)
     # One pass of every second stage over the same crops: the MTGAN first (its SR crops feed the
-    # figures), the ablations, then the bicubic control with the MTGAN's D.
+    # figures), the ablations, then the controls with the MTGAN's D.
     methods = ([MtganScorer(m.name, m.generator, m.discriminator) for m in models]
                + [BicubicControl(BICUBIC, main.discriminator)])
+    if cfg.pretrained_g is not None:
+        methods.append(MtganScorer(PRETRAINED_G, generator_from_checkpoint(cfg.pretrained_g, device),
+                                   main.discriminator))
 
     if cfg.rois is not None:
         source, items = store_rois(Path(cfg.rois), cfg.split, split)
@@ -273,8 +293,9 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
 
     # Every second stage with every score, from the one forward pass below.
     gates = (False, True) if cfg.small_area is not None else (False,)
+    controls = [BICUBIC] + ([PRETRAINED_G] if cfg.pretrained_g is not None else [])
     names = [BASELINE] + [scored_name(n, mode, small) for small in gates
-                          for n in [MTGAN, BICUBIC] + [m.name for m in models[1:]] for mode in SCORE_MODES]
+                          for n in [MTGAN] + controls + [m.name for m in models[1:]] for mode in SCORE_MODES]
     dets: dict[str, dict[int, dict]] = {n: {} for n in names}
     picker = TripletPicker(cfg.fig_triplets if cfg.figures else 0)
     class_names = list(split.categories.names)
@@ -382,6 +403,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
             inputs["detector"] = source.path
         for m in models[1:]:
             inputs[f"ablation_{m.name}"] = m.path
+        if cfg.pretrained_g is not None:
+            inputs["pretrained_g"] = cfg.pretrained_g
         write_manifest(work, STAGE, cfg, inputs, metrics, seed=cfg.seed, device=device_name(device),
                        wall_time_s=timer.elapsed)
     print_comparison(metrics)
