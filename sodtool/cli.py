@@ -202,6 +202,7 @@ def eval_results(
     max_per_image: int = typer.Option(100, "--max-per-image", help="Rescoring: detections kept per image."),
     sr_only: bool = typer.Option(False, "--sr-only", help="Rescoring: send every ROI through G (or bicubic) from its LR crop. By default D reads the HR crop of a ROI whose crop window in the image is wider than the LR crop, whose shrinking would lose detail the image has (the paper's G upsamples ROIs as the image holds them)."),
     small_area: Optional[float] = typer.Option(None, "--small-area", help="Rescoring: also write size-gated rows (NAME_small.json), in which only ROIs of area below this many px² are rescored and larger ones keep the baseline's detection, as Noh et al. (2019) route only small proposals through super-resolution (1024 = 32², COCO's small; the pipelines pass it). Default: no gated rows, every ROI rescored as the paper."),
+    sr_gate: bool = typer.Option(False, "--sr-gate", help="Rescoring: also write SR-gated rows (NAME_srgate.json), in which only the ROIs that go through G are rescored (crop window no wider than the LR crop) and those D reads from their HR crop keep the baseline's detection: the rows show what super-resolution does and nothing else. Not with --sr-only."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Rescoring: write figures/ (SR triplets, detections, loss curves)."),
     seed: int = typer.Option(0, "--seed", help="Seed (rescoring is deterministic; recorded in the manifest)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
@@ -249,7 +250,7 @@ def eval_results(
                                    rois=rois, ablations=tuple(ablation or ()), pretrained_g=pretrained_g, out=out,
                                    score=score,
                                    nms_iou=nms_iou, max_per_image=max_per_image, small_area=small_area,
-                                   sr_only=sr_only, batch_size=batch_size, device=device, seed=seed, figures=figures,
+                                   sr_gate=sr_gate, sr_only=sr_only, batch_size=batch_size, device=device, seed=seed, figures=figures,
                                    overwrite=overwrite,
                                    slice=slice_size, overlap=overlap, slice_full=slice_full))
         return

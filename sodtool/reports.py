@@ -79,29 +79,32 @@ def class_name(names: Sequence[str], label: int) -> str:
 
 
 SMALL_SUFFIX = "_small"
+SR_GATE_SUFFIX = "_srgate"
 
 
-def scored_name(method: str, mode: str, small: bool = False) -> str:
-    """A (second stage, score, size gate) row's name and results file stem: `mtgan` (D's score,
-    the paper's), `mtgan_fused`, `bicubic`, `bicubic_fused`, `NAME`, `NAME_fused`, each with
-    `_small` when only small ROIs were rescored (`eval --small-area`)."""
-    return (method if mode == "disc" else f"{method}_{mode}") + (SMALL_SUFFIX if small else "")
+def scored_name(method: str, mode: str, gate: str = "") -> str:
+    """A (second stage, score, gate) row's name and results file stem: `mtgan` (D's score, the
+    paper's), `mtgan_fused`, `bicubic`, `bicubic_fused`, `NAME`, `NAME_fused`, each with the
+    gate's suffix: `_small` when only small ROIs were rescored (`eval --small-area`), `_srgate`
+    when only the ROIs G super-resolves were (`eval --sr-gate`)."""
+    return (method if mode == "disc" else f"{method}_{mode}") + gate
 
 
 def row_title(name: str, baseline_arch: Optional[str] = None, small_area: Optional[float] = None) -> str:
     """The table's row title of a row name; the baseline's names its detector architecture when
-    known; a `_small` row names the size gate (`small_area`, px^2)."""
+    known; a `_small` row names the size gate (`small_area`, px^2), a `_srgate` row the SR gate."""
     if name == BASELINE:
         return f"{ROW_TITLES[BASELINE]} ({baseline_arch})" if baseline_arch else ROW_TITLES[BASELINE]
-    small = name.endswith(SMALL_SUFFIX)
-    if small:
-        name = name[:-len(SMALL_SUFFIX)]
+    gate = next((g for g in (SMALL_SUFFIX, SR_GATE_SUFFIX) if name.endswith(g)), "")
+    name = name[:len(name) - len(gate)]
     method, fused = (name[:-len("_fused")], True) if name.endswith("_fused") else (name, False)
     title = f"{ROW_TITLES.get(method, method)}, {'fused score' if fused else 'D score'}"
-    if small:
+    if gate == SMALL_SUFFIX:
         side = math.sqrt(small_area) if small_area else float("nan")
         square = f" ({side:.0f}²)" if side == round(side) else ""
         title += f", ROIs < {small_area:g} px²{square} only"
+    elif gate == SR_GATE_SUFFIX:
+        title += ", super-resolved ROIs only"
     return title
 
 

@@ -29,7 +29,9 @@ Then per image, pure functions of tensors:
     there, while a confident D can still overturn an unsure baseline;
 - `keep_baseline_above`: the size gate of Noh et al. (2019), who send only small proposals through
   their super-resolution branch: ROIs of area >= `area` keep the baseline's detection (their
-  box, their class with their score, no other class);
+  box, their class with their score, no other class); `keep_baseline` is the same for any set
+  of ROIs, e.g. those D reads from their HR crop (`eval --sr-gate`: only super-resolved ROIs
+  rescored);
 - `select_detections`: candidates below `min_score` dropped, per-class NMS (torchvision
   batched_nms, IoU 0.5) and the top 100 by score.
 """
@@ -207,20 +209,19 @@ def at_or_above(rois: torch.Tensor, area: float) -> torch.Tensor:
     return wh[:, 0] * wh[:, 1] >= area
 
 
-def keep_baseline_above(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, base_scores: torch.Tensor,
-                        base_labels: torch.Tensor, area: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The size gate: ROIs whose area (xyxy, image px^2) is >= `area` keep the baseline's detection.
+def keep_baseline(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, base_scores: torch.Tensor,
+                  base_labels: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gate: the ROIs marked in `keep` (bool [R]) keep the baseline's detection.
 
     rois, boxes: [R, 4] xyxy (the ROIs and the second stage's refined boxes); scores: [R, K] of
     classes 1..K (`class_scores`); base_scores [R], base_labels [R] (1..K). Returns new (boxes,
-    scores): for a large ROI its own box and only its baseline class scored, with the baseline's
-    score, so that after NMS it is the baseline's detection again; small ROIs unchanged.
+    scores): for a kept ROI its own box and only its baseline class scored, with the baseline's
+    score, so that after NMS it is the baseline's detection again; the other ROIs unchanged.
     """
-    large = at_or_above(rois, area)
-    if not bool(large.any()):
+    if not bool(keep.any()):
         return boxes, scores
     boxes, scores = boxes.clone(), scores.clone()
-    rows = torch.nonzero(large).squeeze(1)
+    rows = torch.nonzero(keep).squeeze(1)
     boxes[rows] = rois[rows].float()
     scores[rows] = 0.0
     k = scores.shape[1]
@@ -228,6 +229,13 @@ def keep_baseline_above(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.T
     rows = rows[has]
     scores[rows, base_labels[rows] - 1] = base_scores[rows].float()
     return boxes, scores
+
+
+def keep_baseline_above(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, base_scores: torch.Tensor,
+                        base_labels: torch.Tensor, area: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The size gate (`keep_baseline`): ROIs whose area (xyxy, image px^2) is >= `area` keep the
+    baseline's detection; smaller ones are rescored."""
+    return keep_baseline(rois, boxes, scores, base_scores, base_labels, at_or_above(rois, area))
 
 
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, *, nms_iou: float, max_per_image: int,

@@ -320,6 +320,72 @@ def test_size_gated_rows_are_the_baseline_above_the_gate_and_rescored_below(worl
         tmp_path / "tiny" / "table.md").read_text()
 
 
+def test_keep_baseline_gives_the_marked_rois_their_baseline_detection():
+    from sodtool.rescoring import keep_baseline
+
+    rois = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 40, 40], [5.0, 5, 9, 9]])
+    boxes = rois + 1.0
+    scores = torch.tensor([[0.1, 0.6, 0.2], [0.5, 0.3, 0.1], [0.2, 0.2, 0.2]])
+    base_s, base_l = torch.tensor([0.9, 0.7, 0.4]), torch.tensor([1, 3, 2])
+    b, c = keep_baseline(rois, boxes, scores, base_s, base_l, torch.tensor([False, True, True]))
+    # Marked by the mask, not by size: ROI 2 is the smallest.
+    assert torch.equal(b[0], boxes[0]) and torch.equal(c[0], scores[0])
+    assert torch.equal(b[1:], rois[1:])
+    assert c[1].tolist() == pytest.approx([0.0, 0.0, 0.7]) and c[2].tolist() == pytest.approx([0.0, 0.4, 0.0])
+    b, c = keep_baseline(rois, boxes, scores, base_s, base_l, torch.zeros(3, dtype=torch.bool))
+    assert b is boxes and c is scores
+
+
+def test_sr_gated_rows_rescore_only_the_rois_that_go_through_g(world, tmp_path):
+    """eval --sr-gate writes NAME_srgate rows from the same pass: the ROIs D reads from their HR
+    crop keep the baseline's detection, the ones G super-resolves are rescored (rebuilt here
+    image by image from the rescoring functions); --sr-gate with --sr-only is refused."""
+    from sodtool.coco import SplitPaths, load_split, to_coco_results
+    from sodtool.evaluate import resolve_ground_truth
+    from sodtool.models.mtgan import load_mtgan
+    from sodtool.rescoring import (MtganScorer, class_scores, keep_baseline, reads_hr, refine_boxes, score_rois,
+                                   select_detections)
+    from sodtool.stages.eval_mtgan import rescore_eval
+    from sodtool.testrois import store_rois
+
+    got = rescore_eval(_cfg(world, tmp_path / "e", figures=False, sr_gate=True))
+    assert [r["name"] for r in got["rows"]] == ["baseline", "mtgan", "mtgan_fused", "bicubic", "bicubic_fused",
+                                                "mtgan_srgate", "mtgan_fused_srgate", "bicubic_srgate",
+                                                "bicubic_fused_srgate"]
+    assert got["sr_gate"] is True
+    assert got["rows"][6]["title"] == "SOD-MTGAN, fused score, super-resolved ROIs only"
+    assert "| SOD-MTGAN, D score, super-resolved ROIs only |" in (tmp_path / "e" / "table.md").read_text()
+
+    cpu = torch.device("cpu")
+    m = load_mtgan(world["mtgan"], cpu, "mtgan")
+    ann, images = resolve_ground_truth(world["data"], "minival", None, None)
+    split = load_split(SplitPaths(ann=ann, images=images))
+    results = json.loads((tmp_path / "e" / "mtgan_srgate.json").read_text())
+    n_hr = n_lr = 0
+    for item in store_rois(world["rois"], "minival", split)[1]:
+        r = torch.from_numpy(item.rois).float()
+        s, lab = torch.from_numpy(item.scores).float(), torch.from_numpy(item.labels).long()
+        on_hr = reads_hr(r, 1.5, HR // 4)
+        n_hr, n_lr = n_hr + int(on_hr.sum()), n_lr + int((~on_hr).sum())
+        o = score_rois([MtganScorer("mtgan", m.generator, m.discriminator)], torch.from_numpy(item.lr), cpu, 16,
+                       np.zeros(0, np.int64), torch.from_numpy(item.hr), on_hr)[0]["mtgan"]
+        b, c = keep_baseline(r, refine_boxes(r, o["reg"], item.width, item.height),
+                             class_scores(o["probs"], s, lab, "disc"), s, lab, on_hr)
+        want = to_coco_results(item.image_id, select_detections(b, c, nms_iou=0.5, max_per_image=100,
+                                                                min_score=1e-3), split.categories)
+        have = [d for d in results if d["image_id"] == item.image_id]
+        assert [d["category_id"] for d in have] == [d["category_id"] for d in want]
+        assert np.allclose([d["bbox"] for d in have], [d["bbox"] for d in want], atol=1e-3)
+        assert np.allclose([d["score"] for d in have], [d["score"] for d in want], atol=1e-5)
+    assert n_hr > 0 and n_lr > 0  # both kinds of ROI, so the gate decides something
+    for other in ("mtgan.json", "baseline.json"):
+        assert json.loads((tmp_path / "e" / other).read_text()) != results, other
+
+    with pytest.raises(InputError, match="--sr-gate"):
+        rescore_eval(_cfg(world, tmp_path / "x", sr_gate=True, sr_only=True))
+    assert not (tmp_path / "x").exists()
+
+
 def test_reads_hr_is_a_crop_window_wider_than_the_lr_crop():
     """The window is context x the ROI's longer side (at least 1 px), as `boxes.square_windows`;
     a window exactly as wide as the LR crop still reads the LR crop (it holds every pixel)."""

@@ -20,8 +20,11 @@ For every image of a split:
    those below `min_score` dropped, per-class NMS at IoU `nms_iou` (0.5), top `max_per_image`.
    With `small_area`, every rescored row is also written size-gated (`NAME_small.json`): ROIs of
    area >= small_area keep the baseline's detection and only smaller ones are rescored, as Noh
-   et al. (2019) send only small proposals through super-resolution. Off by default: the paper
-   rescores every ROI.
+   et al. (2019) send only small proposals through super-resolution. With `sr_gate`, every
+   rescored row is also written SR-gated (`NAME_srgate.json`): the ROIs D reads from their HR
+   crop (step 3) keep the baseline's detection and only those that go through G are rescored,
+   so that the row shows what super-resolution does and nothing else. Off by default: the
+   paper rescores every ROI.
 5. COCO results JSON with the dataset's category ids and [x, y, w, h] boxes.
 
 The same is done for
@@ -74,6 +77,7 @@ from sodtool.reports import (
     MTGAN,
     PRETRAINED_G,
     SMALL_SUFFIX,
+    SR_GATE_SUFFIX,
     TripletPicker,
     class_name,
     print_comparison,
@@ -89,6 +93,7 @@ from sodtool.rescoring import (
     SCORE_MODES,
     check_small_area,
     class_scores,
+    keep_baseline,
     keep_baseline_above,
     reads_hr,
     refine_boxes,
@@ -119,6 +124,7 @@ class RescoreConfig:
     score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4;
     small_area: also write size-gated rows (step 4), ROIs below this area (image px^2) rescored
       (None or 0: no gated rows);
+    sr_gate: also write SR-gated rows (step 4): only the ROIs that go through G rescored;
     sr_only: every ROI through G (or bicubic), even those whose window is wider than the LR crop (step 3);
     batch_size: ROIs per forward pass; context / roi_score_thresh / rois_per_image: crop
       context factor, detector score threshold and ROIs per image of the direct path (None: as
@@ -143,6 +149,7 @@ class RescoreConfig:
     max_per_image: int = 100
     min_score: float = 1e-3
     small_area: Optional[float] = None
+    sr_gate: bool = False
     sr_only: bool = False
     batch_size: int = 256
     device: str = "auto"
@@ -171,7 +178,7 @@ def parse_ablation(spec: str) -> tuple[str, Path]:
     if not _NAME_RE.match(name):
         raise InputError(f"--ablation name '{name}' must start with a letter or digit and contain only "
                          "letters, digits, '_', '.', '+' or '-'")
-    if name.lower() in RESERVED_NAMES or name.lower().endswith(("_fused", SMALL_SUFFIX)):
+    if name.lower() in RESERVED_NAMES or name.lower().endswith(("_fused", SMALL_SUFFIX, SR_GATE_SUFFIX)):
         raise InputError(f"--ablation name '{name}' is reserved (it would overwrite {name}.json); pick another")
     return name, Path(path)
 
@@ -209,6 +216,8 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
         (cfg.fig_triplets >= 0 and cfg.fig_images >= 0, "figure counts must be >= 0"),
         (0.0 <= cfg.draw_thresh <= 1.0, f"--draw-thresh must be in [0, 1], got {cfg.draw_thresh}"),
         (cfg.seed >= 0, f"--seed must be non-negative, got {cfg.seed}"),
+        (not (cfg.sr_gate and cfg.sr_only), "--sr-gate rescores only the ROIs that go through G, but --sr-only "
+         "sends every ROI through G: give one of them"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -292,9 +301,9 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     lr_size = source.hr_size // SCALE
 
     # Every second stage with every score, from the one forward pass below.
-    gates = (False, True) if cfg.small_area is not None else (False,)
+    gates = [""] + [SMALL_SUFFIX] * (cfg.small_area is not None) + [SR_GATE_SUFFIX] * cfg.sr_gate
     controls = [BICUBIC] + ([PRETRAINED_G] if cfg.pretrained_g is not None else [])
-    names = [BASELINE] + [scored_name(n, mode, small) for small in gates
+    names = [BASELINE] + [scored_name(n, mode, gate) for gate in gates
                           for n in [MTGAN] + controls + [m.name for m in models[1:]] for mode in SCORE_MODES]
     dets: dict[str, dict[int, dict]] = {n: {} for n in names}
     picker = TripletPicker(cfg.fig_triplets if cfg.figures else 0)
@@ -336,10 +345,14 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                     boxes = refine_boxes(r_t, reg, g.width, g.height)
                     for mode in SCORE_MODES:
                         cs = class_scores(o["probs"][sl], s_t, l_t, mode)
-                        for small in gates:
-                            b, c = (keep_baseline_above(r_t, boxes, cs, s_t, l_t, cfg.small_area) if small
-                                    else (boxes, cs))
-                            dets[scored_name(name, mode, small)][g.image_id] = select_detections(
+                        for gate in gates:
+                            if gate == SMALL_SUFFIX:
+                                b, c = keep_baseline_above(r_t, boxes, cs, s_t, l_t, cfg.small_area)
+                            elif gate == SR_GATE_SUFFIX:
+                                b, c = keep_baseline(r_t, boxes, cs, s_t, l_t, hr_rows[sl])
+                            else:
+                                b, c = boxes, cs
+                            dets[scored_name(name, mode, gate)][g.image_id] = select_detections(
                                 b, c, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image,
                                 min_score=cfg.min_score)
             for j, row in enumerate(sr_rows.tolist()):
@@ -380,7 +393,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                   "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
                   "device": device_name(device)}
         metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
-                   "score_modes": list(SCORE_MODES), "small_area": cfg.small_area, "figure_score": cfg.score,
+                   "score_modes": list(SCORE_MODES), "small_area": cfg.small_area, "sr_gate": cfg.sr_gate,
+                   "figure_score": cfg.score,
                    "crops": {"sr_only": cfg.sr_only, "lr_size": lr_size, "context": crop_context,
                              "rois_read_from_hr": n_hr_read},
                    "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image,
