@@ -50,7 +50,8 @@ sodtool downsample "$RUN/rois_minival.h5" --out "$RUN/rois_minival_lr.h5" --over
 # One pass of G and D per ROI gives every row: the paper's score (D's class probability), the
 # fused score (D's and the baseline's), the bicubic control and the pretrained-G control (D on the
 # MSE-pretrained G: what the adversarial stage did to G) with both, and each again with only the
-# ROIs below 32² px rescored (--small-area 1024: larger ones keep the baseline's detection).
+# ROIs below 32² px rescored (--small-area 1024: larger ones keep the baseline's detection) and
+# with only the ROIs G super-resolves rescored (--sr-gate: those D reads from their HR crop keep it).
 sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
-  --pretrained-g "$RUN/sr" --small-area 1024 --out "$RUN/eval_minival" --overwrite
+  --pretrained-g "$RUN/sr" --small-area 1024 --sr-gate --out "$RUN/eval_minival" --overwrite
 cat "$RUN/eval_minival/table.md"

@@ -250,8 +250,8 @@ def eval_results(
                                    rois=rois, ablations=tuple(ablation or ()), pretrained_g=pretrained_g, out=out,
                                    score=score,
                                    nms_iou=nms_iou, max_per_image=max_per_image, small_area=small_area,
-                                   sr_gate=sr_gate, sr_only=sr_only, batch_size=batch_size, device=device, seed=seed, figures=figures,
-                                   overwrite=overwrite,
+                                   sr_gate=sr_gate, sr_only=sr_only, batch_size=batch_size, device=device, seed=seed,
+                                   figures=figures, overwrite=overwrite,
                                    slice=slice_size, overlap=overlap, slice_full=slice_full))
         return
     if results is None:
