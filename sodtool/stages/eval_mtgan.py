@@ -91,10 +91,10 @@ from sodtool.rescoring import (
     BicubicControl,
     MtganScorer,
     SCORE_MODES,
+    at_or_above,
     check_small_area,
     class_scores,
     keep_baseline,
-    keep_baseline_above,
     reads_hr,
     refine_boxes,
     score_rois,
@@ -301,7 +301,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     lr_size = source.hr_size // SCALE
 
     # Every second stage with every score, from the one forward pass below.
-    gates = [""] + [SMALL_SUFFIX] * (cfg.small_area is not None) + [SR_GATE_SUFFIX] * cfg.sr_gate
+    # Each rescored row ungated ("") and with every gate asked for (its suffix), in this order.
+    gates = [""] + ([SMALL_SUFFIX] if cfg.small_area is not None else []) + ([SR_GATE_SUFFIX] if cfg.sr_gate else [])
     controls = [BICUBIC] + ([PRETRAINED_G] if cfg.pretrained_g is not None else [])
     names = [BASELINE] + [scored_name(n, mode, gate) for gate in gates
                           for n in [MTGAN] + controls + [m.name for m in models[1:]] for mode in SCORE_MODES]
@@ -340,18 +341,19 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                                               "labels": g.labels[order]}
                 r_t = torch.from_numpy(rois[sl])
                 s_t, l_t = torch.from_numpy(scores[sl]), torch.from_numpy(labels[sl])
+                # Per gate, the ROIs that keep the baseline's detection (None: none).
+                keeps = {"": None}
+                if cfg.small_area is not None:
+                    keeps[SMALL_SUFFIX] = at_or_above(r_t, cfg.small_area)
+                if cfg.sr_gate:
+                    keeps[SR_GATE_SUFFIX] = hr_rows[sl]
                 for name, o in outs.items():
                     reg = o["reg"][sl] if o["reg"] is not None else None
                     boxes = refine_boxes(r_t, reg, g.width, g.height)
                     for mode in SCORE_MODES:
                         cs = class_scores(o["probs"][sl], s_t, l_t, mode)
-                        for gate in gates:
-                            if gate == SMALL_SUFFIX:
-                                b, c = keep_baseline_above(r_t, boxes, cs, s_t, l_t, cfg.small_area)
-                            elif gate == SR_GATE_SUFFIX:
-                                b, c = keep_baseline(r_t, boxes, cs, s_t, l_t, hr_rows[sl])
-                            else:
-                                b, c = boxes, cs
+                        for gate, keep in keeps.items():
+                            b, c = (boxes, cs) if keep is None else keep_baseline(r_t, boxes, cs, s_t, l_t, keep)
                             dets[scored_name(name, mode, gate)][g.image_id] = select_detections(
                                 b, c, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image,
                                 min_score=cfg.min_score)
