@@ -17,6 +17,7 @@ from sodtool.models.networks import (
     discriminator_from_checkpoint,
     generator_checkpoint,
     generator_config,
+    generator_file,
     generator_from_checkpoint,
 )
 from sodtool.checkpoint import save as save_checkpoint
@@ -253,3 +254,18 @@ def test_discriminator_trunk_from_a_detector(tmp_path, det_arch, trunk_arch):
     with pytest.raises(InputError, match="do not fit"):
         Discriminator(2, "resnet34" if trunk_arch != "resnet34" else "resnet18").load_trunk(
             {"nope.weight": torch.zeros(1)}, "x")
+
+
+def test_generator_file_takes_a_file_or_the_first_named_checkpoint_in_a_run_folder(tmp_path):
+    sr, mtgan = tmp_path / "sr", tmp_path / "mtgan"
+    sr.mkdir(), mtgan.mkdir()
+    (sr / "generator.pt").write_bytes(b"g")
+    (mtgan / "model.pt").write_bytes(b"m")
+    assert generator_file(sr) == sr / "generator.pt"
+    assert generator_file(mtgan) == mtgan / "model.pt"
+    assert generator_file(str(mtgan / "model.pt")) == mtgan / "model.pt"
+    # --pretrained-g takes train sr's G only: an MTGAN folder is refused, not read for its adversarial G
+    with pytest.raises(InputError, match=r"--pretrained-g: .*mtgan is a folder without generator.pt: pass"):
+        generator_file(mtgan, names=("generator.pt",), what="--pretrained-g")
+    with pytest.raises(InputError, match="generator checkpoint not found: .*nowhere.pt"):
+        generator_file(tmp_path / "nowhere.pt")

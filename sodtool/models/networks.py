@@ -347,6 +347,22 @@ def discriminator_checkpoint(d: nn.Module) -> dict:
     return {"discriminator": _cpu_state(d), "discriminator_config": discriminator_config(d)}
 
 
+def generator_file(path: str | os.PathLike, names: tuple[str, ...] = ("generator.pt", "model.pt"),
+                   what: str = "generator checkpoint") -> Path:
+    """The checkpoint file a user named: `path` itself, or the first of `names` in the run folder
+    `path` (RUN/sr holds generator.pt, RUN/mtgan model.pt). Missing -> InputError naming `what`
+    (the option, where one option accepts fewer names: --pretrained-g wants train sr's G only)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        raise InputError(f"{what}: {path} is a folder without {' or '.join(names)}: pass the checkpoint file")
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    return path
+
+
 def generator_from_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> Generator:
     """The Generator stored in `path` (RUN/sr/generator.pt, RUN/mtgan/model.pt or checkpoint.pt),
     on `device`, in eval mode (call .train() to fine-tune it)."""

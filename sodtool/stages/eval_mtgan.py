@@ -70,7 +70,7 @@ from sodtool.device import device_name, resolve_device, seed_everything
 from sodtool.errors import InputError
 from sodtool.evaluate import STAT_NAMES, coco_evaluate, resolve_ground_truth
 from sodtool.models.mtgan import discriminator_quality, load_mtgan, mtgan_file, training_context
-from sodtool.models.networks import generator_from_checkpoint
+from sodtool.models.networks import generator_file, generator_from_checkpoint
 from sodtool.reports import (
     BASELINE,
     BICUBIC,
@@ -194,12 +194,8 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
         raise InputError(f"--rois store not found: {cfg.rois}")
     pretrained_g = cfg.pretrained_g
     if pretrained_g is not None:
-        pretrained_g = Path(pretrained_g)
-        if pretrained_g.is_dir():
-            pretrained_g = pretrained_g / "generator.pt"
-        if not pretrained_g.is_file():
-            raise InputError(f"--pretrained-g: no generator at {pretrained_g} (give a `train sr` run folder or "
-                             "its generator.pt)")
+        # generator.pt only: an MTGAN's model.pt holds the adversarially trained G, not the control's
+        pretrained_g = generator_file(pretrained_g, names=("generator.pt",), what="--pretrained-g")
     checks = [
         (cfg.score in SCORE_MODES, f"--score must be one of {', '.join(SCORE_MODES)}, got '{cfg.score}'"),
         (0.0 < cfg.nms_iou <= 1.0, f"--nms-iou must be in (0, 1], got {cfg.nms_iou}"),

@@ -42,7 +42,7 @@ from sodtool.artefacts import Timer, atomic_path, check_output, staged_dir, writ
 from sodtool.console import print_table, track
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
-from sodtool.models.networks import generator_config, generator_from_checkpoint
+from sodtool.models.networks import generator_config, generator_file, generator_from_checkpoint
 from sodtool.resample import bicubic_up
 from sodtool.srmetrics import psnr, rgb_to_grey, ssim, to_uint8_range
 
@@ -82,7 +82,7 @@ def eval_sr(cfg: EvalSRConfig) -> dict:
     gen = None
     gen_path = None
     if cfg.generator is not None:
-        gen_path = resolve_generator_path(Path(cfg.generator))
+        gen_path = generator_file(cfg.generator)
         gen = generator_from_checkpoint(gen_path, dev)
         if gen.scale != cfg.scale:
             raise InputError(f"the generator in {gen_path} upscales x{gen.scale}, but --scale is {cfg.scale}")
@@ -182,18 +182,6 @@ def find_pairs(data: Path) -> list[tuple[str, Path, Path]]:
     if extra:
         raise InputError(f"{hr_dir} has no HR image for {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     return [(n, hr[n], lr[n]) for n in sorted(hr)]
-
-
-def resolve_generator_path(path: Path) -> Path:
-    """A checkpoint file, or a run folder holding generator.pt (RUN/sr) or model.pt (RUN/mtgan)."""
-    if path.is_dir():
-        for name in ("generator.pt", "model.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise InputError(f"{path} is a folder without generator.pt or model.pt: pass the checkpoint file")
-    if not path.is_file():
-        raise InputError(f"generator checkpoint not found: {path}")
-    return path
 
 
 def read_rgb(path: Path) -> tuple[torch.Tensor, bool]:
