@@ -6,8 +6,9 @@
 #   bash pipelines/ablations.sh [RUN] [DATA] [PRESET] [SEED]   # defaults: runs/quick data/synth-quick quick 0
 #
 # PRESET and SEED are the `train mtgan` preset and seed RUN/mtgan was trained with, so that each
-# ablation differs from the full model by its one flag alone: `quick` for a run of quickstart.sh or
-# of bench.sh's default (HR 128), `bench` for `HR=64 SCHEDULE=bench bash pipelines/bench.sh`.
+# ablation differs from the full model by its one flag alone: `quick` for a run of quickstart.sh
+# (or of `MTGAN_SCHEDULE=quick bash pipelines/bench.sh`), `bench` for one of bench.sh's default
+# (HR 128) or of `HR=64 SCHEDULE=bench bash pipelines/bench.sh`.
 #
 # Paper, Table 3 (COCO minival, ResNet-50 D; AP / AP50 / AP75 / AP_S / AP_M / AP_L):
 #   w/o reg+ branch  36.7 57.5 39.8 19.0 40.9 49.9

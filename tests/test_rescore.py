@@ -652,7 +652,7 @@ def test_verdict_line_says_whether_the_rescored_rows_can_be_trusted():
     assert "pipelines/bench.sh" not in on_bench and "--preset paper" in on_bench
     on_paper = verdict({"val_d_cls_acc_fg_sr": 0.3, "preset": "paper"})
     assert "--preset paper" not in on_paper and "loss curves" in on_paper
-    # A quick D on 128 px crops is bench.sh's own run (its seed 1: 49%): not sent to bench.sh again.
+    # A quick D on 128 px crops lacks only the bench schedule: the advice names it, not the crops it has.
     at_128 = verdict({"val_d_cls_acc_fg_sr": 0.49, "val_d_cls_acc_fg_hr": 0.57, "val_fg_crops": 82,
                       "preset": "quick", "hr_size": 128})
     assert "pipelines/bench.sh (" not in at_128 and "already has the paper's 128 px crops" in at_128
