@@ -2,9 +2,9 @@
 # The synthetic bench preset end to end: 4000 training and 500 minival images, the bench detector
 # (2400 iterations), then SOD-MTGAN at the paper's crop sizes, HR 128 / LR 32, with `train sr
 # --preset quick` (300 iterations) and `train mtgan --preset bench` (1500 D-only + 500 adversarial
-# iterations). About 2 hours on a 2-core CPU when the bench data exist (making them takes 2-5 more
-# minutes), from the stage times in README's measured results; the whole pipeline was not timed
-# in one piece.
+# iterations). About 1 to 2 hours on a 2-core CPU when the bench data exist (making them takes 1-5
+# more minutes): 57 minutes of stage time on the fastest sandbox measured, about 2 hours on the
+# slowest (README's measured results); the whole pipeline was not timed in one piece.
 #
 #   bash pipelines/bench.sh [RUN] [DATA]   # defaults: runs/bench data/synth-bench (made if missing)
 #   DETECTOR=mdssd bash pipelines/bench.sh runs/bench-mdssd   # SOD-MTGAN over MDSSD's ROIs
@@ -18,9 +18,9 @@
 # reason leaves G little to add at 128 / 32: the bicubic control is within 0.4 AP_S of it.
 # The bench schedule for `train mtgan` rather than the quick one (750 iterations): at HR 128 it
 # took D's score over every ROI, the paper's protocol, from below the baseline in AP_L (three quick
-# seeds: -5.4, -3.1, -3.8) to above it in every column (three seeds, AP_L +1.1 / +3.5 / +4.0, the
-# third on another sandbox's detector; README, "The bench schedule for train mtgan at HR 128"),
-# for about 30 more minutes of training on 2 cores.
+# seeds: -5.4, -3.1, -3.8) to above it in every column (three seeds on one detector, AP_L +1.1 /
+# +0.4 / +2.7, and three more on two other sandboxes' detectors; README, "The bench schedule for
+# train mtgan at HR 128"), for about 30 more minutes of training on a slow 2-core sandbox.
 #
 # Rerunning resumes the training stages from their checkpoints and rewrites the other outputs.
 set -euo pipefail
