@@ -184,7 +184,7 @@ sec_torchrun() {
   local trun=("$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=1 -m sodtool --quiet)
   local amp=()
   if [ "$DEV" = cuda ]; then amp=(--amp); fi
-  "${sod[@]}" data synth --preset quick --train-images 12 --minival-images 4 --image-size 192 --seed 0 --out "$data"
+  "${sod[@]}" data synth --preset quick --train-images 12 --val-images 4 --minival-images 4 --image-size 192 --seed 0 --out "$data"
   "${sod[@]}" train detector --detector frcnn --preset quick --data "$data" --out "$run/detector" --iterations 6 \
     --batch-size 2 --min-size 192 --max-size 192 --checkpoint-every 3 --seed 0 --device "$DEV" ${amp[@]+"${amp[@]}"}
   "${sod[@]}" crop-rois --detector frcnn --detector-weights "$run/detector/model.pt" --data "$data" --split train \

@@ -11,7 +11,7 @@ DATA=$RUN/data
 HR=32
 rm -rf "$RUN"
 
-sodtool --quiet data synth --preset quick --train-images 12 --minival-images 4 --image-size 192 --seed 0 --out "$DATA"
+sodtool --quiet data synth --preset quick --train-images 12 --val-images 4 --minival-images 4 --image-size 192 --seed 0 --out "$DATA"
 sodtool --quiet data stats --data "$DATA" --split train --out "$RUN/stats"
 
 sodtool --quiet train detector --detector frcnn --preset quick --data "$DATA" --out "$RUN/detector" \

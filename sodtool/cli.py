@@ -199,6 +199,7 @@ def eval_results(
     batch_size: int = typer.Option(256, "--batch-size", help="Rescoring: ROIs per forward pass (the ROIs of several images)."),
     device: str = typer.Option("auto", "--device", help="Rescoring: auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
     nms_iou: float = typer.Option(0.5, "--nms-iou", help="Rescoring: IoU of the per-class NMS."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Rescoring: lowest score kept in every row, the baseline's included (default: the score threshold the ROIs were taken at, 0.05 in test mode; never below it)."),
     max_per_image: int = typer.Option(100, "--max-per-image", help="Rescoring: detections kept per image."),
     sr_only: bool = typer.Option(False, "--sr-only", help="Rescoring: send every ROI through G (or bicubic) from its LR crop. By default D reads the HR crop of a ROI whose crop window in the image is wider than the LR crop, whose shrinking would lose detail the image has (the paper's G upsamples ROIs as the image holds them)."),
     small_area: Optional[float] = typer.Option(None, "--small-area", help="Rescoring: also write size-gated rows (NAME_small.json), in which only ROIs of area below this many px² are rescored and larger ones keep the baseline's detection, as Noh et al. (2019) route only small proposals through super-resolution (1024 = 32², COCO's small; the pipelines pass it). Default: no gated rows, every ROI rescored as the paper."),
@@ -209,6 +210,7 @@ def eval_results(
     slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference of the detector: overlapping tiles of this many px, merged by greedy non-maximum merging (as `sodtool predict --slice`)."),
     overlap: float = typer.Option(0.2, "--overlap", help="With --slice: overlap of neighbouring tiles, as a fraction of the tile side."),
     slice_full: bool = typer.Option(False, "--slice-full", help="With --slice: also run the detector on the whole image and merge it in."),
+    allow_trained_images: bool = typer.Option(False, "--allow-trained-images", help="Rescoring, for debugging: evaluate even though a model (--mtgan, an --ablation, --pretrained-g, the detector) was trained on images of the split (same image file digests, whatever their names); refused otherwise. metrics.json and table.md then say how many."),
 ) -> None:
     """Evaluate detections with COCOeval (bbox), or rescore the baseline's ROIs with an MTGAN and compare.
 
@@ -249,10 +251,12 @@ def eval_results(
         rescore_eval(RescoreConfig(mtgan=mtgan, data=data, split=split, ann=ann, images=images, detector=detector,
                                    rois=rois, ablations=tuple(ablation or ()), pretrained_g=pretrained_g, out=out,
                                    score=score,
-                                   nms_iou=nms_iou, max_per_image=max_per_image, small_area=small_area,
+                                   nms_iou=nms_iou, max_per_image=max_per_image, min_score=min_score,
+                                   small_area=small_area,
                                    sr_gate=sr_gate, sr_only=sr_only, batch_size=batch_size, device=device, seed=seed,
                                    figures=figures, overwrite=overwrite,
-                                   slice=slice_size, overlap=overlap, slice_full=slice_full))
+                                   slice=slice_size, overlap=overlap, slice_full=slice_full,
+                                   allow_trained_images=allow_trained_images))
         return
     if results is None:
         typer.echo("sodtool: error: give --results FILE (a COCO results JSON), or --mtgan RUN/mtgan with "
@@ -293,8 +297,9 @@ def eval_sr_cmd(
 @handles_input_errors
 def data_synth(
     out: Optional[Path] = typer.Option(None, "--out", help="Output dataset folder (default: data/synth-<preset>)."),
-    preset: str = typer.Option("quick", "--preset", help="quick: 500 train + 100 minival images (the quickstart); bench: 4000 + 500 (measurements). 320x320 both."),
+    preset: str = typer.Option("quick", "--preset", help="quick: 500 train + 100 val + 100 minival images (the quickstart); bench: 4000 + 500 + 500 (measurements). 320x320 both."),
     train_images: Optional[int] = typer.Option(None, "--train-images", help="Number of train images (overrides the preset)."),
+    val_images: Optional[int] = typer.Option(None, "--val-images", help="Number of val images, where settings are chosen (overrides the preset)."),
     minival_images: Optional[int] = typer.Option(None, "--minival-images", help="Number of minival images (overrides the preset)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Side of the square images in px, >= 192 (overrides the preset)."),
     classes: int = typer.Option(10, "--classes", help="Number of classes K (1..12), each an internal pattern: stripes-h, stripes-v, stripes-d, ..."),
@@ -310,13 +315,16 @@ def data_synth(
 
     Cluttered backgrounds, unlabelled distractors, occlusion, blur, noise and JPEG artefacts.
 
-    Writes images/{train,minival}/, annotations/instances_{train,minival}.json and manifest.json (built aside, renamed into place when complete).
+    Splits: train (training), val (every choice made by looking at results), minival (reported figures only).
+
+    Writes images/{train,val,minival}/, annotations/instances_{train,val,minival}.json and manifest.json (built aside, renamed into place when complete).
 
     Example: sodtool data synth --preset quick --out data/synth-quick --seed 0
     """
     from sodtool.stages.synth import SynthConfig, synthesize
 
-    synthesize(SynthConfig(out=out, preset=preset, train_images=train_images, minival_images=minival_images,
+    synthesize(SynthConfig(out=out, preset=preset, train_images=train_images, val_images=val_images,
+                           minival_images=minival_images,
                            image_size=image_size, classes=classes, seed=seed, workers=workers, overwrite=overwrite))
 
 
@@ -349,15 +357,19 @@ def data_import_yolo(
     out: Optional[Path] = typer.Option(None, "--out", help="Output dataset folder (default: data/<SRC folder name>)."),
     images: str = typer.Option("images", "--images", help="Image folder under SRC."),
     labels: str = typer.Option("labels", "--labels", help="Label folder under SRC."),
-    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of images put in minival (seeded shuffle)."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of images put in minival (seeded shuffle); not the val split, see --holdout-fraction."),
     train_list: Optional[Path] = typer.Option(None, "--train-list", help="File listing the train images, one per line (overrides --val-fraction)."),
     minival_list: Optional[Path] = typer.Option(None, "--minival-list", help="File listing the minival images (with one list only, the other split is the rest)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the train/minival shuffle."),
+    holdout_fraction: float = typer.Option(0.0, "--holdout-fraction", help="Share of all images put in the val split (where settings are chosen), drawn from what would be train; minival stays what --val-fraction gives. 0: no val split."),
+    val_list: Optional[Path] = typer.Option(None, "--val-list", help="File listing the val-split images (not minival). Alone: minival is drawn by --val-fraction from the other images. With --train-list/--minival-list: the unlisted rest goes to train, else minival."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/val/minival shuffle."),
     link: str = typer.Option("copy", "--link", help="How images reach the output: copy, hardlink or symlink."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder (only once the new one is complete)."),
     skip_orphan_labels: bool = typer.Option(False, "--skip-orphan-labels", help="Drop label files that have no image instead of failing."),
 ) -> None:
     """Import a YOLO-labelled dataset as COCO JSON: annotations/instances_{train,minival}.json + images/.
+
+    Splits: train (training), val (every choice made by looking at results; written only with --holdout-fraction or --val-list, as annotations/instances_val.json + images/val/), minival (reported figures only; its share is --val-fraction).
 
     Example: sodtool data import-yolo ../shared/data/kit-aerial --out data/kit-aerial --val-fraction 0.2 --seed 0
     """
@@ -365,6 +377,7 @@ def data_import_yolo(
 
     import_yolo(ImportYoloConfig(src=src, out=out, classes=classes, images=images, labels=labels,
                                  val_fraction=val_fraction, train_list=train_list, minival_list=minival_list,
+                                 holdout_fraction=holdout_fraction, val_list=val_list,
                                  seed=seed, link=link, overwrite=overwrite, skip_orphan_labels=skip_orphan_labels))
 
 

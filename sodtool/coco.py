@@ -34,8 +34,13 @@ MEDIUM_MAX_AREA = 96**2
 # Tolerance for boxes that leave the image: COCO's own boxes overshoot by rounding.
 OUTSIDE_TOLERANCE_PX = 1.0
 
-# COCO 2017 layout: split name -> (annotation stem, image folder).
-COCO2017_SPLITS = {"train": "train2017", "minival": "val2017", "val": "val2017"}
+# COCO 2017 layout: split name -> annotation stem and image folder. No `val`: val2017 is minival
+# (results reported only), and `val` (where settings are chosen) must be other images, a
+# held-out subset of train2017 that the user supplies (resolve_split says how).
+COCO2017_SPLITS = {"train": "train2017", "minival": "val2017"}
+COCO2017_NO_VAL = ("COCO 2017 has no val split apart from val2017, which is minival here: give --ann/--images "
+                   "for a held-out subset of train2017, or put annotations/instances_val.json + images/val/ in the "
+                   "dataset folder (see README, COCO 2017)")
 
 
 def size_bucket(area: float) -> str:
@@ -61,7 +66,12 @@ def resolve_split(dataset: str | os.PathLike | None, split: str, ann: str | os.P
 
     Tried in order, under `dataset`: `annotations/instances_<split>.json` + `images/<split>/`
     (sodtool's layout), then the COCO 2017 layout (`annotations/instances_train2017.json` +
-    `train2017/` for `train`, `val2017` for `minival`/`val`). `ann` / `images` override.
+    `train2017/` for `train`, `val2017` for `minival`). `ann` / `images` override.
+
+    COCO 2017 has no `val` split of its own: val2017 is minival, where results are only
+    reported, so `val` (where settings are chosen) never resolves to it. On a COCO 2017 layout
+    without sodtool's `annotations/instances_val.json` + `images/val/`, split `val` is an
+    InputError unless `ann` and `images` name it (a held-out subset of train2017).
     """
     ann_path = Path(ann) if ann is not None else None
     img_dir = Path(images) if images is not None else None
@@ -72,6 +82,9 @@ def resolve_split(dataset: str | os.PathLike | None, split: str, ann: str | os.P
         if not root.is_dir():
             raise InputError(f"dataset folder not found: {root}")
         candidates = [(root / "annotations" / f"instances_{split}.json", root / "images" / split)]
+        own_layout = candidates[0][1] if ann_path is not None else candidates[0][0]  # what is still missing
+        if split == "val" and not own_layout.exists() and _is_coco2017(root):
+            raise InputError(f"split 'val' not found in {root}: {COCO2017_NO_VAL}")
         if split in COCO2017_SPLITS:
             stem = COCO2017_SPLITS[split]
             candidates.append((root / "annotations" / f"instances_{stem}.json", root / stem))
@@ -93,6 +106,12 @@ def resolve_split(dataset: str | os.PathLike | None, split: str, ann: str | os.P
     if not img_dir.is_dir():
         raise InputError(f"image folder not found: {img_dir}")
     return SplitPaths(ann=ann_path, images=img_dir)
+
+
+def _is_coco2017(root: Path) -> bool:
+    """Whether `root` holds (part of) the COCO 2017 layout."""
+    return any((root / "annotations" / f"instances_{stem}.json").is_file() or (root / stem).is_dir()
+               for stem in COCO2017_SPLITS.values())
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,25 @@ def _crops_sentence(crops: Optional[dict]) -> str:
             f"the {crops['lr_size']} px LR crop; the others go through G (or bicubic).")
 
 
+def _threshold_sentence(metrics: dict) -> str:
+    """The score down to which every row keeps detections (none recorded in metrics of older runs,
+    whose baseline row kept the ROIs' threshold and rescored rows went down to 0.001)."""
+    if metrics.get("min_score") is None:
+        return ""
+    return (f" Every row, the baseline's included, keeps detections with score >= {metrics['min_score']:g} "
+            f"(the ROIs were taken at >= {metrics['roi_score_thresh']:g}), the top {metrics['max_per_image']} "
+            f"per image after the same NMS.")
+
+
+def _overlap_lines(overlap: Optional[dict]) -> list[str]:
+    """The caption of a table whose figures include training images (`eval --allow-trained-images`)."""
+    if not overlap:
+        return []
+    return ["", f"**These figures include {overlap['images']} of the {overlap['of']} images evaluated that the "
+                f"models were trained on** ({', '.join(overlap['models'])}; --allow-trained-images): they are "
+                "for debugging, not a measurement on unseen images."]
+
+
 def table_markdown(metrics: dict) -> str:
     """The comparison as Markdown: AP columns in percent with one decimal (the paper's Tables 2-3),
     then the differences to the baseline in percentage points."""
@@ -191,10 +210,11 @@ def table_markdown(metrics: dict) -> str:
              f"{metrics['max_per_image']} detections per image from the {src['kind']} {src['path']} "
              f"({metrics['rois']} ROIs); scores: D's class probability (the paper's) and its geometric "
              f"mean with the baseline's (fused); per-class NMS at IoU {metrics['nms_iou']}."
+             + _threshold_sentence(metrics)
              + _crops_sentence(metrics.get("crops"))
              + (f" Rows 'ROIs < {metrics['small_area']:g} px² only': larger ROIs keep the baseline's detection."
                 if metrics.get("small_area") else ""),
-             "", head, sep]
+             *_overlap_lines(metrics.get("trained_overlap")), "", head, sep]
     for row in metrics["rows"]:
         lines.append(f"| {row['title']} | " + " | ".join(_pct(row[k]) for k, _ in TABLE_COLUMNS) + " |")
     lines += ["", "Difference to the baseline (percentage points):", "", head, sep]

@@ -33,7 +33,8 @@ Then per image, pure functions of tensors:
   of ROIs, e.g. those D reads from their HR crop (`eval --sr-gate`: only super-resolved ROIs
   rescored);
 - `select_detections`: candidates below `min_score` dropped, per-class NMS (torchvision
-  batched_nms, IoU 0.5) and the top 100 by score.
+  batched_nms, IoU 0.5) and the top 100 by score. The baseline row goes through it too
+  (`baseline_scores`), with the same threshold, so that no row keeps a longer list than another.
 """
 
 from __future__ import annotations
@@ -209,6 +210,17 @@ def at_or_above(rois: torch.Tensor, area: float) -> torch.Tensor:
     return wh[:, 0] * wh[:, 1] >= area
 
 
+def baseline_scores(base_scores: torch.Tensor, base_labels: torch.Tensor, k: int) -> torch.Tensor:
+    """The baseline's own detections as candidates: scores [R, K] of classes 1..K, each ROI's
+    baseline class scored with its baseline score and every other class 0. Through
+    `select_detections` with the rescored rows' threshold, NMS and top-k, they give the baseline
+    row, so that every row of a table is selected alike."""
+    scores = torch.zeros(len(base_scores), k, dtype=torch.float32)
+    rows = torch.nonzero((base_labels >= 1) & (base_labels <= k)).squeeze(1)
+    scores[rows, base_labels[rows] - 1] = base_scores[rows].float()
+    return scores
+
+
 def keep_baseline(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, base_scores: torch.Tensor,
                   base_labels: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A gate: the ROIs marked in `keep` (bool [R]) keep the baseline's detection.
@@ -223,11 +235,7 @@ def keep_baseline(rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
     boxes, scores = boxes.clone(), scores.clone()
     rows = torch.nonzero(keep).squeeze(1)
     boxes[rows] = rois[rows].float()
-    scores[rows] = 0.0
-    k = scores.shape[1]
-    has = (base_labels[rows] >= 1) & (base_labels[rows] <= k)
-    rows = rows[has]
-    scores[rows, base_labels[rows] - 1] = base_scores[rows].float()
+    scores[rows] = baseline_scores(base_scores[rows], base_labels[rows], scores.shape[1]).to(scores.dtype)
     return boxes, scores
 
 

@@ -22,6 +22,11 @@ file_identity of the annotation file), `image_dir`; sodtool also writes `rows`, 
 stores with equal content have equal digests, whatever their HDF5 layout) and, for shards,
 `shard` ("i/n").
 
+Group `images/` (crop-rois since image identities were recorded; older stores have none):
+`image_id` int64 [M] and `sha` bytes [M], the identity (`sodtool.provenance.image_digest`, a
+digest of the file's bytes) of every image cropped, rows or not. Like the attributes it is
+provenance, not content: `content_sha256` does not cover it.
+
 LR file `rois_<split>_lr.h5` (schema "sodtool.rois-lr/1", written by `sodtool downsample`):
 `lr` uint8 [N, 3, S/4, S/4] in the same row order, same chunk rows, uncompressed by default; attributes `scale`, `source` (JSON
 file_identity of the HR file), `source_content_sha256` (the HR file's `content_sha256`, which
@@ -70,6 +75,9 @@ CACHE_BYTES = 32 * 1024 * 1024
 # Chunks whose rows a shuffled epoch mixes (at most; see `mixing_window`): a batch of 32 then
 # holds rows of about 30 chunks, i.e. of as many images, instead of 4 runs of 8 consecutive rows.
 MIX_CHUNKS = 64
+
+# The group recording the identity of every image cropped (module docstring).
+IMAGES_GROUP = "images"
 
 # Per-row fields of the HR store (the image dataset `hr` is added with its size).
 ROW_FIELDS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
@@ -180,6 +188,19 @@ def store_info(path: str | os.PathLike, expect_schema: str | None = SCHEMA) -> d
         return info
 
 
+def image_digests(path: str | os.PathLike) -> dict[int, str] | None:
+    """{image id: identity} of the images cropped into the HR store `path` (its `images/` group);
+    None for a store written before they were recorded."""
+    with open_store(path, SCHEMA) as f:
+        g = f.get(IMAGES_GROUP)
+        if not isinstance(g, h5py.Group) or "image_id" not in g or "sha" not in g:
+            return None
+        ids, sha = g["image_id"][:], g["sha"][:]
+    if len(ids) != len(sha):
+        raise InputError(f"{path} is damaged: its '{IMAGES_GROUP}' record has {len(ids)} ids and {len(sha)} digests")
+    return {int(i): (s.decode("ascii") if isinstance(s, bytes) else str(s)) for i, s in zip(ids.tolist(), sha.tolist())}
+
+
 def verify_store(path: str | os.PathLike, expect_schema: str | None = None) -> dict:
     """Recompute a store's `content_sha256` from its bytes and compare it with the recorded one.
 
@@ -248,6 +269,7 @@ class StoreWriter:
         self._buf: dict[str, list[np.ndarray]] = {k: [] for k in fields}
         self._buffered = 0
         self._hash = {k: hashlib.sha256() for k in fields}
+        self._images: dict[int, str] | None = None
         self._ctx = None
         self._file: h5py.File | None = None
 
@@ -309,6 +331,11 @@ class StoreWriter:
     def content_sha256(self) -> str:
         return combine_digests({k: h.hexdigest() for k, h in self._hash.items()})
 
+    def record_images(self, digests: dict[int, str]) -> None:
+        """Record the identities of the images cropped ({image id: digest}; the `images/` group),
+        written with the file at the end of the `with` block."""
+        self._images = {int(k): str(v) for k, v in digests.items()}
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             self._abort(exc_type, exc, tb)
@@ -323,6 +350,11 @@ class StoreWriter:
             f.attrs["chunk_rows"] = self.chunk_rows
             f.attrs["compression"] = self.compression_name
             f.attrs["content_sha256"] = self.content_sha256()
+            if self._images is not None:
+                ids = sorted(self._images)
+                g = f.create_group(IMAGES_GROUP)
+                g.create_dataset("image_id", data=np.asarray(ids, dtype=np.int64))
+                g.create_dataset("sha", data=np.asarray([self._images[i].encode("ascii") for i in ids], dtype="S"))
             f.close()
             self._file = None
         except BaseException as e:

@@ -39,6 +39,8 @@ class ImageRois:
 
 @dataclass
 class SourceInfo:
+    """Where the ROIs come from; detail["score_thresh"] is the lowest baseline score they were kept at."""
+
     kind: str  # "detector" | "rois"
     path: Path
     lr_path: Optional[Path]
@@ -81,9 +83,18 @@ def store_rois(path: Path, split_name: str, split) -> tuple[SourceInfo, Iterator
         if file_identity(split.ann_path).get("sha256") not in (None, ann_ident["sha256"]):
             warn(f"{path} was cropped for another version of {split.ann_path} (annotation file digest differs)")
     hr_size = int(info["image_size"])
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    if config.get("score_thresh") is not None:
+        score_thresh = float(config["score_thresh"])
+    else:  # not recorded: the lowest score stored, below which the store holds nothing
+        with store.open_store(path) as fh:
+            stored = fh["score"][:]
+        score_thresh = float(stored.min()) if len(stored) else 0.0
+        warn(f"{path} does not record the score threshold its ROIs were taken at; taking its lowest score, "
+             f"{score_thresh:g}")
     source = SourceInfo(kind="rois", path=path, lr_path=lr_path, categories=cats, hr_size=hr_size,
                         context=float(info.get("context", float("nan"))),
-                        detail={"rows": info["num_rows"], "store_split": info.get("split"),
+                        detail={"rows": info["num_rows"], "store_split": info.get("split"), "score_thresh": score_thresh,
                                 "arch": (info.get("detector") or {}).get("arch")
                                 if isinstance(info.get("detector"), dict) else None})
 

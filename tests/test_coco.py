@@ -408,8 +408,50 @@ def _coco2017(root: Path) -> Path:
 def test_resolve_split_coco2017_layout(tmp_path):
     root = _coco2017(tmp_path / "coco")
     assert resolve_split(root, "train") == SplitPaths(root / "annotations" / "instances_train2017.json", root / "train2017")
-    val = SplitPaths(root / "annotations" / "instances_val2017.json", root / "val2017")
-    assert resolve_split(root, "minival") == val and resolve_split(root, "val") == val
+    assert resolve_split(root, "minival") == SplitPaths(root / "annotations" / "instances_val2017.json", root / "val2017")
+
+
+NO_VAL = "COCO 2017 has no val split apart from val2017, which is minival here"
+
+
+def test_resolve_split_coco2017_val_is_not_val2017(tmp_path, cli):
+    """val (where settings are chosen) never falls back to val2017 (minival, reported only)."""
+    root = _coco2017(tmp_path / "coco")
+    with pytest.raises(InputError, match=NO_VAL + r": give --ann/--images for a held-out subset of train2017"):
+        resolve_split(root, "val")
+    other = tmp_path / "held_out.json"
+    other.write_text("{}")
+    with pytest.raises(InputError, match=NO_VAL):  # --ann alone: no image folder of a val split either
+        resolve_split(root, "val", ann=other)
+    with pytest.raises(InputError, match=NO_VAL):
+        resolve_split(root, "val", images=root / "train2017")
+    # half a layout (only val2017/ and its annotations) is recognised too
+    (root / "annotations" / "instances_train2017.json").unlink()
+    (root / "train2017").rmdir()
+    with pytest.raises(InputError, match=NO_VAL):
+        resolve_split(root, "val")
+    assert_one_line_error(cli("--quiet", "data", "stats", "--data", root, "--split", "val",
+                              "--out", tmp_path / "stats"), NO_VAL)
+    assert not (tmp_path / "stats").exists()
+
+
+def test_resolve_split_coco2017_val_supplied(tmp_path):
+    """A COCO 2017 user gives val explicitly: --ann/--images on a train2017 subset, or sodtool's layout."""
+    root = _coco2017(tmp_path / "coco")
+    held = tmp_path / "instances_val_holdout.json"
+    held.write_text("{}")
+    assert resolve_split(root, "val", ann=held, images=root / "train2017") == SplitPaths(held, root / "train2017")
+    assert resolve_split(None, "val", ann=held, images=root / "train2017") == SplitPaths(held, root / "train2017")
+    paths, _ = make_dataset(root, "val")
+    assert resolve_split(root, "val") == paths
+    assert resolve_split(root, "val", ann=held) == SplitPaths(held, root / "images" / "val")
+    assert resolve_split(root, "minival").images == root / "val2017"
+
+
+def test_resolve_split_val_elsewhere_is_the_plain_not_found(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(InputError, match=r"split 'val' not found in .* \(looked for .*instances_val\.json\)$"):
+        resolve_split(tmp_path, "val")
 
 
 def test_resolve_split_prefers_sodtool_layout(tmp_path):

@@ -203,8 +203,27 @@ def test_lr_schedule_warmup_and_steps():
 def test_training_writes_the_run_folder(trained, plain_ds):
     manifest = json.loads((trained / "manifest.json").read_text())
     assert manifest["stage"] == "train_detector"
-    for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"):
-        assert isinstance(manifest["metrics"][k], float)
+    # The held-out numbers are COCOeval of what the saved model detects on minival (recomputed here
+    # from model.pt, as `detect` + `eval --results` would), not any float.
+    from sodtool.evaluate import coco_evaluate
+    from sodtool.models.detectors import detect_split
+
+    stats = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+    cfg, val = manifest["config"], load_split(resolve_split(plain_ds, "minival"))
+    assert manifest["metrics"]["eval_split"] == "minival" and manifest["metrics"]["eval_images"] == 3
+    results = detect_split(load_detector(trained / "model.pt", "cpu", val.categories), val,
+                           score_thresh=cfg["eval_score_thresh"], max_per_image=100, batch_size=cfg["eval_batch_size"])
+    ref = coco_evaluate(val.coco, results)
+    assert results and {k: manifest["metrics"][k] for k in stats} == pytest.approx({k: ref[k] for k in stats}, abs=1e-9)
+    # The same evaluation path gives known numbers for known detections: the ground truth itself
+    # scores AP 1 (every box is small here: no medium or large ground truth, -1), and the ground
+    # truth moved by its own width onto empty ground scores 0.
+    gt = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+          for a in val.coco.dataset["annotations"]]
+    perfect = coco_evaluate(val.coco, gt)
+    assert [perfect[k] for k in stats] == [1.0, 1.0, 1.0, 1.0, -1.0, -1.0]
+    moved = [{**d, "bbox": [d["bbox"][0] + d["bbox"][2] + 1, *d["bbox"][1:]]} for d in gt]
+    assert [coco_evaluate(val.coco, moved)[k] for k in stats] == [0.0, 0.0, 0.0, 0.0, -1.0, -1.0]
     assert manifest["metrics"]["resumed_from_step"] == 0
     lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]

@@ -250,7 +250,7 @@ def test_train_sr_two_ranks_gloo(stores, tmp_path):
     _assert_disjoint_shards(dumps, kw["iterations"], kw["batch_size"])
     _assert_only_rank0_wrote(dumps, out)
     # What rank 0 wrote: every artefact once, its own final weights, each step logged once.
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "generator.pt", "manifest.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "generator.pt", "manifest.json", "metrics.jsonl", "trained_images.json"]
     saved = _state(out / "generator.pt")["generator"]
     mine = dumps[0]["states"]["Generator"][0]
     assert saved.keys() == mine.keys() and all(torch.equal(saved[k], mine[k]) for k in saved)
@@ -281,7 +281,7 @@ def test_train_mtgan_two_ranks_gloo(stores, sr_run, tmp_path):
         mine = dumps[0]["states"][net][0]
         assert model[key].keys() == mine.keys() and all(torch.equal(model[key][k], mine[k]) for k in mine), key
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checkpoint.pt", "manifest.json", "metrics.jsonl", "model.pt", "samples"]
+    assert names == ["checkpoint.pt", "manifest.json", "metrics.jsonl", "model.pt", "samples", "trained_images.json"]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter_0000002.png", "iter_0000004.png"]
     ck = _state(out / "checkpoint.pt")
     assert ck["step"] == 4 and ck["scheduler_d"]["last_epoch"] == 4
@@ -308,7 +308,7 @@ def test_torchrun_cli_two_ranks(stores, tmp_path):
                            f"--nproc_per_node={WORLD}", "-m", "sodtool", "--quiet", *args],
                           env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "generator.pt", "manifest.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "generator.pt", "manifest.json", "metrics.jsonl", "trained_images.json"]
     lines = _lines(out / "metrics.jsonl")
     assert [x["step"] for x in lines if "g_mse" in x] == [1, 2, 3, 4]  # one writer: no line twice
     manifest = json.loads((out / "manifest.json").read_text())

@@ -129,7 +129,7 @@ def tiny_data(tmp_path_factory):
     from sodtool.cli import app
 
     d = tmp_path_factory.mktemp("ssd_data") / "data"
-    r = CliRunner().invoke(app, ["--quiet", "data", "synth", "--preset", "quick", "--train-images", "6",
+    r = CliRunner().invoke(app, ["--quiet", "data", "synth", "--preset", "quick", "--train-images", "6", "--val-images", "1",
                                  "--minival-images", "2", "--image-size", "192", "--seed", "0", "--out", str(d)])
     assert r.exit_code == 0, r.stderr
     return d

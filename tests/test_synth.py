@@ -16,7 +16,7 @@ from sodtool.errors import InputError
 from sodtool.stages import synth
 from sodtool.stages.synth import PATTERNS, SynthConfig, render_object, synthesize
 
-TRAIN, MINIVAL, SIZE = 40, 12, 256
+TRAIN, VAL, MINIVAL, SIZE = 40, 6, 12, 256
 
 
 def _files(root: Path) -> dict[str, str]:
@@ -30,16 +30,30 @@ def made(tmp_path_factory):
     """One dataset made with seed 0, the same again with 2 workers, and a tiny one with seed 1."""
     base = tmp_path_factory.mktemp("synth")
     a, b, c = base / "a", base / "b", base / "c"
-    m = synthesize(SynthConfig(out=a, train_images=TRAIN, minival_images=MINIVAL, image_size=SIZE, seed=0))
-    synthesize(SynthConfig(out=b, train_images=TRAIN, minival_images=MINIVAL, image_size=SIZE, seed=0, workers=2))
-    synthesize(SynthConfig(out=c, train_images=4, minival_images=2, image_size=SIZE, seed=1))
+    m = synthesize(SynthConfig(out=a, train_images=TRAIN, val_images=VAL, minival_images=MINIVAL, image_size=SIZE, seed=0))
+    synthesize(SynthConfig(out=b, train_images=TRAIN, val_images=VAL, minival_images=MINIVAL, image_size=SIZE, seed=0, workers=2))
+    synthesize(SynthConfig(out=c, train_images=4, val_images=1, minival_images=2, image_size=SIZE, seed=1))
     return {"a": a, "b": b, "c": c, "metrics": m}
 
 
 def test_same_seed_gives_identical_bytes_whatever_the_workers(made):
     fa, fb = _files(made["a"]), _files(made["b"])
-    assert len(fa) == TRAIN + MINIVAL + 2
+    assert len(fa) == TRAIN + VAL + MINIVAL + 3
     assert fa == fb
+
+
+def test_train_and_minival_do_not_depend_on_the_val_split(tmp_path):
+    """val draws from its own seeds: its size leaves every train and minival byte unchanged, so the
+    splits of the two-split benchmark are the same files as before val existed."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    synthesize(SynthConfig(out=a, train_images=3, val_images=1, minival_images=2, image_size=192, seed=4))
+    synthesize(SynthConfig(out=b, train_images=3, val_images=3, minival_images=2, image_size=192, seed=4))
+    fa, fb = _files(a), _files(b)
+    other = {k: v for k, v in fa.items() if k.startswith(("images/train/", "images/minival/"))
+             or k in ("annotations/instances_train.json", "annotations/instances_minival.json")}
+    assert len(other) == 3 + 2 + 2  # images of train and minival, their two annotation files
+    assert other == {k: fb[k] for k in other}
+    assert len([k for k in fb if k.startswith("images/val/")]) == 3
 
 
 def test_another_seed_gives_other_annotations_and_images(made):
@@ -92,16 +106,16 @@ def test_size_mix_follows_coco_buckets(made):
     assert sum(m["train"]["sizes"].values()) == m["train"]["objects"]
 
 
-def test_train_and_minival_are_disjoint(made):
+def test_train_val_and_minival_are_disjoint(made):
     f = _files(made["a"])
-    train = {v for k, v in f.items() if k.startswith("images/train/")}
-    minival = {v for k, v in f.items() if k.startswith("images/minival/")}
-    assert len(train) == TRAIN and len(minival) == MINIVAL and not train & minival
+    images = {s: {v for k, v in f.items() if k.startswith(f"images/{s}/")} for s in synth.SPLITS}
+    assert {s: len(v) for s, v in images.items()} == {"train": TRAIN, "val": VAL, "minival": MINIVAL}
     ids = {}
-    for split in ("train", "minival"):
+    for split in synth.SPLITS:
         data = json.loads((made["a"] / f"annotations/instances_{split}.json").read_text())
         ids[split] = {im["id"] for im in data["images"]}
-    assert not ids["train"] & ids["minival"]
+    for x, y in (("train", "val"), ("train", "minival"), ("val", "minival")):
+        assert not images[x] & images[y] and not ids[x] & ids[y]
 
 
 def test_manifest_is_written_and_no_temporary_folder_is_left(made):
@@ -152,7 +166,7 @@ def test_classes_share_colours_and_silhouettes():
 
 def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
     out = tmp_path / "d"
-    synthesize(SynthConfig(out=out, train_images=2, minival_images=1, image_size=192))
+    synthesize(SynthConfig(out=out, train_images=2, val_images=1, minival_images=1, image_size=192))
     before = _files(out)
     calls = {"n": 0}
     real = synth._make_one
@@ -165,7 +179,7 @@ def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "_make_one", boom)
     with pytest.raises(RuntimeError):
-        synthesize(SynthConfig(out=out, train_images=5, minival_images=1, image_size=192, seed=3))
+        synthesize(SynthConfig(out=out, train_images=5, val_images=1, minival_images=1, image_size=192, seed=3))
     assert _files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
@@ -175,12 +189,12 @@ def test_refuses_foreign_non_empty_folder_unless_overwrite(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(InputError, match="--overwrite"):
-        synthesize(SynthConfig(out=out, train_images=1, minival_images=1, image_size=192))
+        synthesize(SynthConfig(out=out, train_images=1, val_images=1, minival_images=1, image_size=192))
     assert (out / "notes.txt").read_text() == "keep me"
-    synthesize(SynthConfig(out=out, train_images=1, minival_images=1, image_size=192, overwrite=True))
+    synthesize(SynthConfig(out=out, train_images=1, val_images=1, minival_images=1, image_size=192, overwrite=True))
     assert not (out / "notes.txt").exists() and (out / "manifest.json").is_file()
     # A previous synth output is replaced without --overwrite.
-    synthesize(SynthConfig(out=out, train_images=2, minival_images=1, image_size=192))
+    synthesize(SynthConfig(out=out, train_images=2, val_images=1, minival_images=1, image_size=192))
     assert len(list((out / "images" / "train").iterdir())) == 2
 
 
@@ -201,7 +215,7 @@ def test_bad_options_are_input_errors(tmp_path, kw, needle):
 
 def test_cli_writes_a_dataset(cli, tmp_path):
     out = tmp_path / "s"
-    res = cli("--quiet", "data", "synth", "--out", out, "--train-images", 3, "--minival-images", 2,
+    res = cli("--quiet", "data", "synth", "--out", out, "--train-images", 3, "--val-images", 2, "--minival-images", 2,
               "--image-size", 192, "--classes", 4, "--seed", 7)
     assert res.exit_code == 0, res.stderr
     data = json.loads((out / "annotations/instances_minival.json").read_text())
@@ -226,5 +240,5 @@ def test_never_replaces_the_folder_it_runs_in(tmp_path, monkeypatch):
     (out / "src").mkdir(parents=True)
     monkeypatch.chdir(out / "src")
     with pytest.raises(InputError, match="current or home folder"):
-        synthesize(SynthConfig(out=out, train_images=1, minival_images=1, image_size=192, overwrite=True))
+        synthesize(SynthConfig(out=out, train_images=1, val_images=1, minival_images=1, image_size=192, overwrite=True))
     assert (out / "src").is_dir()

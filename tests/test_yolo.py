@@ -241,6 +241,142 @@ def test_bad_lists(tmp_path, cli, train, val, message):
     assert not (tmp_path / "o").exists()
 
 
+# --------------------------------------------------------------------------- the val split (issue 31)
+
+# sha256 of kit-aerial's annotation files as `import-yolo --seed 0` wrote them before the val
+# split existed: without --holdout-fraction / --val-list the output must not change by a byte.
+KIT_SHA256 = {"train": "c488ead52ecd61878ad05380a9ad633f05576ea67e58560e87ff38bcba221c70",
+              "minival": "d12dba761f747b0fb586217fd0b1e220355ab6c7fc7b335836c7c679c83ab80c"}
+
+
+def test_kit_aerial_without_val_options_is_byte_identical_to_before(kit):
+    import hashlib
+
+    out, metrics = kit
+    for split, digest in KIT_SHA256.items():
+        assert hashlib.sha256((out / "annotations" / f"instances_{split}.json").read_bytes()).hexdigest() == digest
+    assert not (out / "annotations" / "instances_val.json").exists() and not (out / "images" / "val").exists()
+    assert "val_images" not in metrics and "val_boxes" not in metrics
+
+
+def test_kit_aerial_holdout_carves_val_from_train(shared_data, tmp_path, cli, kit):
+    out = tmp_path / "kv"
+    res = cli("--quiet", "data", "import-yolo", shared_data / "kit-aerial", "--out", out, "--seed", "0",
+              "--holdout-fraction", "0.2", "--link", "symlink")
+    assert res.exit_code == 0, res.stderr
+    # minival is exactly the no-val run's, to the byte; val and train split the no-val train
+    name = "annotations/instances_minival.json"
+    assert (out / name).read_bytes() == (kit[0] / name).read_bytes()
+    old_train = set(_split_names(kit[0], "train"))
+    train, val = set(_split_names(out, "train")), set(_split_names(out, "val"))
+    assert train | val == old_train and not train & val
+    assert sorted(p.name for p in (out / "images" / "val").iterdir()) == sorted(val)
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert (metrics["train_images"], metrics["val_images"], metrics["minival_images"]) == (27, 9, 9)  # round(0.2 * 45)
+    assert metrics["train_boxes"] + metrics["val_boxes"] + metrics["minival_boxes"] == metrics["boxes"] == 1847
+    gt = _coco(out / "annotations" / "instances_val.json")
+    assert len(gt.anns) == metrics["val_boxes"] and sorted(gt.anns) == list(range(1, len(gt.anns) + 1))
+    assert load_split(resolve_split(out, "val")).image_ids == sorted(gt.imgs)
+
+
+def test_holdout_fraction_writes_a_disjoint_deterministic_val_split(tmp_path):
+    src = _ten(tmp_path / "src")
+    plain = import_yolo(ImportYoloConfig(src=src, out=tmp_path / "plain", seed=3, val_fraction=0.2))
+    zero = import_yolo(ImportYoloConfig(src=src, out=tmp_path / "zero", seed=3, val_fraction=0.2, holdout_fraction=0.0))
+    assert zero == plain
+    for split in ("train", "minival"):
+        name = f"annotations/instances_{split}.json"
+        assert (tmp_path / "zero" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "zero" / "annotations").iterdir()) == ["instances_minival.json",
+                                                                                     "instances_train.json"]
+    assert sorted(p.name for p in (tmp_path / "zero" / "images").iterdir()) == ["minival", "train"]
+
+    m = import_yolo(ImportYoloConfig(src=src, out=tmp_path / "a", seed=3, val_fraction=0.2, holdout_fraction=0.3))
+    import_yolo(ImportYoloConfig(src=src, out=tmp_path / "b", seed=3, val_fraction=0.2, holdout_fraction=0.3))
+    import_yolo(ImportYoloConfig(src=src, out=tmp_path / "c", seed=4, val_fraction=0.2, holdout_fraction=0.3))
+    assert (m["images"], m["train_images"], m["val_images"], m["minival_images"]) == (10, 5, 3, 2)
+    assert m["val_boxes"] == 3 and m["boxes"] == 10
+    names = {s: set(_split_names(tmp_path / "a", s)) for s in ("train", "val", "minival")}
+    assert sum(len(v) for v in names.values()) == 10 == len(set().union(*names.values()))  # disjoint, all there
+    assert names["minival"] == set(_split_names(tmp_path / "plain", "minival"))
+    assert names["train"] | names["val"] == set(_split_names(tmp_path / "plain", "train"))
+    for split in ("train", "val", "minival"):
+        name = f"annotations/instances_{split}.json"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert sorted(p.name for p in (tmp_path / "a" / "images" / split).iterdir()) == _split_names(tmp_path / "a", split)
+    assert _split_names(tmp_path / "a", "val") != _split_names(tmp_path / "c", "val")
+    ids = [im["id"] for s in ("train", "val", "minival")
+           for im in json.loads((tmp_path / "a" / "annotations" / f"instances_{s}.json").read_text())["images"]]
+    assert sorted(ids) == list(range(1, 11))  # image ids unique across the three splits
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["config"]["holdout_fraction"] == 0.3 and manifest["metrics"]["val_images"] == 3
+    # with --val-fraction 0 val still comes out of train, and minival is empty
+    m = import_yolo(ImportYoloConfig(src=src, out=tmp_path / "d", val_fraction=0.0, holdout_fraction=0.1))
+    assert (m["train_images"], m["val_images"], m["minival_images"]) == (9, 1, 0)
+
+
+def test_val_list(tmp_path):
+    src = _ten(tmp_path / "src")
+    (tmp_path / "val.txt").write_text("im01.png\nim07.png\n")
+    (tmp_path / "train.txt").write_text("im00.png\nim02.png\nim03.png\n")
+    (tmp_path / "minival.txt").write_text("im04.png\n")
+    # alone: minival is drawn by --val-fraction from the other images, train is the rest
+    m = import_yolo(ImportYoloConfig(src=src, out=tmp_path / "a", val_fraction=0.25, val_list=tmp_path / "val.txt"))
+    assert _split_names(tmp_path / "a", "val") == ["im01.png", "im07.png"]
+    assert (m["train_images"], m["val_images"], m["minival_images"]) == (6, 2, 2)  # round(0.25 * 8)
+    names = [set(_split_names(tmp_path / "a", s)) for s in ("train", "val", "minival")]
+    assert len(set().union(*names)) == 10 and sum(map(len, names)) == 10
+    # with --train-list: the unlisted rest is minival
+    import_yolo(ImportYoloConfig(src=src, out=tmp_path / "b", train_list=tmp_path / "train.txt",
+                                 val_list=tmp_path / "val.txt"))
+    assert _split_names(tmp_path / "b", "minival") == ["im04.png", "im05.png", "im06.png", "im08.png", "im09.png"]
+    # with --minival-list: the unlisted rest is train
+    import_yolo(ImportYoloConfig(src=src, out=tmp_path / "c", minival_list=tmp_path / "minival.txt",
+                                 val_list=tmp_path / "val.txt"))
+    assert len(_split_names(tmp_path / "c", "train")) == 7
+    # all three: the rest is left out
+    m = import_yolo(ImportYoloConfig(src=src, out=tmp_path / "d", train_list=tmp_path / "train.txt",
+                                     minival_list=tmp_path / "minival.txt", val_list=tmp_path / "val.txt"))
+    assert (m["train_images"], m["val_images"], m["minival_images"], m["unlisted_images"]) == (3, 2, 1, 4)
+    # lists plus a val share: val is carved out of the train list
+    m = import_yolo(ImportYoloConfig(src=src, out=tmp_path / "e", train_list=tmp_path / "train.txt",
+                                     minival_list=tmp_path / "minival.txt", holdout_fraction=0.25))
+    assert (m["train_images"], m["val_images"], m["minival_images"]) == (2, 1, 1)
+    assert set(_split_names(tmp_path / "e", "val")) < {"im00.png", "im02.png", "im03.png"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--holdout-fraction", "1"], "--holdout-fraction must be in [0, 1), got 1.0"),
+    (["--holdout-fraction", "-0.1"], "--holdout-fraction must be in [0, 1), got -0.1"),
+    (["--holdout-fraction", "nan"], "--holdout-fraction must be in [0, 1), got nan"),
+    (["--val-fraction", "0.5", "--holdout-fraction", "0.5"], "--val-fraction + --holdout-fraction must be below 1"),
+    (["--holdout-fraction", "0.2", "--val-list", "{val}"], "give --holdout-fraction or --val-list, not both"),
+    (["--val-list", "{tmp}/missing.txt"], "image list not found"),
+    (["--val-list", "{val}", "--train-list", "{val}"], "image im04.png is in both --train-list and --val-list"),
+    (["--val-list", "{val}", "--minival-list", "{val}"], "image im04.png is in both --minival-list and --val-list"),
+    (["--val-list", "{tmp}/bad.txt"], "'nope.png' is not an image"),
+])
+def test_bad_val_options_exit_2_with_one_line(tmp_path, cli, args, message):
+    src = _ten(tmp_path / "src")
+    (tmp_path / "val.txt").write_text("im04.png\n")
+    (tmp_path / "bad.txt").write_text("nope.png\n")
+    args = [a.format(val=tmp_path / "val.txt", tmp=tmp_path) for a in args]
+    res = cli("--quiet", "data", "import-yolo", src, "--out", tmp_path / "o", *args)
+    assert res.exit_code == 2, (res.stdout, res.stderr, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sodtool: error: ") and message in lines[0], res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_holdout_needs_images_left_for_train(tmp_path, cli):
+    src = make_yolo(tmp_path / "src", {"a": None, "b": None})
+    res = cli("--quiet", "data", "import-yolo", src, "--out", tmp_path / "o", "--val-fraction", "0.5",
+              "--holdout-fraction", "0.1")
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "--holdout-fraction 0.1: the train split has 1 image(s), too few to carve a val split from" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 # --------------------------------------------------------------------------- conversions
 
 

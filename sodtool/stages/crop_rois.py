@@ -63,6 +63,7 @@ from sodtool.console import log, summary_table, track
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
 from sodtool.models.detector_weights import FAMILIES
+from sodtool.provenance import image_digest
 
 MODES = ("train", "test")
 
@@ -228,6 +229,7 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
     counts = {"rows": 0, "positives": 0, "backgrounds": 0, "gt_rows": 0, "images_without_rows": 0}
     iou_pos_sum = 0.0
     crop_s = detect_s = 0.0
+    cropped: dict[int, str] = {}
     with S.StoreWriter(out, schema=S.SCHEMA, fields=S.hr_fields(cfg.hr_size), attrs=attrs,
                        compression=cfg.compression) as writer:
         batches = [image_ids[i:i + cfg.batch_images] for i in range(0, len(image_ids), cfg.batch_images)]
@@ -264,6 +266,9 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
                 counts["backgrounds"] += int((~pos).sum())
                 counts["gt_rows"] += int((rows["source"] == 1).sum())
                 iou_pos_sum += float(rows["iou"][pos].sum())
+            # The identity of every image cropped, rows or not: what eval checks models against.
+            cropped.update({i: image_digest(split.image_path(i)) for i in batch_ids})
+        writer.record_images(cropped)
         digest = writer.content_sha256()
     metrics = {
         "images": len(image_ids),
@@ -368,6 +373,9 @@ def merge_shards(out: str | Path, shards: Sequence[str | Path], *, overwrite: bo
             for _, s, a, b in track(runs, "merge", total=len(runs)):
                 f = files[s]
                 w.append(**{k: f[k][a:b] for k in fields})
+            recorded = [S.image_digests(p) for p in shards]  # the images each shard cropped
+            if all(r is not None for r in recorded):
+                w.record_images({i: sha for r in recorded for i, sha in r.items()})
             digest = w.content_sha256()
             rows = w.rows
     finally:

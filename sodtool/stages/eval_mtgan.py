@@ -18,6 +18,9 @@ For every image of a split:
 4. Candidates: one per ROI and class with the score `score` ("disc", the paper's: D's
    probability; "fused": its geometric mean with the baseline's; see `sodtool.rescoring`);
    those below `min_score` dropped, per-class NMS at IoU `nms_iou` (0.5), top `max_per_image`.
+   `min_score` defaults to the score threshold the ROIs were taken at (0.05 in test mode), and
+   the baseline row is selected the same way from its own detections: every row of the table
+   keeps detections down to the same score, so none is rewarded for a longer list.
    With `small_area`, every rescored row is also written size-gated (`NAME_small.json`): ROIs of
    area >= small_area keep the baseline's detection and only smaller ones are rescored, as Noh
    et al. (2019) send only small proposals through super-resolution. With `sr_gate`, every
@@ -28,7 +31,8 @@ For every image of a split:
 5. COCO results JSON with the dataset's category ids and [x, y, w, h] boxes.
 
 The same is done for
-- the baseline itself: the ROIs with their baseline scores and classes (`baseline.json`);
+- the baseline itself: the ROIs with their baseline scores and classes, through the same
+  threshold, NMS and top-k as every rescored row (`baseline.json`);
 - the bicubic control: D of the MTGAN fed the bicubic 4x upsampling of the LR crop instead of
   G's output, everything else equal (`bicubic.json`): it separates the gain from
   super-resolution from the gain of a second-stage classifier on the crops;
@@ -71,6 +75,7 @@ from sodtool.errors import InputError
 from sodtool.evaluate import STAT_NAMES, coco_evaluate, resolve_ground_truth
 from sodtool.models.mtgan import discriminator_quality, load_mtgan, mtgan_file, training_context
 from sodtool.models.networks import generator_file, generator_from_checkpoint
+from sodtool.provenance import check_evaluation
 from sodtool.reports import (
     BASELINE,
     BICUBIC,
@@ -92,6 +97,7 @@ from sodtool.rescoring import (
     MtganScorer,
     SCORE_MODES,
     at_or_above,
+    baseline_scores,
     check_small_area,
     class_scores,
     keep_baseline,
@@ -121,7 +127,9 @@ class RescoreConfig:
     pretrained_g: a `train sr` run folder (RUN/sr) or its generator.pt: adds the pretrained-G
       control rows (module docstring); None: none;
     out: output folder (default: RUN/eval_<split>, RUN being the MTGAN folder's parent);
-    score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4;
+    score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4, for
+      every row, the baseline's included (min_score None: the ROIs' own score threshold; never
+      below it, which the baseline row could not follow);
     small_area: also write size-gated rows (step 4), ROIs below this area (image px^2) rescored
       (None or 0: no gated rows);
     sr_gate: also write SR-gated rows (step 4): only the ROIs that go through G rescored;
@@ -131,7 +139,10 @@ class RescoreConfig:
       the MTGAN's training store / as crop-rois test mode: 0.05 and 100, the paper's protocol);
       detector_batch: images per detector call (as crop-rois' --batch-images);
     figures: write figures; fig_triplets / fig_images: how many SR triplets / images to draw;
-      draw_thresh: smallest score drawn in the detection figure.
+      draw_thresh: smallest score drawn in the detection figure;
+    allow_trained_images: evaluate even where a model (MTGAN, ablation, pretrained G, detector) was
+      trained on images being evaluated (sodtool.provenance: by image file digest); refused otherwise.
+      For debugging: metrics.json records the overlap ("trained_overlap") and table.md says so.
     """
 
     mtgan: Path
@@ -147,7 +158,7 @@ class RescoreConfig:
     score: str = "disc"
     nms_iou: float = 0.5
     max_per_image: int = 100
-    min_score: float = 1e-3
+    min_score: Optional[float] = None
     small_area: Optional[float] = None
     sr_gate: bool = False
     sr_only: bool = False
@@ -167,6 +178,7 @@ class RescoreConfig:
     slice: Optional[int] = None
     overlap: float = 0.2
     slice_full: bool = False
+    allow_trained_images: bool = False
 
 
 def parse_ablation(spec: str) -> tuple[str, Path]:
@@ -200,7 +212,7 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
         (cfg.score in SCORE_MODES, f"--score must be one of {', '.join(SCORE_MODES)}, got '{cfg.score}'"),
         (0.0 < cfg.nms_iou <= 1.0, f"--nms-iou must be in (0, 1], got {cfg.nms_iou}"),
         (cfg.max_per_image >= 1, f"--max-per-image must be >= 1, got {cfg.max_per_image}"),
-        (0.0 <= cfg.min_score <= 1.0, f"--min-score must be in [0, 1], got {cfg.min_score}"),
+        (cfg.min_score is None or 0.0 <= cfg.min_score <= 1.0, f"--min-score must be in [0, 1], got {cfg.min_score}"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
         (cfg.detector_batch >= 1, f"--detector-batch must be >= 1, got {cfg.detector_batch}"),
         (cfg.rois_per_image is None or cfg.rois_per_image >= 1,
@@ -249,6 +261,13 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         raise InputError(f"the image folder of split '{cfg.split}' was not found (give --images): "
                          "--detector runs the detector on the images")
     split = load_split(SplitPaths(ann=ann, images=image_dir or ann.parent), check_files=cfg.detector is not None)
+    # No model is evaluated on images it was trained on (unless allowed, for debugging).
+    trained = [(MTGAN, f"MTGAN {cfg.mtgan}", mtgan_file(cfg.mtgan))]
+    trained += [(n, f"ablation '{n}' ({p})", mtgan_file(p)) for n, p in map(parse_ablation, cfg.ablations)]
+    if cfg.pretrained_g is not None:
+        trained.append((PRETRAINED_G, f"--pretrained-g {cfg.pretrained_g}", cfg.pretrained_g))
+    trained_overlap = check_evaluation(split, cfg.split, trained, detector=cfg.detector, rois=cfg.rois,
+                                       allow=cfg.allow_trained_images)
 
     main = load_mtgan(cfg.mtgan, device, MTGAN)
     main.categories.check_same(split.categories, f"MTGAN {main.path} vs dataset {ann}")
@@ -276,6 +295,15 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
             score_thresh=thresh if cfg.roi_score_thresh is None else cfg.roi_score_thresh,
             max_rois=max_rois if cfg.rois_per_image is None else cfg.rois_per_image, batch_images=cfg.detector_batch,
             slicing=(cfg.slice, cfg.overlap, cfg.slice_full) if cfg.slice else None)
+    # Every row, the baseline's included, keeps detections down to one score: the ROIs' threshold
+    # unless a higher one is asked for (a lower one the baseline row could not follow).
+    roi_thresh = float(source.detail["score_thresh"])
+    min_score = roi_thresh if cfg.min_score is None else cfg.min_score
+    if min_score < roi_thresh:
+        raise InputError(f"--min-score {min_score:g} is below the score threshold {roi_thresh:g} of the ROIs of "
+                         f"{source.path}: the baseline row cannot keep detections below it, so the rows would not be "
+                         f"compared alike (take the ROIs at a lower threshold: crop-rois --score-thresh, or "
+                         f"--roi-score-thresh with --detector)")
     for m in models:
         if m.hr_size is not None and m.hr_size != source.hr_size:
             raise InputError(f"{m.path} was trained on {m.hr_size} px crops but the ROI crops of {source.path} "
@@ -332,11 +360,11 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                 n = len(g.rois)
                 sl = slice(start, start + n)
                 start += n
-                order = np.argsort(-g.scores, kind="stable")[:cfg.max_per_image]
-                dets[BASELINE][g.image_id] = {"boxes": g.rois[order], "scores": g.scores[order],
-                                              "labels": g.labels[order]}
                 r_t = torch.from_numpy(rois[sl])
                 s_t, l_t = torch.from_numpy(scores[sl]), torch.from_numpy(labels[sl])
+                dets[BASELINE][g.image_id] = select_detections(
+                    r_t, baseline_scores(s_t, l_t, len(class_names)), nms_iou=cfg.nms_iou,
+                    max_per_image=cfg.max_per_image, min_score=min_score)
                 # Per gate, the ROIs that keep the baseline's detection (None: none).
                 keeps = {"": None}
                 if cfg.small_area is not None:
@@ -352,7 +380,7 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                             b, c = (boxes, cs) if keep is None else keep_baseline(r_t, boxes, cs, s_t, l_t, keep)
                             dets[scored_name(name, mode, gate)][g.image_id] = select_detections(
                                 b, c, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image,
-                                min_score=cfg.min_score)
+                                min_score=min_score)
             for j, row in enumerate(sr_rows.tolist()):
                 p = outs[MTGAN]["probs"][row]
                 d_cls = int(p[1:].argmax()) + 1
@@ -395,12 +423,15 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                    "figure_score": cfg.score,
                    "crops": {"sr_only": cfg.sr_only, "lr_size": lr_size, "context": crop_context,
                              "rois_read_from_hr": n_hr_read},
-                   "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image,
+                   "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image, "min_score": min_score,
+                   "roi_score_thresh": roi_thresh,
                    "source": {"kind": source.kind, "path": str(source.path),
                               "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
                               "context": source.context if math.isfinite(source.context) else None,
                               **{k: v for k, v in source.detail.items() if k != "identity"}},
                    "rows": rows, "discriminator": discriminator_quality(main), "timing": timing}
+        if trained_overlap is not None:  # --allow-trained-images let models trained on these images pass
+            metrics["trained_overlap"] = trained_overlap
         write_json(work / "metrics.json", metrics)
         write_text(work / "table.md", table_markdown(metrics))
 

@@ -20,7 +20,15 @@ Output (DESIGN.md section 2)::
 
     OUT/annotations/instances_train.json, instances_minival.json
     OUT/images/train/<file>, images/minival/<file>
+    OUT/annotations/instances_val.json, images/val/<file>
+                                          only with a val share (holdout_fraction) or val_list
     OUT/manifest.json                     written last
+
+Splits: `train` (training), `val` (where every setting is chosen by looking at results) and
+`minival` (results reported only). `val_fraction` is minival's share, as it always was;
+`holdout_fraction` is val's share, carved out of what would otherwise be train, so minival is
+exactly the images the same seed and `val_fraction` give without a val split. Without a val
+share or list no val split is written and the output is byte-identical to earlier versions.
 
 Image `file_name`s are the images' base names, or their paths relative to SRC/images when two
 images share a base name. Image ids are 1..N over all images in sorted path order (unique
@@ -47,7 +55,7 @@ from sodtool.errors import InputError
 
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"}
 LINK_MODES = ("copy", "hardlink", "symlink")
-SPLITS = ("train", "minival")
+SPLITS = ("train", "minival")  # always written; "val" too when there is a val share or list
 # Normalised coordinates may overshoot [0, 1] by this much (labelling tools round, and boxes
 # touching the border come out as 1.0004); such boxes are clipped. More than this is an error.
 COORD_TOLERANCE = 0.01
@@ -62,7 +70,12 @@ class ImportYoloConfig:
     classes: classes file (default SRC/classes.txt, then SRC/labels/classes.txt).
     images / labels: folder names under src. val_fraction: share of images put in `minival`
     (seeded shuffle) unless train_list / minival_list name the images (one file name or
-    path per line; with one list the other split is the rest). link: how images reach the
+    path per line; with one list the other split is the rest). holdout_fraction: share of
+    all images put in `val` (0 = no val split), a seeded draw from the images that would
+    otherwise be train: minival is unchanged. val_list: the `val` images by name instead;
+    alone, minival is drawn by val_fraction from the images it does not list; with
+    train_list / minival_list, the unlisted rest goes to train if train_list is absent, else
+    to minival if minival_list is absent, else is left out. link: how images reach the
     output (copy, hardlink or symlink to the absolute source path). skip_orphan_labels: drop
     label files that have no image instead of failing.
     """
@@ -75,6 +88,8 @@ class ImportYoloConfig:
     val_fraction: float = 0.2
     train_list: Path | None = None
     minival_list: Path | None = None
+    holdout_fraction: float = 0.0
+    val_list: Path | None = None
     seed: int = 0
     link: str = "copy"
     overwrite: bool = False
@@ -272,40 +287,70 @@ def _read_list(path: Path, images: list[_Image], src: Path, img_root: Path) -> l
     return out
 
 
+_LIST_OPTION = {"train": "--train-list", "minival": "--minival-list", "val": "--val-list"}
+
+
 def _split(images: list[_Image], cfg: ImportYoloConfig, src: Path) -> tuple[dict[str, list[_Image]], int]:
-    """-> ({"train": [...], "minival": [...]} each in path order, number of images left out)."""
+    """-> ({"train": [...], "val": [...] (only with a val share or list), "minival": [...]} each in
+    path order, number of images left out).
+
+    Minival is chosen first and exactly as without a val split (lists, or `val_fraction` over
+    the images --val-list does not name); a `holdout_fraction` val share is then drawn from
+    train, with its own seeded stream, so train, val and minival are disjoint."""
     img_root = src / cfg.images
+    hold = cfg.holdout_fraction
+    if not 0.0 <= hold < 1.0:
+        raise InputError(f"--holdout-fraction must be in [0, 1), got {hold}")
+    if hold > 0 and cfg.val_list is not None:
+        raise InputError("give --holdout-fraction or --val-list, not both (each fills the val split)")
+    lists: dict[str, list[_Image]] = {}
+    for split, lp in (("train", cfg.train_list), ("minival", cfg.minival_list), ("val", cfg.val_list)):
+        if lp is not None:
+            lists[split] = _read_list(Path(lp), images, src, img_root)
+    names = {s: {im.rel for im in listed} for s, listed in lists.items()}
+    for a, b in (("train", "minival"), ("train", "val"), ("minival", "val")):
+        both = names.get(a, set()) & names.get(b, set())
+        if both:
+            raise InputError(f"image {sorted(both)[0]} is in both {_LIST_OPTION[a]} and {_LIST_OPTION[b]}"
+                             f"{f' ({len(both)} such images)' if len(both) > 1 else ''}")
+    listed_any = set().union(*names.values())
+    rest = [im for im in images if im.rel not in listed_any]
     if cfg.train_list is not None or cfg.minival_list is not None:
-        lists = {}
-        for split, lp in (("train", cfg.train_list), ("minival", cfg.minival_list)):
-            if lp is not None:
-                lists[split] = _read_list(Path(lp), images, src, img_root)
-        if len(lists) == 2:
-            both = {im.rel for im in lists["train"]} & {im.rel for im in lists["minival"]}
-            if both:
-                raise InputError(f"image {sorted(both)[0]} is in both --train-list and --minival-list"
-                                 f"{f' ({len(both)} such images)' if len(both) > 1 else ''}")
-        else:
-            (given, listed), = lists.items()
-            other = "minival" if given == "train" else "train"
-            names = {im.rel for im in listed}
-            lists[other] = [im for im in images if im.rel not in names]
-        left_out = len(images) - len(lists["train"]) - len(lists["minival"])
-        splits = {s: sorted(lists[s], key=lambda im: im.rel) for s in SPLITS}
+        # The unlisted rest goes to train if it has no list, else to minival, else nowhere.
+        for split in ("train", "minival"):
+            if split not in lists:
+                lists[split], rest = rest, []
+                break
+        left_out = len(rest)
     else:
         if not 0.0 <= cfg.val_fraction < 1.0:
             raise InputError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-        n = len(images)
+        if hold > 0 and cfg.val_fraction + hold >= 1.0:
+            raise InputError(f"--val-fraction + --holdout-fraction must be below 1 (train needs images), "
+                             f"got {cfg.val_fraction} + {hold}")
+        pool = rest  # every image, unless --val-list took some
+        n = len(pool)
         n_val = int(round(cfg.val_fraction * n))
         if cfg.val_fraction > 0 and n >= 2:
             n_val = min(max(n_val, 1), n - 1)  # a nonzero fraction gives both splits an image
         order = np.random.default_rng(cfg.seed).permutation(n)
         val_idx = set(order[:n_val].tolist())
-        splits = {
-            "train": [im for i, im in enumerate(images) if i not in val_idx],
-            "minival": [im for i, im in enumerate(images) if i in val_idx],
-        }
+        lists["train"] = [im for i, im in enumerate(pool) if i not in val_idx]
+        lists["minival"] = [im for i, im in enumerate(pool) if i in val_idx]
         left_out = 0
+    if hold > 0:
+        train = lists["train"]
+        total = len(train) + len(lists["minival"])
+        n_hold = min(max(int(round(hold * total)), 1), len(train) - 1)
+        if n_hold < 1:
+            raise InputError(f"--holdout-fraction {hold}: the train split has {len(train)} image(s), "
+                             f"too few to carve a val split from")
+        # Own stream: minival's draw above stays exactly what it is without a val split.
+        order = np.random.default_rng([cfg.seed, 1]).permutation(len(train))
+        hold_idx = set(order[:n_hold].tolist())
+        lists["val"] = [im for i, im in enumerate(train) if i in hold_idx]
+        lists["train"] = [im for i, im in enumerate(train) if i not in hold_idx]
+    splits = {s: sorted(lists[s], key=lambda im: im.rel) for s in ("train", "val", "minival") if s in lists}
     if not splits["train"]:
         raise InputError("the train split would be empty")
     return splits, left_out
@@ -339,7 +384,8 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
 def import_yolo(cfg: ImportYoloConfig) -> dict:
     """Convert a YOLO dataset to sodtool's COCO layout; return the metrics (also in the manifest).
 
-    Metrics: images, train_images, minival_images, boxes, train_boxes, minival_boxes, categories,
+    Metrics: images, train_images, minival_images, boxes, train_boxes, minival_boxes (and
+    val_images, val_boxes when a val split is written), categories,
     images_without_objects, clipped_boxes (overshoot within tolerance, clipped), orphan_labels
     (label files without an image, dropped with skip_orphan_labels), unlisted_images (in
     neither list), and COCO size buckets small / medium / large of the boxes.
@@ -380,7 +426,7 @@ def import_yolo(cfg: ImportYoloConfig) -> dict:
     splits, left_out = _split(images, cfg, src)
     if left_out:
         warn(f"{left_out} image(s) are in neither list and were left out")
-    selected = sorted((im for s in SPLITS for im in splits[s]), key=lambda im: im.rel)
+    selected = sorted((im for s in splits for im in splits[s]), key=lambda im: im.rel)
     image_id = {im.rel: i for i, im in enumerate(selected, 1)}
     base_names = [Path(im.rel).name for im in selected]
     flat = len(set(base_names)) == len(base_names)
@@ -395,7 +441,7 @@ def import_yolo(cfg: ImportYoloConfig) -> dict:
         buckets = {"small": 0, "medium": 0, "large": 0}
         split_boxes = {}
         empty = 0
-        for split in SPLITS:
+        for split in splits:
             coco_images, coco_anns = [], []
             for im in track(splits[split], f"import {split}"):
                 arr = read_image_rgb(im.path)  # EXIF orientation applied, as load_image does
@@ -424,12 +470,15 @@ def import_yolo(cfg: ImportYoloConfig) -> dict:
                 "annotations": coco_anns,
                 "categories": [{"id": i, "name": n, "supercategory": ""} for i, n in zip(cat_ids, cat_names)],
             }, indent=None)
+        val = "val" in splits
         metrics = {
             "images": len(selected),
             "train_images": len(splits["train"]),
+            **({"val_images": len(splits["val"])} if val else {}),
             "minival_images": len(splits["minival"]),
-            "boxes": split_boxes["train"] + split_boxes["minival"],
+            "boxes": sum(split_boxes.values()),
             "train_boxes": split_boxes["train"],
+            **({"val_boxes": split_boxes["val"]} if val else {}),
             "minival_boxes": split_boxes["minival"],
             "categories": len(cat_ids),
             "images_without_objects": empty,
@@ -439,7 +488,8 @@ def import_yolo(cfg: ImportYoloConfig) -> dict:
             **buckets,
         }
         write_manifest(tmp, "import-yolo", cfg, {"src": src, "classes": classes_path,
-                                                 "train_list": cfg.train_list, "minival_list": cfg.minival_list},
+                                                 "train_list": cfg.train_list, "minival_list": cfg.minival_list,
+                                                 **({"val_list": cfg.val_list} if cfg.val_list is not None else {})},
                        metrics, seed=cfg.seed, device="cpu", wall_time_s=timer.elapsed)
         swap_into(tmp, out)
     except BaseException:

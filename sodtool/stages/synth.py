@@ -24,14 +24,18 @@ COCO: a Faster R-CNN trained on the bench preset reaches an AP_S of 0.33 of its 
 baselines of the paper's Table 2: 0.36 and 0.44). With 3-4.5 periods and sigma <= 1 px it
 reached 0.59: at 16 px a pattern of 4-5 px period stays legible at native resolution.
 
+Splits: `train` for training, `val` for every choice made by looking at results (schedules,
+thresholds, gates, checkpoints), `minival` for the figures that are reported and for nothing else.
+
 Determinism: each image draws from its own `numpy.random.Generator` seeded by
 (seed, split, index), so the output does not depend on `--workers` or on the order in which
-images are made, and `train` and `minival` never share an image. Boxes are integer pixels,
+images are made, and no two splits share an image. Adding `val` left `train` and `minival`
+byte-identical to the two-split benchmark: each split's images come from its own seeds. Boxes are integer pixels,
 xywh in the JSON, always inside the image with positive size.
 
 Layout written (atomically: built in `.<out>.<pid>.tmp` beside it and renamed into place at the end):
-`images/train/*.jpg`, `images/minival/*.jpg`, `annotations/instances_train.json`,
-`annotations/instances_minival.json`, and `manifest.json`.
+`images/<split>/*.jpg` and `annotations/instances_<split>.json` for `train`, `val` and
+`minival`, and `manifest.json`.
 """
 
 from __future__ import annotations
@@ -54,10 +58,10 @@ from sodtool.console import log, make_progress, print_table
 from sodtool.errors import InputError
 
 STAGE = "data-synth"
-SPLITS = ("train", "minival")
+SPLITS = ("train", "val", "minival")
 # Image ids of a split start after this offset, so that a results file evaluated against the
 # wrong split fails on unknown ids instead of giving silently wrong numbers.
-SPLIT_ID_OFFSET = {"train": 0, "minival": 10_000_000}
+SPLIT_ID_OFFSET = {"train": 0, "val": 5_000_000, "minival": 10_000_000}
 
 # Class patterns, in category-id order (class k uses PATTERNS[k-1]); names describe the pattern.
 PATTERNS = (
@@ -96,15 +100,16 @@ MAX_IMAGE_SIZE = 4096
 @dataclass(frozen=True)
 class Preset:
     train_images: int
+    val_images: int
     minival_images: int
     image_size: int
 
 
 PRESETS = {
     # The quickstart: the whole pipeline on a 2-core CPU in minutes.
-    "quick": Preset(train_images=500, minival_images=100, image_size=320),
+    "quick": Preset(train_images=500, val_images=100, minival_images=100, image_size=320),
     # For measurements: thousands of images, same geometry.
-    "bench": Preset(train_images=4000, minival_images=500, image_size=320),
+    "bench": Preset(train_images=4000, val_images=500, minival_images=500, image_size=320),
 }
 
 
@@ -119,6 +124,7 @@ class SynthConfig:
     out: Optional[Path] = None
     preset: str = "quick"
     train_images: Optional[int] = None
+    val_images: Optional[int] = None
     minival_images: Optional[int] = None
     image_size: Optional[int] = None
     classes: int = 10
@@ -135,10 +141,13 @@ def resolve_config(cfg: SynthConfig) -> SynthConfig:
         raise InputError(f"unknown preset '{cfg.preset}' for --preset (choose from {', '.join(PRESETS)})")
     p = PRESETS[cfg.preset]
     train = p.train_images if cfg.train_images is None else cfg.train_images
+    val = p.val_images if cfg.val_images is None else cfg.val_images
     minival = p.minival_images if cfg.minival_images is None else cfg.minival_images
     size = p.image_size if cfg.image_size is None else cfg.image_size
     if train < 1:
         raise InputError(f"--train-images must be at least 1, got {train}")
+    if val < 1:
+        raise InputError(f"--val-images must be at least 1, got {val}")
     if minival < 1:
         raise InputError(f"--minival-images must be at least 1, got {minival}")
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
@@ -155,7 +164,8 @@ def resolve_config(cfg: SynthConfig) -> SynthConfig:
         if not 0 <= lo <= hi or (name == "objects_per_image" and lo < 1):
             raise InputError(f"{name} must be a range (min, max) with 0 <= min <= max (objects: min >= 1), got {(lo, hi)}")
     out = Path(cfg.out) if cfg.out is not None else Path("data") / f"synth-{cfg.preset}"
-    return dataclasses.replace(cfg, out=out, train_images=train, minival_images=minival, image_size=size,
+    return dataclasses.replace(cfg, out=out, train_images=train, val_images=val, minival_images=minival,
+                               image_size=size,
                                objects_per_image=tuple(cfg.objects_per_image),
                                distractors_per_image=tuple(cfg.distractors_per_image))
 
@@ -539,7 +549,7 @@ def _split_metrics(objects: list[dict], infos: list[dict], names: list[str]) -> 
 def synthesize(cfg: SynthConfig) -> dict:
     """Write the synthetic benchmark (layout in the module docstring) and return its metrics.
 
-    Metrics: per split (`train`, `minival`) images, objects, distractors, size-bucket counts and
+    Metrics: per split (`train`, `val`, `minival`) images, objects, distractors, size-bucket counts and
     fractions, per-class counts, occlusion; plus `wall_time_s` and `images_per_s`.
     """
     timer = Timer()
@@ -553,9 +563,9 @@ def synthesize(cfg: SynthConfig) -> dict:
         shutil.rmtree(tmp)
     cats = categories(cfg.classes)
     names = [c["name"] for c in cats]
-    counts = {"train": cfg.train_images, "minival": cfg.minival_images}
+    counts = {"train": cfg.train_images, "val": cfg.val_images, "minival": cfg.minival_images}
     total = sum(counts.values())
-    log(f"synthesising {total} images ({cfg.train_images} train, {cfg.minival_images} minival, "
+    log(f"synthesising {total} images ({cfg.train_images} train, {cfg.val_images} val, {cfg.minival_images} minival, "
         f"{cfg.image_size}x{cfg.image_size}, {cfg.classes} classes, seed {cfg.seed}) into {out}")
     metrics: dict = {"splits": {}}
     pool = None

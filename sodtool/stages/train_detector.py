@@ -46,6 +46,7 @@ from sodtool.models.detector_weights import (
 from sodtool.models.detectors import LoadedDetector, detect_split
 from sodtool.models.frcnn import ARCHS, FAMILY, build_detector, resolve_build
 from sodtool.models.ssd import ARCHS as SSD_ARCHS, FAMILIES as SSD_FAMILIES, build_ssd, load_state as load_ssd_state
+from sodtool.provenance import gather, read_record, split_digests, write_record
 
 STAGE = "train-detector"
 
@@ -407,6 +408,11 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
         warn("the coco preset expects ImageNet trunk weights (--backbone-weights): training from scratch "
              "for 90k iterations falls far short of the paper's baseline")
 
+    # The identities of the images trained on (and of those --weights was trained on, when it
+    # records them), for trained_images.json: eval refuses to evaluate the model on them.
+    trained_images = gather([(str(cfg.weights), read_record(cfg.weights))] if cfg.weights is not None else [],
+                            split_digests(train).values())
+
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     seed_everything(cfg.seed)
@@ -531,6 +537,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
         metrics["eval_images"] = len(val.image_ids)
         metrics["eval_time_s"] = round(eval_timer.elapsed, 3)
         metrics.update({k: v for k, v in ev.items()})
+    write_record(run, *trained_images)
     write_manifest(run, "train_detector", cfg,
                    inputs={"train_annotations": train_paths.ann,
                            "val_annotations": val_paths.ann if val_paths else None,

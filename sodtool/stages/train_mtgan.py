@@ -73,6 +73,7 @@ from sodtool.losses import LossWeights, discriminator_loss, generator_loss
 from sodtool.models.detector_weights import detector_trunk
 from sodtool.models.networks import (ARCHS, DiscOut, Discriminator, discriminator_checkpoint, generator_checkpoint,
                                      generator_from_checkpoint, unwrap)
+from sodtool.provenance import gather, read_record, store_record, write_record
 from sodtool.rescoring import BicubicControl, MtganScorer, wider_than_lr
 from sodtool.resample import SCALE, bicubic_up
 from sodtool.srdata import (HeldOut, check_common, check_enough_rows, evaluate_generator, label_rows, load_held_out,
@@ -456,6 +457,14 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
         checkpoint.save({**generator_checkpoint(g), **discriminator_checkpoint(d), **extra, "step": step},
                         run / "model.pt")
         save_state(step)
+        # What G and D learnt from, for trained_images.json (eval refuses to evaluate on it): the
+        # store's images, the `train sr` run's G started from, the detector's D's trunk started from.
+        own, unrecorded = store_record(pair.hr)
+        starts = [(str(cfg.sr), read_record(cfg.sr))]
+        if cfg.disc_init is not None:
+            starts.append((str(cfg.disc_init), read_record(cfg.disc_init)))
+        digests, more = gather(starts, own)
+        write_record(run, digests, unrecorded + more)
         write_manifest(run, STAGE, cfg, {"hr": pair.hr, "lr": pair.lr, "sr": g_path,
                                               "imagenet_weights": cfg.imagenet_weights, "disc_init": cfg.disc_init},
                        metrics, seed=cfg.seed,

@@ -62,6 +62,7 @@ from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, che
                             save_training_state, setup_device, stop_requested, to_float, use_channels_last, wrap_ddp)
 from sodtool.errors import InputError, NonFiniteLossError
 from sodtool.models.networks import Generator, generator_checkpoint
+from sodtool.provenance import store_record, write_record
 from sodtool.srdata import (MultiStoreLoader, check_common, check_enough_rows, concat_held_out, evaluate_generator,
                             input_names, load_held_out, make_train_loader, native_sides, open_pair, row_image_ids,
                             split_rows, store_paths)
@@ -249,6 +250,10 @@ def train_sr(cfg: TrainSRConfig) -> dict:
                          "lr_size": pair.lr_size}, run / "generator.pt")
         save_state(step)
         files = {name: path for i, p in enumerate(pairs) for name, path in zip(input_names(i), (p.hr, p.lr))}
+        # The images of the training stores (held-out ones too: they come from the same split),
+        # for trained_images.json: eval refuses to evaluate this G on them.
+        recorded = [store_record(p.hr) for p in pairs]
+        write_record(run, set().union(*(d for d, _ in recorded)), [u for _, us in recorded for u in us])
         write_manifest(run, STAGE, cfg, files, metrics, seed=cfg.seed,
                        device=device_name(device), wall_time_s=timer.elapsed)
         close_run_dir(run, out, main)
