@@ -310,6 +310,7 @@ def write_manifest(
         "versions": versions(),
         "device": device,
         "host": socket.gethostname(),
+        "cwd": os.getcwd(),  # what the relative paths above were relative to (run_input)
         "seed": seed,
         "wall_time_s": round(wall_time_s, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -330,6 +331,34 @@ def read_manifest(run_dir: str | os.PathLike, expected_stage: str | None = None)
     if expected_stage is not None and manifest.get("stage") != expected_stage:
         raise InputError(f"{run_dir} holds the output of stage '{manifest.get('stage')}', expected '{expected_stage}'")
     return manifest
+
+
+def run_input(run_dir: str | os.PathLike, manifest: dict, recorded: str | os.PathLike | None) -> Path | None:
+    """A path the manifest of `run_dir` records (a config value or an input's "path"), found again
+    after the run may have moved; None when it is nowhere.
+
+    As recorded, if it exists (absolute, or relative to the working directory); else at the same
+    place relative to the run folder as when the run was written (its config's `out`; relative
+    paths made absolute with the manifest's `cwd`, or, in manifests without one, taken as they
+    were: both relative to one working directory), so that a run moved or copied as a whole
+    folder, with its inputs inside or beside it, keeps finding them.
+    """
+    if recorded is None or str(recorded) == "":
+        return None
+    path = Path(recorded)
+    if path.exists():
+        return path
+    out = (manifest.get("config") or {}).get("out")
+    if not isinstance(out, str) or not out:
+        return None
+    cwd = manifest.get("cwd")
+    rec, made = str(recorded), out
+    if os.path.isabs(rec) != os.path.isabs(made):
+        if not isinstance(cwd, str):
+            return None  # one absolute, one relative to a working directory not recorded
+        rec, made = os.path.join(cwd, rec), os.path.join(cwd, made)
+    found = Path(os.path.normpath(Path(run_dir) / os.path.relpath(rec, made)))
+    return found if found.exists() else None
 
 
 class Timer:

@@ -6,6 +6,7 @@ malicious pickle) is refused everywhere with the same one-line InputError.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,57 @@ from sodtool.artefacts import atomic_path
 from sodtool.errors import InputError
 
 
+class _WriteRecorder:
+    """What torch.save writes to: a raw file, each write finished, the first OSError kept.
+
+    torch's zip writer turns a failed write (ENOSPC) into a RuntimeError from C++
+    (inline_container.cc, "unexpected pos"); `save` raises the recorded OSError instead.
+    """
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        done = 0
+        try:
+            while done < len(view):  # a raw write may be short (a disk nearly full): finish it or fail
+                done += self.raw.write(view[done:])
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        return done
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+
 def save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save `obj` atomically (temp file renamed into place)."""
+    """torch.save `obj` atomically (temp file renamed into place).
+
+    A failed write (a full disk) is an OSError naming `path`, with the temporary removed and
+    any previous file at `path` untouched.
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        out = _WriteRecorder(open(tmp, "wb", buffering=0))
+        try:
+            try:
+                torch.save(obj, out)
+            finally:
+                try:
+                    out.raw.close()  # (a network file system may report a failed write only here)
+                except OSError as e:
+                    out.error = out.error or e
+            if out.error is not None:
+                raise out.error
+        except BaseException:
+            e = out.error
+            if e is None:
+                raise
+            code = e.errno or errno.EIO
+            raise OSError(code, e.strerror or os.strerror(code), str(path)) from None
     return path
 
 

@@ -50,6 +50,7 @@ def handles_input_errors(fn):
             warnings.simplefilter("default")
             completed = False
             try:
+                _import_torch()
                 result = fn(*args, **kwargs)
                 completed = True
             except InputError as e:
@@ -57,16 +58,70 @@ def handles_input_errors(fn):
             except OSError as e:
                 _fail(_os_error_line(e))
             finally:  # under torchrun every exit path tears the process group down
-                if "torch.distributed" in sys.modules:  # no torch import for commands that never loaded it
-                    from sodtool.device import finish_distributed
-
-                    finish_distributed(completed)
+                _finish_distributed(completed)
         for w in caught:  # the command succeeded: its warnings, one line each
             typer.echo(f"warning: {str(w.message).splitlines()[0] if str(w.message) else w.category.__name__}",
                        err=True)
         return result
 
     return wrapper
+
+
+def _finish_distributed(completed: bool) -> None:
+    """Tear down a torchrun process group, if the command made one.
+
+    Nothing is imported here: a command that made a process group has imported sodtool.device
+    (and torch) whole, while one stopped by Ctrl-C in the middle of `import torch` leaves a
+    half-initialised torch behind, which a new import would trip over (a long traceback).
+    """
+    device = sys.modules.get("sodtool.device")
+    finish = getattr(device, "finish_distributed", None)
+    if finish is not None and "torch.distributed" in sys.modules:
+        finish(completed)
+
+
+def _import_torch() -> None:
+    """Import torch with Ctrl-C held back until the import is over, then raised.
+
+    Every command loads torch (through its stage module). A KeyboardInterrupt in the middle of
+    torch's import can reach its C++ code, which then aborts the process ("terminate called after
+    throwing an instance of 'pybind11::error_already_set'", exit -6), or be swallowed by it.
+    """
+    import threading
+
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        return
+    import signal
+
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _interrupted() -> None:
+    """Ctrl-C: one line and exit code 130 (128 + SIGINT), whatever the command was doing."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would interrupt this exit
+    if _state["debug"]:
+        traceback.print_exc()
+    sys.stderr.write("sodtool: interrupted\n")
+    sys.stderr.flush()
+    # CPython's `python -m` ends in SIGINT (exit status -2, not 130) once a KeyboardInterrupt has left
+    # an embedded eval, which happens when Ctrl-C lands inside torch's import (C++ running Python
+    # code), even though it was handled here; clear that flag (CPython only; best effort).
+    try:
+        import ctypes
+
+        ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
+    except (AttributeError, ValueError, OSError):
+        pass
+    sys.exit(130)
 
 
 def _fail(line: str) -> None:
@@ -108,9 +163,9 @@ class PipelineGroup(OrderedGroup):
 
 
 class TrainGroup(OrderedGroup):
-    """`sodtool train --help`: the three trainings in the order the pipeline runs them."""
+    """`sodtool train --help`: the trainings in the order the pipeline runs them (fsr needs only the detector)."""
 
-    order = ("detector", "sr", "mtgan")
+    order = ("detector", "fsr", "sr", "mtgan")
 
 
 app = typer.Typer(
@@ -122,7 +177,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(cls=OrderedGroup, help="Make, import and describe COCO-format datasets.", no_args_is_help=True)
 train_app = typer.Typer(cls=TrainGroup, no_args_is_help=True,
-                        help="Train the detector (before detect), then the SR generator and the MTGAN (after downsample).")
+                        help="Train the detector (before detect) and its feature-SR heads (fsr), then the SR generator and the MTGAN (after downsample).")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 # `sodtool eval --results FILE` is the group's callback (invoke_without_command); subcommands
@@ -210,6 +265,7 @@ def eval_results(
     slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference of the detector: overlapping tiles of this many px, merged by greedy non-maximum merging (as `sodtool predict --slice`)."),
     overlap: float = typer.Option(0.2, "--overlap", help="With --slice: overlap of neighbouring tiles, as a fraction of the tile side."),
     slice_full: bool = typer.Option(False, "--slice-full", help="With --slice: also run the detector on the whole image and merge it in."),
+    context: Optional[float] = typer.Option(None, "--context", help="Rescoring with --detector: crop window side = context x max(ROI w, h), as crop-rois --context (default: the context of the store the MTGAN was trained on, read through its run manifest; --rois stores carry their own)."),
     allow_trained_images: bool = typer.Option(False, "--allow-trained-images", help="Rescoring, for debugging: evaluate even though a model (--mtgan, an --ablation, --pretrained-g, the detector) was trained on images of the split (same image file digests, whatever their names); refused otherwise. metrics.json and table.md then say how many."),
 ) -> None:
     """Evaluate detections with COCOeval (bbox), or rescore the baseline's ROIs with an MTGAN and compare.
@@ -255,7 +311,7 @@ def eval_results(
                                    small_area=small_area,
                                    sr_gate=sr_gate, sr_only=sr_only, batch_size=batch_size, device=device, seed=seed,
                                    figures=figures, overwrite=overwrite,
-                                   slice=slice_size, overlap=overlap, slice_full=slice_full,
+                                   slice=slice_size, overlap=overlap, slice_full=slice_full, context=context,
                                    allow_trained_images=allow_trained_images))
         return
     if results is None:
@@ -590,6 +646,75 @@ def train_mtgan_cmd(
         device=device, num_workers=workers, stop_after=stop_after, resume=resume))
 
 
+@train_app.command("fsr")
+@handles_input_errors
+def train_fsr_cmd(
+    detector: Path = typer.Option(..., "--detector", help="The base Faster R-CNN: RUN/detector/model.pt from `train detector` (its trunk and RPN stay frozen)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
+    out: Path = typer.Option(Path("runs/fsr"), "--out", help="Output folder, e.g. RUN/fsr. Rerunning into it resumes from its checkpoint.pt."),
+    control: str = typer.Option("none", "--control", help="none: Noh et al. (generator supervised by the atrous SR target extractor); small-head: the small head and predictor on the small proposals' own features, no generator; unmatched-target: targets from the plain backbone on the full-size image (the paper's naive supervision)."),
+    preset: str = typer.Option("quick", "--preset", help="quick: 150 GAN + 50 fine-tuning steps of batch 4, small proposals below 32² px (2-core CPU, for the quickstart's MobileNetV3-FPN detector); bench: the same, 3x longer; coco: 40k + 10k steps of batch 8, below 96² px (the paper's COCO threshold; GPU)."),
+    train_split: str = typer.Option("train", "--train-split", help="Split to train on."),
+    train_ann: Optional[Path] = typer.Option(None, "--train-ann", help="Training annotation file (overrides --data/--train-split)."),
+    train_images: Optional[Path] = typer.Option(None, "--train-images", help="Training image folder (overrides --data/--train-split)."),
+    val_split: str = typer.Option("minival", "--val-split", help="Split evaluated at the end."),
+    val_ann: Optional[Path] = typer.Option(None, "--val-ann", help="Evaluation annotation file (overrides --data/--val-split)."),
+    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Evaluation image folder (overrides --data/--val-split)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="All steps: the GAN's, then the last --finetune-iterations (overrides the preset)."),
+    finetune_iterations: Optional[int] = typer.Option(None, "--finetune-iterations", help="Final steps fine-tuning the small and large heads and predictors, all else frozen (default: the preset's share of --iterations)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="SGD learning rate of the small and large heads and predictors (preset 0.002)."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum of the heads."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay of the heads (preset 1e-4)."),
+    g_lr: Optional[float] = typer.Option(None, "--g-lr", help="Adam learning rate of the feature generator (betas 0.5, 0.999)."),
+    d_lr: Optional[float] = typer.Option(None, "--d-lr", help="Adam learning rate of the feature discriminator (betas 0.5, 0.999)."),
+    content_weight: float = typer.Option(1.0, "--content-weight", help="Weight of the content loss (Eq. 4, divided by the targets' mean square)."),
+    adv_weight: float = typer.Option(0.01, "--adv-weight", help="Weight of the generator's adversarial loss (Eq. 5)."),
+    det_weight: float = typer.Option(1.0, "--det-weight", help="Weight of the small predictor's classification and box losses in the generator's objective."),
+    small_size: Optional[int] = typer.Option(None, "--small-size", help="Proposals of area below S² model-input px go through the generator and the small predictor (quick/bench 32, coco 96)."),
+    pair_min_size: Optional[int] = typer.Option(None, "--pair-min-size", help="Training pairs: RoIs whose full-size side is in [this, 2 x --small-size) px (default: --small-size / 2)."),
+    pool: str = typer.Option("max", "--pool", help="The extractor's pooling where the trunk strides: max (the paper's Fig. 4c) or avg."),
+    gen_blocks: Optional[int] = typer.Option(None, "--gen-blocks", help="Residual blocks of the feature generator (quick 2, coco 4)."),
+    gen_width: Optional[int] = typer.Option(None, "--gen-width", help="Inner width of the generator's blocks (default: base + sub-layer channels, at most 512)."),
+    disc_hidden: Optional[int] = typer.Option(None, "--disc-hidden", help="Width of the discriminator's two hidden layers (quick 256, coco 1024)."),
+    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips (preset: off for quick/bench, on for coco)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generator's and discriminator's initialisation, RoI sampling and data order: same seed, same weights on CPU."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write checkpoint.pt every N steps (and at the end)."),
+    log_every: int = typer.Option(10, "--log-every", help="Write the mean of every loss term to metrics.jsonl every N steps."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="COCO evaluation of the --val-split at the end."),
+    eval_score_thresh: float = typer.Option(0.001, "--eval-score-thresh", help="Lowest score kept for the evaluation (100 detections per image)."),
+    eval_batch_size: int = typer.Option(4, "--eval-batch-size", help="Images per detector call in the evaluation."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (fp32 by default)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this step."),
+) -> None:
+    """Feature-level super-resolution of small proposals (Noh et al., ICCV 2019) on a trained Faster R-CNN, or one of its controls.
+
+    The trunk and RPN stay frozen; an SR target extractor (the trunk run atrous, same weights) supervises a feature generator for proposals below --small-size² px, with a feature discriminator and a small head and predictor copied from the large ones; then both predictors are fine-tuned.
+
+    Writes config.json, metrics.jsonl (every loss term), checkpoint.pt, then model.pt (detector family fsr: detect, eval --detector, crop-rois --detector fsr and predict take it) and manifest.json. Rerunning the same command resumes. Exit code 2 for bad input, 3 if a loss becomes NaN/inf (the last checkpoint is kept). One device.
+
+    Example: sodtool train fsr --detector runs/quick/detector/model.pt --data data/synth-quick --out runs/quick/fsr
+
+    Example: sodtool train fsr --detector runs/quick/detector/model.pt --data data/synth-quick --control small-head --out runs/quick/fsr-small-head
+    """
+    from sodtool.stages.train_fsr import TrainFSRConfig, train_fsr
+
+    _exit_on_nonfinite(train_fsr, TrainFSRConfig(
+        detector=detector, data=data, out=out, control=control, preset=preset, train_split=train_split,
+        train_ann=train_ann, train_images=train_images, val_split=val_split, val_ann=val_ann, val_images=val_images,
+        iterations=iterations, finetune_iterations=finetune_iterations, batch_size=batch_size, lr=lr,
+        momentum=momentum, weight_decay=weight_decay, g_lr=g_lr, d_lr=d_lr, content_weight=content_weight,
+        adv_weight=adv_weight, det_weight=det_weight, small_size=small_size, pair_min_size=pair_min_size, pool=pool,
+        gen_blocks=gen_blocks, gen_width=gen_width, disc_hidden=disc_hidden, hflip=hflip, seed=seed, device=device,
+        workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, resume=resume, eval=evaluate,
+        eval_score_thresh=eval_score_thresh, eval_batch_size=eval_batch_size, amp=amp, skip_invalid=skip_invalid,
+        stop_after=stop_after))
+
+
 # `sodtool crop-rois ...` is the group's callback (invoke_without_command), so that
 # `sodtool crop-rois merge OUT SHARDS...` can sit beside it.
 crop_rois_app = typer.Typer(cls=OrderedGroup, invoke_without_command=True)
@@ -712,6 +837,7 @@ def predict_cmd(
     slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference: tiles of this many px (square), merged across tiles by greedy non-maximum merging (SAHI's GREEDYNMM: a box cut by a tile border comes out once, whole)."),
     overlap: float = typer.Option(0.2, "--overlap", help="Overlap of neighbouring tiles, as a fraction of the tile side."),
     slice_full: bool = typer.Option(False, "--slice-full", help="With --slice: also run the detector on the whole image and merge it in."),
+    context: Optional[float] = typer.Option(None, "--context", help="With --mtgan: crop window side = context x max(ROI w, h), as crop-rois --context (default: the context of the store the MTGAN was trained on, read through its run manifest)."),
     score_thresh: float = typer.Option(0.05, "--score-thresh", help="Lowest detector score kept as a ROI (the paper's protocol: 0.05)."),
     max_rois: int = typer.Option(100, "--max-rois", help="ROIs per image (the paper's protocol: 100)."),
     max_per_image: int = typer.Option(100, "--max-per-image", help="Detections kept per image."),
@@ -736,7 +862,7 @@ def predict_cmd(
 
     predict_images(PredictConfig(inputs=tuple(inputs), detector=detector, out=out, mtgan=mtgan, score=score,
                                  small_area=small_area, sr_only=sr_only,
-                                 slice=slice_size, overlap=overlap, slice_full=slice_full,
+                                 slice=slice_size, overlap=overlap, slice_full=slice_full, context=context,
                                  score_thresh=score_thresh, max_rois=max_rois, max_per_image=max_per_image,
                                  merge_ios=merge_ios, nms_iou=nms_iou, min_score=min_score,
                                  draw_threshold=draw_threshold, batch_size=batch_size, device=device,
@@ -809,8 +935,29 @@ def detect_cmd(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console-script entry point."""
-    app(args=argv, prog_name="sodtool")
+    """Console-script entry point. Ctrl-C is one line and exit code 130 at any moment: Typer
+    turns a KeyboardInterrupt inside a command into a silent exit 130; one outside it (option
+    parsing, the root callback) reaches here. `python -m sodtool` covers the imports before
+    this (sodtool/__main__.py)."""
+    try:
+        if argv is None and sys.unraisablehook is sys.__unraisablehook__:  # the console script's process
+            from sodtool.__main__ import catch_lost_interrupts
+
+            catch_lost_interrupts()
+        app(args=argv, prog_name="sodtool")
+    except KeyboardInterrupt:
+        _interrupted()
+    except SystemExit as e:
+        if e.code == 130:
+            _interrupted()
+        raise
+    finally:
+        if argv is None:  # the process's own command line: it is ending (a test's call goes on)
+            import signal
+
+            # Python restores the default SIGINT action while it finalises (torch's teardown
+            # takes a moment): a Ctrl-C then would kill the process after its line was said.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -284,7 +284,7 @@ class Accumulator:
     def add(self, terms: dict[str, torch.Tensor]) -> None:
         for k, v in terms.items():
             v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.sums[k] = self.sums[k].to(v.device) + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self) -> dict[str, float]:
@@ -292,13 +292,32 @@ class Accumulator:
         self.sums, self.counts = {}, {}
         return out
 
+    def state(self) -> dict:
+        """The running sums (float32, exactly) and counts as weights_only-loadable data."""
+        return {"sums": {k: v.detach().float().cpu() for k, v in self.sums.items()}, "counts": dict(self.counts)}
+
+    def load_state(self, state: Optional[dict]) -> None:
+        """Continue from `state()`: the next means are those an uninterrupted run would give."""
+        state = state or {}
+        self.sums = {k: v.clone() for k, v in state.get("sums", {}).items()}
+        self.counts = {k: int(n) for k, n in state.get("counts", {}).items()}
+
 
 class LossWindow:
     """The loss terms of the steps since the last log line (`Accumulator` means) and the crops/s
-    they ran at, for a metrics line and the progress bar."""
+    they ran at, for a metrics line and the progress bar.
 
-    def __init__(self) -> None:
+    A checkpoint taken between two log lines holds the window so far (`state`, saved beside the
+    weights); a run resumed from it continues that window (`load_state`), so the line that closes
+    it is the uninterrupted run's, not the mean of the steps after the resume alone. Crops/s
+    covers the steps run since the resume: it is a timing."""
+
+    def __init__(self, state: Optional[dict] = None) -> None:
         self.acc, self.crops, self.timer = Accumulator(), 0, Timer()
+        self.acc.load_state(state)
+
+    def state(self) -> dict:
+        return self.acc.state()
 
     def add(self, terms: dict[str, torch.Tensor], crops: int) -> None:
         self.acc.add(terms)

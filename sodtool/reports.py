@@ -214,9 +214,15 @@ def table_markdown(metrics: dict) -> str:
              + _crops_sentence(metrics.get("crops"))
              + (f" Rows 'ROIs < {metrics['small_area']:g} px² only': larger ROIs keep the baseline's detection."
                 if metrics.get("small_area") else ""),
-             *_overlap_lines(metrics.get("trained_overlap")), "", head, sep]
+             *_overlap_lines(metrics.get("trained_overlap")), "",
+             "ROIs via SR: how many of the row's ROIs were rescored from their LR crop, i.e. went through "
+             "G (through bicubic upsampling in the bicubic control); a row whose count is small measures D's "
+             "second look, not super-resolution.", "",
+             head + " ROIs via SR |", sep + " ---: |"]
     for row in metrics["rows"]:
-        lines.append(f"| {row['title']} | " + " | ".join(_pct(row[k]) for k, _ in TABLE_COLUMNS) + " |")
+        via = row.get("rois_through_sr")  # none in metrics of older runs
+        via_cell = "n/a" if via is None else f"{via:,} of {metrics['rois']:,}"
+        lines.append(f"| {row['title']} | " + " | ".join(_pct(row[k]) for k, _ in TABLE_COLUMNS) + f" | {via_cell} |")
     lines += ["", "Difference to the baseline (percentage points):", "", head, sep]
     for row in metrics["rows"][1:]:
         cells = " | ".join(_pct(row["delta"][k], signed=True) for k, _ in TABLE_COLUMNS)

@@ -27,10 +27,27 @@ Group `images/` (crop-rois since image identities were recorded; older stores ha
 digest of the file's bytes) of every image cropped, rows or not. Like the attributes it is
 provenance, not content: `content_sha256` does not cover it.
 
+Digests (`content_digest_version`): version 2 stores record, beside `content_sha256`,
+`metadata_sha256`, a digest of the attributes that give the pixels their meaning
+(META_ATTRS: schema, categories, crop geometry, mode, split, the sources' identities, rows)
+and of the `images/` group; `verify_store` checks both. Stores without the attribute were
+written with version 1 (`content_sha256` only) and are verified under it. The two digests are
+kept apart so that `content_sha256` still names the content alone: the LR twin's
+`source_content_sha256`, merged shards (equal to the unsharded store) and every reader that
+compares content digests are unchanged.
+
 LR file `rois_<split>_lr.h5` (schema "sodtool.rois-lr/1", written by `sodtool downsample`):
 `lr` uint8 [N, 3, S/4, S/4] in the same row order, same chunk rows, uncompressed by default; attributes `scale`, `source` (JSON
 file_identity of the HR file), `source_content_sha256` (the HR file's `content_sha256`, which
 the loader checks, so a stale LR twin is refused), `categories` (copied), `content_sha256`.
+
+Writing: the file is built under a hidden temporary name through h5py's file-object driver on
+`_GuardedFile`, which never lets HDF5 see a failed write. HDF5 does not survive one (a full
+disk left its state broken: every later close failed, and the process ended in a segmentation
+fault); instead, the first write error (ENOSPC, EDQUOT, EIO...) is recorded, the bytes HDF5
+writes from then on are kept in memory (a few MB: the writer stops at its next step), HDF5
+closes cleanly, the temporary file is removed and the error is raised as an OSError naming the
+store. No estimate of free space is needed, and a disk filled by another process is handled too.
 
 Layout: image datasets are chunked by CHUNK_ROWS rows and HR crops compressed with LZF.
 Measured (benchmarks/bench_rois.py, one thread, per CPU second): shuffled batches of 64 pairs
@@ -47,6 +64,7 @@ stay in the cache and a shuffled epoch still decompresses every chunk about once
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -60,6 +78,7 @@ import torch
 
 from sodtool.artefacts import atomic_path, sidecar_manifest_path, write_manifest
 from sodtool.coco import CategoryMap
+from sodtool.console import warn
 from sodtool.errors import InputError
 
 # /2: `target` is relative to the ROI's square (boxes.encode_target), no longer to the ROI itself.
@@ -95,6 +114,13 @@ ROW_FIELDS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
 # The attributes every HR store carries (the brief's schema); readers may rely on them.
 HR_ATTRS = ("schema", "categories", "hr_size", "context", "mode", "split", "detector", "annotations", "image_dir")
 LR_ATTRS = ("schema", "scale", "source", "categories")
+# The attributes that give a store's pixels their meaning: what `metadata_sha256` (digest
+# version 2) covers, each when present (an attribute added or removed changes the digest too).
+# Layout (chunk_rows, compression), paths (image_dir) and run options (config) stay outside.
+META_ATTRS = ("schema", "categories", "hr_size", "lr_size", "scale", "context", "padding", "crop_method", "method",
+              "mode", "split", "detector", "annotations", "source", "source_content_sha256", "rows", "shard")
+# 1: content_sha256 (datasets) only; 2: content_sha256 and metadata_sha256.
+DIGEST_VERSION = 2
 
 
 def hr_fields(hr_size: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -202,18 +228,21 @@ def image_digests(path: str | os.PathLike) -> dict[int, str] | None:
 
 
 def verify_store(path: str | os.PathLike, expect_schema: str | None = None) -> dict:
-    """Recompute a store's `content_sha256` from its bytes and compare it with the recorded one.
+    """Recompute a store's digests from its bytes and compare them with the recorded ones.
 
     Every dataset is read in row order, a few chunks at a time, and hashed as StoreWriter
-    hashed it. Returns {"rows", "bytes" (uncompressed bytes hashed), "content_sha256"}. A store
-    whose digest differs, that has none recorded, or whose chunks cannot be decompressed is an
-    InputError naming it.
+    hashed it (`content_sha256`); a version-2 store's attributes and image record are hashed
+    too (`metadata_sha256`, see META_ATTRS). Returns {"rows", "bytes" (uncompressed bytes
+    hashed), "content_sha256", "digest_version", "metadata_sha256" (None for version 1)}. A
+    store whose digests differ, that records none, whose chunks cannot be decompressed, or
+    whose `rows` / `hr_size` attributes contradict its datasets is an InputError naming it.
     """
     path = Path(path)
     with open_store(path, expect_schema) as f:
         if "content_sha256" not in f.attrs:
             raise InputError(f"{path} records no content digest: it cannot be verified (write it again)")
         recorded = attr_str(f, "content_sha256")
+        version = _digest_version(f, path)
         digests, hashed, rows = {}, 0, 0
         for name in sorted(k for k in f.keys() if isinstance(f[k], h5py.Dataset)):
             ds = f[name]
@@ -229,11 +258,94 @@ def verify_store(path: str | os.PathLike, expect_schema: str | None = None) -> d
                 h.update(np.ascontiguousarray(block))
                 hashed += block.nbytes
             digests[name] = h.hexdigest()
+        _check_shape_attrs(f, path)
+        meta = meta_recorded = None
+        if version >= 2:
+            if "metadata_sha256" not in f.attrs:
+                raise InputError(f"{path} is corrupted: it records digest version {version} but no metadata digest")
+            meta_recorded = attr_str(f, "metadata_sha256")
+            try:
+                meta = metadata_digest(f)
+            except OSError as e:
+                raise InputError(f"{path} is corrupted: its '{IMAGES_GROUP}' record cannot be read "
+                                 f"({str(e).splitlines()[0]})") from None
     actual = combine_digests(digests)
     if actual != recorded:
         raise InputError(f"{path} is corrupted: its content digest is {actual[:12]}..., "
                          f"the one recorded when it was written {recorded[:12]}...")
-    return {"rows": rows, "bytes": hashed, "content_sha256": actual}
+    if version < 2:
+        warn(f"{path} was written before stores recorded a metadata digest (digest version 1): its datasets are "
+             "verified, its attributes (categories, crop geometry, sources) cannot be; crop it again to have them covered")
+    if meta != meta_recorded:
+        raise InputError(f"{path} is corrupted: its attributes (categories, crop geometry, sources, rows...) or its "
+                         f"'{IMAGES_GROUP}' record changed since it was written (metadata digest {meta[:12]}..., "
+                         f"recorded {meta_recorded[:12]}...)")
+    return {"rows": rows, "bytes": hashed, "content_sha256": actual, "digest_version": version,
+            "metadata_sha256": meta}
+
+
+def _digest_version(f: h5py.File, path: Path) -> int:
+    v = f.attrs.get("content_digest_version", 1)
+    try:
+        v = int(v)
+    except (TypeError, ValueError):
+        raise InputError(f"{path} is corrupted: unreadable 'content_digest_version' attribute ({v!r})") from None
+    if not 1 <= v <= DIGEST_VERSION:
+        raise InputError(f"{path} records digest version {v}, which this sodtool does not know (it knows 1 to "
+                         f"{DIGEST_VERSION}): verify it with the sodtool that wrote it")
+    return v
+
+
+def _check_shape_attrs(f: h5py.File, path: Path) -> None:
+    """`rows` and the crop size recorded in the attributes must be what the datasets hold."""
+    key = "hr" if "hr" in f else "lr"
+    n, size = int(f[key].shape[0]), int(f[key].shape[-1])
+    checks = [("rows", n)] + [(k, size) for k in (("hr_size",) if key == "hr" else ("lr_size",))]
+    for k, held in checks:
+        if k not in f.attrs:
+            continue
+        v = f.attrs[k]
+        try:
+            same = int(v) == held and float(v) == held
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise InputError(f"{path} is corrupted: its '{k}' attribute says {_plain(v)!r}, its '{key}' dataset holds "
+                             f"{held} {'rows' if k == 'rows' else 'px crops'}")
+
+
+def _plain(v: Any) -> Any:
+    """An attribute value as plain Python (str, int, float, bool, lists)."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()] if v.dtype.kind in "SO" else v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def metadata_digest(f: h5py.File) -> str:
+    """Digest (version 2) of the attributes that give a store's pixels their meaning (META_ATTRS,
+    each as stored, or marked absent) and of its `images/` group (every dataset's bytes)."""
+    h = hashlib.sha256(b"sodtool.store-metadata/2\n")
+    for k in META_ATTRS:
+        if k in f.attrs:
+            h.update(f"{k}={json.dumps(_plain(f.attrs[k]), sort_keys=True, default=str)}\n".encode())
+        else:
+            h.update(f"{k} absent\n".encode())
+    g = f.get(IMAGES_GROUP)
+    if isinstance(g, h5py.Group):
+        for name in sorted(g.keys()):
+            ds = g[name]
+            if isinstance(ds, h5py.Dataset):
+                h.update(f"{IMAGES_GROUP}/{name} {ds.dtype.str} {ds.shape}\n".encode())
+                h.update(np.ascontiguousarray(ds[()]).tobytes())
+            else:
+                h.update(f"{IMAGES_GROUP}/{name} group\n".encode())
+    else:
+        h.update(f"{IMAGES_GROUP} absent\n".encode())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +361,9 @@ class StoreWriter:
     Rows are buffered and written in whole chunks (a partial chunk would be compressed twice).
     The file is built under a hidden temporary name beside `path` and renamed at the end; an
     exception removes it and leaves any existing `path` untouched; a killed process leaves only
-    the hidden `.NAME.PID.tmp`, never a file with the final name.
+    the hidden `.NAME.PID.tmp`, never a file with the final name. A failed write (a full disk)
+    is an OSError naming `path`, raised at the next `append` or at the end, with the temporary
+    removed (see `_GuardedFile`).
     """
 
     def __init__(self, path: str | os.PathLike, *, schema: str, fields: dict[str, tuple[np.dtype, tuple[int, ...]]],
@@ -271,22 +385,32 @@ class StoreWriter:
         self._hash = {k: hashlib.sha256() for k in fields}
         self._images: dict[int, str] | None = None
         self._ctx = None
+        self._io: _GuardedFile | None = None
         self._file: h5py.File | None = None
 
     def __enter__(self) -> "StoreWriter":
         self._ctx = atomic_path(self.path)
         tmp = self._ctx.__enter__()
         try:
-            self._file = h5py.File(tmp, "w")
+            self._io = _GuardedFile(tmp)
+            self._file = h5py.File(self._io, "w")
             for name, (dtype, shape) in self.fields.items():
                 image = len(shape) == 3
                 rows = self.chunk_rows if image else META_CHUNK_ROWS
                 self._file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
                                           chunks=(rows, *shape), compression=self.compression)
+            self._check_io()
         except BaseException:
             self._abort()
             raise
         return self
+
+    def _check_io(self) -> None:
+        """Raise the first write error of the file (a full disk) as an OSError naming the store."""
+        e = self._io.error if self._io is not None else None
+        if e is not None:
+            code = e.errno or errno.EIO
+            raise OSError(code, e.strerror or os.strerror(code), str(self.path))
 
     def append(self, **arrays: np.ndarray | torch.Tensor) -> None:
         """Append a batch: every field, each [B, ...] with the field's dtype-compatible values."""
@@ -327,6 +451,7 @@ class StoreWriter:
             self._buf[name] = [rest] if len(rest) else []
         self.rows += n
         self._buffered -= n
+        self._check_io()
 
     def content_sha256(self) -> str:
         return combine_digests({k: h.hexdigest() for k, h in self._hash.items()})
@@ -355,8 +480,13 @@ class StoreWriter:
                 g = f.create_group(IMAGES_GROUP)
                 g.create_dataset("image_id", data=np.asarray(ids, dtype=np.int64))
                 g.create_dataset("sha", data=np.asarray([self._images[i].encode("ascii") for i in ids], dtype="S"))
+            f.attrs["content_digest_version"] = DIGEST_VERSION
+            f.attrs["metadata_sha256"] = metadata_digest(f)  # from the attributes as stored
             f.close()
             self._file = None
+            self._io.close()
+            self._check_io()  # the close wrote the last chunks and the metadata
+            self._io = None
         except BaseException as e:
             self._abort(type(e), e, e.__traceback__)
             raise
@@ -366,16 +496,119 @@ class StoreWriter:
     def _abort(self, *exc_info) -> None:
         if self._file is not None:
             try:
-                self._file.close()
+                self._file.close()  # safe: HDF5 never saw a failed write (_GuardedFile)
             except Exception:
                 pass
             self._file = None
+        if self._io is not None:
+            self._io.close()
+            self._io = None
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             try:
                 ctx.__exit__(*(exc_info or (RuntimeError, RuntimeError("aborted"), None)))
             except BaseException:
                 pass  # atomic_path re-raises the exception we are already handling
+
+
+class _GuardedFile:
+    """A file for h5py's file-object driver ("fileobj") that never lets HDF5 see a failed write.
+
+    HDF5 does not recover from a write error: after ENOSPC, closing the file fails, h5py's
+    handles fail as they are freed, and the process ends in a segmentation fault. Here the
+    first error is recorded in `error` and the write reported as done; from then on every write
+    is kept in memory (`_kept`, applied over the disk's bytes when HDF5 reads back), so that
+    HDF5 stays consistent and closes cleanly. The writer checks `error` after each step, stops
+    and removes the file: what is kept is what HDF5 writes meanwhile, its chunk cache and
+    metadata (a few MB). Reads past the end give zeros, as HDF5's POSIX driver does.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._f = open(self.path, "w+b", buffering=0)  # raw: every write reaches the disk here
+        self._pos = 0
+        self._size = 0
+        self.error: OSError | None = None
+        self._kept: list[tuple[int, bytes]] = []
+
+    # The calls h5py's driver makes: seek, tell, read, write, truncate, flush.
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = {0: pos, 1: self._pos + pos, 2: self._size + pos}[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        pos = self._pos
+        size = max(0, self._size - pos) if size is None or size < 0 else size
+        buf = bytearray(size)
+        done = 0
+        try:
+            self._f.seek(pos)
+            while done < size:
+                got = self._f.readinto(memoryview(buf)[done:])
+                if not got:
+                    break
+                done += got
+        except OSError as e:  # an unreadable disk: HDF5 reads zeros, and the store is refused
+            self._fail(e)
+        for at, data in self._kept:  # in write order: later writes win
+            lo, hi = max(at, pos), min(at + len(data), pos + size)
+            if lo < hi:
+                buf[lo - pos:hi - pos] = data[lo - at:hi - at]
+        self._pos = pos + size
+        return bytes(buf)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self.error is None:
+            done = 0
+            try:
+                self._f.seek(self._pos)
+                while done < n:
+                    done += self._f.write(view[done:])
+            except OSError as e:
+                self._fail(e)
+        if self.error is not None:
+            self._kept.append((self._pos, bytes(view)))
+        self._pos += n
+        self._size = max(self._size, self._pos)
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                self._f.truncate(size)
+            except OSError as e:
+                self._fail(e)
+        self._size = size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        try:
+            self._f.close()  # (a network file system may report a failed write only here)
+        except OSError as e:
+            self._fail(e)
+        self._kept = []
+
+    def _fail(self, e: OSError) -> None:
+        if self.error is None:
+            self.error = e
 
 
 def combine_digests(digests: dict[str, str]) -> str:

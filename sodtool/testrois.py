@@ -78,10 +78,7 @@ def store_rois(path: Path, split_name: str, split) -> tuple[SourceInfo, Iterator
             raise InputError(f"{lr_path}: categories disagree with {path}")
     else:
         lr_path = None
-    ann_ident = info.get("annotations")
-    if isinstance(ann_ident, dict) and "sha256" in ann_ident:
-        if file_identity(split.ann_path).get("sha256") not in (None, ann_ident["sha256"]):
-            warn(f"{path} was cropped for another version of {split.ann_path} (annotation file digest differs)")
+    _check_annotations(path, info.get("annotations"), split, split_name)
     hr_size = int(info["image_size"])
     config = info.get("config") if isinstance(info.get("config"), dict) else {}
     if config.get("score_thresh") is not None:
@@ -128,6 +125,27 @@ def store_rois(path: Path, split_name: str, split) -> tuple[SourceInfo, Iterator
                     lh.close()
 
     return source, rows_iter()
+
+
+def _check_annotations(path: Path, recorded: Any, split, split_name: str) -> None:
+    """A store cropped from another version of the annotations (same image ids, other file
+    bytes) is refused: its ROIs were labelled and matched against other ground truth. Decided
+    by the file digests when both are known, else by the file sizes (large files record size
+    and mtime only, and an mtime changes with a copy)."""
+    if not isinstance(recorded, dict):
+        return
+    actual = file_identity(split.ann_path)
+    if recorded.get("sha256") and actual.get("sha256"):
+        if recorded["sha256"] == actual["sha256"]:
+            return
+        what = f"sha256 {recorded['sha256'][:12]}... vs {actual['sha256'][:12]}..."
+    elif recorded.get("size") is not None and actual.get("size") is not None and recorded["size"] != actual["size"]:
+        what = f"{recorded['size']} vs {actual['size']} bytes"
+    else:
+        return
+    raise InputError(f"{path} was cropped from another version of the annotations: it records {recorded.get('path')}, "
+                     f"the dataset's is {split.ann_path} ({what}); crop the test ROIs again with `sodtool crop-rois "
+                     f"--mode test --split {split_name}`, or evaluate against the annotations it was cropped from")
 
 
 def detector_rois(detector: Path, device: torch.device, split, *, hr_size: int, context: float, score_thresh: float,

@@ -125,6 +125,7 @@ CONFIGS = {
     ("downsample",): [("sodtool.stages.downsample", "DownsampleConfig", {})],
     ("predict",): [("sodtool.stages.predict", "PredictConfig", {"slice_size": "slice"})],
     ("train", "sr"): [("sodtool.stages.train_sr", "TrainSRConfig", {"workers": "num_workers"})],
+    ("train", "fsr"): [("sodtool.stages.train_fsr", "TrainFSRConfig", {"evaluate": "eval"})],
     ("train", "mtgan"): [("sodtool.stages.train_mtgan", "TrainMTGANConfig", {
         "workers": "num_workers", "no_reg_branch": "reg_branch", "no_adv": "adv", "no_cls": "cls", "no_reg": "reg"})],
     ("eval",): [("sodtool.stages.eval_mtgan", "RescoreConfig", {"ablation": "ablations", "slice_size": "slice"}),
@@ -283,7 +284,7 @@ def test_help_lists_commands_in_pipeline_order(cli):
 def test_train_help_lists_trainings_in_pipeline_order(cli):
     res = cli("train", "--help")
     assert res.exit_code == 0, res.stderr
-    assert _listed_commands(res.stdout) == ["detector", "sr", "mtgan"], res.stdout
+    assert _listed_commands(res.stdout) == ["detector", "fsr", "sr", "mtgan"], res.stdout
 
 
 _REUSE_PROBE = """

@@ -159,6 +159,7 @@ BAD_INPUTS = [
     ("train-mtgan-resume-other-data", "train mtgan --hr {R}/rois_minival.h5 --lr {R}/rois_minival_lr.h5 --sr {R}/sr --disc-init {R}/detector/model.pt --out {R}/mtgan --iterations 3 --d-warmup 1 --batch-size 4 --checkpoint-every 1 --log-every 1 --seed 0", "another hr file"),
     ("train-detector-no-data", "train detector --data {T}/missing --out {T}/det", "missing"),
     ("train-detector-resume-other-config", "train detector --preset quick --data {D} --out {R}/detector --iterations 2 --batch-size 2 --min-size 192 --max-size 192 --checkpoint-every 1 --log-every 1 --seed 0 --lr 0.5", "another configuration"),
+    ("train-fsr-train-checkpoint", "train fsr --detector {R}/detector/checkpoint.pt --data {D} --out {T}/fsr", "is a training checkpoint"),
     ("detect-width-string", "detect --detector {R}/detector/model.pt --data {T}/data_strwidth --split minival --out {T}/new.json", "width '192', expected a number"),
     ("crop-bad-box", "crop-rois --detector frcnn --detector-weights {R}/detector/model.pt --data {T}/data_badbox --split train --mode train --hr-size 32 --out {T}/r.h5", "--skip-invalid"),
     ("import-yolo-missing", "data import-yolo {T}/missing --out {T}/yolo", "missing"),

@@ -20,8 +20,8 @@ CORE = {"sodtool", "sodtool.errors", "sodtool.artefacts", "sodtool.console", "so
         "sodtool.boxes", "sodtool.coco", "sodtool.store", "sodtool.checkpoint", "sodtool.resample", "sodtool.srmetrics",
         "sodtool.evaluate", "sodtool.figures", "sodtool.losses", "sodtool.slicing",
         "sodtool.provenance"}
-ROOMS = {"sodtool.engine", "sodtool.srdata", "sodtool.rois", "sodtool.testrois", "sodtool.rescoring",
-         "sodtool.reports", "sodtool.models"}
+ROOMS = {"sodtool.engine", "sodtool.detdata", "sodtool.srdata", "sodtool.rois", "sodtool.testrois",
+         "sodtool.rescoring", "sodtool.reports", "sodtool.models"}
 TOP = {"sodtool.cli", "sodtool.__main__"}
 
 

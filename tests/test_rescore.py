@@ -198,7 +198,12 @@ def test_metrics_table_and_manifest(world, evaluated):
     assert len({json.dumps({k: r[k] for k in STAT_NAMES}) for r in m["rows"][:2]}) == 2
     table = (evaluated / "table.md").read_text()
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
-    assert lines[0] == "| Method | AP | AP50 | AP75 | AP_S | AP_M | AP_L |"
+    assert lines[0] == "| Method | AP | AP50 | AP75 | AP_S | AP_M | AP_L | ROIs via SR |"
+    # How many ROIs went through G (or bicubic): none for the baseline, those not read from their
+    # HR crop for every ungated rescored row.
+    via_lr = m["rois"] - m["crops"]["rois_read_from_hr"]
+    assert [r["rois_through_sr"] for r in m["rows"]] == [0] + [via_lr] * (len(m["rows"]) - 1)
+    assert [ln.split(" | ")[-1] for ln in lines[2:4]] == [f"0 of {m['rois']:,} |", f"{via_lr:,} of {m['rois']:,} |"]
     titles = [ln.split(" | ")[0][2:] for ln in lines[2:9]]
     assert titles == ["Baseline detector", "SOD-MTGAN, D score", "SOD-MTGAN, fused score",
                       "Bicubic control (D on bicubic), D score", "Bicubic control (D on bicubic), fused score",
@@ -315,7 +320,11 @@ def test_size_gated_rows_are_the_baseline_above_the_gate_and_rescored_below(worl
     assert big["rows"][5]["title"] == "SOD-MTGAN, D score, ROIs < 1e+09 px² only"
     for name in ("mtgan", "mtgan_fused", "bicubic_fused"):
         assert (tmp_path / "big" / f"{name}_small.json").read_text() == (tmp_path / "big" / f"{name}.json").read_text()
+    via = {r["name"]: r["rois_through_sr"] for r in big["rows"]}
+    assert via["mtgan_small"] == via["mtgan"] == big["rois"] - big["crops"]["rois_read_from_hr"] > 0
     tiny = rescore_eval(_cfg(world, tmp_path / "tiny", figures=False, small_area=1.0))
+    # A gate below every ROI rescores none: no ROI of those rows went through G.
+    assert {r["name"]: r["rois_through_sr"] for r in tiny["rows"]}["mtgan_fused_small"] == 0
     assert tiny["rows"][6]["title"] == "SOD-MTGAN, fused score, ROIs < 1 px² (1²) only" and tiny["small_area"] == 1.0
     base = (tmp_path / "tiny" / "baseline.json").read_text()
     assert json.loads(base)
@@ -448,12 +457,13 @@ def test_sr_gated_rows_rescore_only_the_rois_that_go_through_g(world, tmp_path):
         b, c = keep_baseline(r, refine_boxes(r, o["reg"], item.width, item.height),
                              class_scores(o["probs"], s, lab, "disc"), s, lab, on_hr)
         want = to_coco_results(item.image_id, select_detections(b, c, nms_iou=0.5, max_per_image=100,
-                                                                min_score=1e-3), split.categories)
+                                                                min_score=got["min_score"]), split.categories)
         have = [d for d in results if d["image_id"] == item.image_id]
         assert [d["category_id"] for d in have] == [d["category_id"] for d in want]
         assert np.allclose([d["bbox"] for d in have], [d["bbox"] for d in want], atol=1e-3)
         assert np.allclose([d["score"] for d in have], [d["score"] for d in want], atol=1e-5)
     assert n_hr > 0 and n_lr > 0  # both kinds of ROI, so the gate decides something
+    assert {r["name"]: r["rois_through_sr"] for r in got["rows"]}["mtgan_srgate"] == n_lr
     for other in ("mtgan.json", "baseline.json"):
         assert json.loads((tmp_path / "e" / other).read_text()) != results, other
 

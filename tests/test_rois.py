@@ -412,7 +412,7 @@ def test_cli_crop_then_downsample_then_loader(synth, tmp_path, cli):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--detector", "yolo"], "not a detector family (frcnn, ssd, mdssd)"),
+    (["--detector", "yolo"], "not a detector family (frcnn, ssd, mdssd, fsr)"),
     (["--mode", "eval"], "--mode must be train or test"),
     (["--detector-weights", "model.pt"], "exactly one of --detector-weights"),
     (["--shard", "3/3"], "--shard must be i/n"),

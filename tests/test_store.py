@@ -430,3 +430,197 @@ def test_shuffled_batches_mix_many_images(tmp_path):
     seen = np.concatenate([b["index"].numpy() for b in loader])
     assert len(np.unique(seen)) == len(seen) == n  # still every row once per epoch
     assert S.mixing_window(8, 16, 32) == 64 and S.mixing_window(8, 128, 64) == 40  # cache-bound at 128 px: 42 -> 5 batches
+
+
+# ------------------------------------------------------------------------------------------
+# verify: the digest covers what a store means (issue 33)
+
+
+def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    import shutil
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        edit(f)
+    return dst
+
+
+def _verify_fails(cli, path: Path, *needles: str) -> str:
+    res = cli("verify", path)
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sodtool: error: {path} is corrupted"), res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    with pytest.raises(InputError):
+        S.verify_store(path)
+    return lines[0]
+
+
+def test_verify_refuses_a_store_whose_category_names_were_swapped(pair, tmp_path, cli):
+    """Was: "ok" (the digest covered the datasets only)."""
+    hr, _, _ = pair
+    assert cli("verify", hr).exit_code == 0
+    swapped = [{"id": 1, "name": "truck"}, {"id": 3, "name": "car"}, {"id": 7, "name": "bus"}]
+    bad = _edited_copy(hr, tmp_path / "rois_train.h5", lambda f: f.attrs.__setitem__("categories", json.dumps(swapped)))
+    assert S.store_categories(bad) != S.store_categories(hr)
+    _verify_fails(cli, bad, "attributes", "metadata digest")
+
+
+def test_verify_refuses_a_store_whose_hr_size_was_edited(pair, tmp_path, cli):
+    """Was: "ok" for hr_size set to 64 on a store of 16 px crops."""
+    hr, _, _ = pair
+    bad = _edited_copy(hr, tmp_path / "rois_train.h5", lambda f: f.attrs.__setitem__("hr_size", 64))
+    _verify_fails(cli, bad, "'hr_size' attribute says 64", "16 px")
+
+
+def test_verify_refuses_a_store_whose_rows_attribute_was_edited(pair, tmp_path, cli):
+    """Was: "ok" for `rows` changed."""
+    hr, _, _ = pair
+    bad = _edited_copy(hr, tmp_path / "rois_train.h5", lambda f: f.attrs.__setitem__("rows", 204))
+    _verify_fails(cli, bad, "'rows' attribute says 204", "203 rows")
+
+
+@pytest.mark.parametrize("edit", [
+    ("context", lambda f: f.attrs.__setitem__("context", 2.0)),
+    ("padding", lambda f: f.attrs.__setitem__("padding", "reflect")),
+    ("crop_method", lambda f: f.attrs.__setitem__("crop_method", "nearest")),
+    ("mode", lambda f: f.attrs.__setitem__("mode", "test")),
+    ("split", lambda f: f.attrs.__setitem__("split", "minival")),
+    ("schema kept, detector", lambda f: f.attrs.__setitem__("detector", json.dumps({"family": "ssd", "kind": "test"}))),
+    ("annotations", lambda f: f.attrs.__setitem__("annotations", json.dumps({"path": "ann.json", "sha256": "y"}))),
+    ("categories removed", lambda f: f.attrs.__delitem__("categories")),
+    ("images record", lambda f: f["images/sha"].__setitem__(0, b"0" * 16)),
+    ("images record removed", lambda f: f.__delitem__("images")),
+    ("metadata digest removed", lambda f: f.attrs.__delitem__("metadata_sha256")),
+    ("digest version from the future", lambda f: f.attrs.__setitem__("content_digest_version", 9)),
+], ids=lambda e: e[0])
+def test_verify_refuses_every_edited_meaning_attribute(tmp_path, cli, edit):
+    src = tmp_path / "src.h5"
+    rows = random_rows(40)
+    with S.StoreWriter(src, schema=S.SCHEMA, fields=S.hr_fields(16), attrs={**hr_attrs(), "padding": "zero",
+                       "crop_method": "bilinear"}) as w:
+        w.append(**rows)
+        w.record_images({int(i): f"{int(i):016x}" for i in np.unique(rows["image_id"])})
+    assert S.verify_store(src)["digest_version"] == 2
+    bad = _edited_copy(src, tmp_path / "rois_train.h5", edit[1])
+    res = cli("verify", bad)
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert str(bad) in res.stderr
+
+
+def test_verify_ignores_layout_and_paths(pair, tmp_path, cli):
+    """What does not change the meaning of the pixels stays outside the digest: image_dir (a path),
+    config, and the HDF5 layout (the same rows rewritten in other batches)."""
+    hr, _, rows = pair
+    moved = _edited_copy(hr, tmp_path / "rois_train.h5", lambda f: f.attrs.__setitem__("image_dir", "/elsewhere"))
+    assert cli("verify", moved).exit_code == 0
+    other = tmp_path / "other.h5"
+    write_hr(other, batches=(64,))
+    assert S.verify_store(other)["metadata_sha256"] == S.verify_store(hr)["metadata_sha256"]
+
+
+def test_verify_lr_twin_covers_its_source_and_the_loader_still_checks_it(pair, tmp_path, cli):
+    hr, lr, _ = pair
+    res = cli("verify", hr, lr)
+    assert res.exit_code == 0 and res.stdout.count(": ok,") == 2, res.stderr
+    bad = _edited_copy(lr, tmp_path / "rois_train_lr.h5",
+                       lambda f: f.attrs.__setitem__("source_content_sha256", "0" * 64))
+    _verify_fails(cli, bad, "metadata digest")
+    with pytest.raises(InputError, match="was not made from"):
+        S.RoiPairs(hr, bad)
+    scale = _edited_copy(lr, tmp_path / "scale_lr.h5", lambda f: f.attrs.__setitem__("scale", 2))
+    _verify_fails(cli, scale, "metadata digest")
+    assert S.RoiPairs(hr, lr).lr_size == 4  # the twin as written still loads
+
+
+def test_stores_written_before_metadata_digests_verify_under_version_1(pair, tmp_path, cli):
+    """A store without `content_digest_version` (written before it) verifies its datasets, as it
+    did, and says its attributes cannot be checked; its datasets are still checked."""
+    hr, _, _ = pair
+
+    def to_v1(f):
+        del f.attrs["content_digest_version"]
+        del f.attrs["metadata_sha256"]
+        if "images" in f:
+            del f["images"]
+
+    old = _edited_copy(hr, tmp_path / "rois_train.h5", to_v1)
+    res = S.verify_store(old)
+    assert res["digest_version"] == 1 and res["metadata_sha256"] is None
+    assert res["content_sha256"] == S.store_info(hr)["content_sha256"]
+    out = cli("verify", old)
+    assert out.exit_code == 0 and ": ok," in out.stdout
+    assert "digest version 1" in out.stdout + out.stderr
+    # Version 1 covers the datasets: an edited crop still fails.
+    flipped = _edited_copy(old, tmp_path / "flipped.h5", lambda f: f["hr"].__setitem__((0, 0, 0, 0), 255 - f["hr"][0, 0, 0, 0]))
+    _verify_fails(cli, flipped, "content digest")
+
+
+# ------------------------------------------------------------------------------------------
+# eval --rois: identities, not ids (issue 33)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory) -> dict:
+    """A 2-image minival split, a test-mode store cropped from it, an untrained MTGAN, and the same
+    split's annotation file in another version (same image ids, one box moved by 2 px)."""
+    from sodtool.console import set_quiet
+    from sodtool.stages.crop_rois import CropRoisConfig, crop_rois
+    from sodtool.stages.synth import SynthConfig, synthesize
+    from test_rescore import save_mtgan
+
+    set_quiet(True)
+    root = tmp_path_factory.mktemp("versions")
+    data = root / "data"
+    synthesize(SynthConfig(out=data, train_images=1, val_images=1, minival_images=2, image_size=192, classes=3, seed=1))
+    ann_path = data / "annotations" / "instances_minival.json"
+    ann = json.loads(ann_path.read_text())
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in ann["annotations"]]
+    (root / "dets.json").write_text(json.dumps(dets))
+    store = root / "run" / "rois_minival.h5"
+    crop_rois(CropRoisConfig(out=store, data=data, split="minival", mode="test", detections=root / "dets.json",
+                             hr_size=32))
+    cats = [{"id": c["id"], "name": c["name"]} for c in ann["categories"]]
+    mtgan = root / "mtgan"
+    mtgan.mkdir()
+    save_mtgan(mtgan / "model.pt", cats)
+    ann["annotations"][0]["bbox"][0] += 2.0
+    other = root / "v2" / "instances_minival.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(ann))
+    return {"data": data, "ann": ann_path, "other": other, "store": store, "mtgan": mtgan}
+
+
+def test_eval_refuses_rois_cropped_from_another_version_of_the_annotations(versions, tmp_path, cli):
+    """Was: a warning, and an evaluation of ROIs matched against other ground truth."""
+    w = versions
+    out = tmp_path / "eval"
+    res = cli("eval", "--data", w["data"], "--split", "minival", "--ann", w["other"], "--rois", w["store"],
+              "--mtgan", w["mtgan"], "--out", out, "--device", "cpu", "--no-figures")
+    assert res.exit_code == 2, (res.stdout, res.stderr, res.exception)
+    # eval's warnings about the provenance of the models come first (not the store's doing)
+    lines = res.stderr.strip().splitlines()
+    line = lines[-1]
+    assert [n for n in lines if not n.startswith("warning: ")] == [line] and "Traceback" not in res.stderr, res.stderr
+    assert line.startswith(f"sodtool: error: {w['store']} was cropped from another version of the annotations")
+    assert str(w["ann"]) in line and str(w["other"]) in line and "sha256" in line
+    assert not out.exists()
+
+
+def test_store_rois_accepts_the_annotations_it_was_cropped_from_and_refuses_another_version(versions, tmp_path):
+    import shutil
+
+    from sodtool.coco import SplitPaths, load_split
+    from sodtool.testrois import store_rois
+
+    w = versions
+    images = w["data"] / "images" / "minival"
+    copy = tmp_path / "instances_minival.json"  # the same bytes elsewhere: the same version
+    shutil.copy(w["ann"], copy)
+    for ann in (w["ann"], copy):
+        source, items = store_rois(w["store"], "minival", load_split(SplitPaths(ann=ann, images=images)))
+        assert sum(len(it.rois) for it in items) == source.detail["rows"] > 0
+    with pytest.raises(InputError, match="another version of the annotations"):
+        store_rois(w["store"], "minival", load_split(SplitPaths(ann=w["other"], images=images)))

@@ -2,10 +2,11 @@
 
 Files (all read with `torch.load(weights_only=True)`, through `sodtool.checkpoint`):
 
-- `model.pt` (format `sodtool.detector/1`): {"format", "family" ("frcnn", "ssd" or "mdssd";
+- `model.pt` (format `sodtool.detector/1`): {"format", "family" ("frcnn", "ssd", "mdssd" or "fsr";
   absent in files written before SSD: "frcnn"), "arch", "num_classes" (K+1), "categories" (JSON of
   CategoryMap.to_json()), "build" (every option of the family's build: `build_detector`'s for
-  Faster R-CNN, {"size"} for SSD / MDSSD), "model" (state dict)};
+  Faster R-CNN, those plus "fsr" (`models.fsr` options) for the feature-SR detector, {"size"} for
+  SSD / MDSSD), "model" (state dict)};
 - a torchvision detection state dict (e.g. `fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`, downloaded
   by hand) is accepted wherever a detector checkpoint is. Labels inside the model are 0 =
   background and 1..K = the dataset's `CategoryMap` labels, except for a torchvision COCO
@@ -28,12 +29,13 @@ from torch import nn
 from sodtool import checkpoint
 from sodtool.coco import CategoryMap
 from sodtool.errors import InputError
-from sodtool.models import ssd
+from sodtool.models import fsr, ssd
 from sodtool.models.frcnn import ARCHS, FAMILY as FRCNN, build_detector, default_build
 
 MODEL_FORMAT = "sodtool.detector/1"
-FAMILIES = (FRCNN, *ssd.FAMILIES)
+FAMILIES = (FRCNN, *ssd.FAMILIES, fsr.FAMILY)
 TRAIN_FORMAT = "sodtool.detector-train/1"  # a training checkpoint: not a weights file
+FSR_TRAIN_FORMAT = "sodtool.fsr-train/1"  # `train fsr`'s training checkpoint: not a weights file either
 
 # COCO 2017's 80 categories (id -> name). A 91-output torchvision COCO checkpoint indexes its
 # outputs by these ids; it is used on a dataset only if that dataset's ids and names are COCO's.
@@ -265,7 +267,7 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
 
     path = detector_file(path)
     obj = checkpoint.load(path, "detector weights file")
-    if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
+    if isinstance(obj, dict) and obj.get("format") in (TRAIN_FORMAT, FSR_TRAIN_FORMAT):
         raise InputError(f"{path.name} is a training checkpoint; use the finished run's model.pt")
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
         family = str(obj.get("family", FRCNN))
@@ -315,7 +317,7 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
         else:
             raise InputError(f"{path.name}: box predictor has {outputs} classes, the dataset has "
                              f"{categories.num_classes}+1")
-    if family == FRCNN:
+    if family in (FRCNN, fsr.FAMILY):
         if min_size is not None:
             build["min_size"] = int(min_size)
         if max_size is not None:
@@ -329,6 +331,11 @@ def build_from_file(f: DetectorFile) -> nn.Module:
     that do not fit)."""
     if f.family == FRCNN:
         model = build_detector(f.arch, f.num_classes, **f.build)
+        load_state_into(model, f.state, f.path, f.arch)
+    elif f.family == fsr.FAMILY:
+        if not isinstance(f.build.get("fsr"), dict):
+            raise InputError(f"{f.path}: an fsr model file without its fsr options (build['fsr'])")
+        model = fsr.build_fsr(f.arch, f.num_classes, f.build)
         load_state_into(model, f.state, f.path, f.arch)
     else:
         model = ssd.build_ssd(f.family, f.num_classes - 1, f.arch, int(f.build["size"]))

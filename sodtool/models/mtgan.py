@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sodtool import checkpoint
-from sodtool.artefacts import read_manifest
+from sodtool.artefacts import read_manifest, run_input
 from sodtool.coco import CategoryMap
 from sodtool.console import warn
 from sodtool.errors import InputError
@@ -69,9 +69,8 @@ def training_logs(model: MtganModel) -> dict[str, Path]:
     found: dict[str, Path] = {}
     sr_dir = model.run_dir.parent / "sr"
     try:
-        sr_cfg = read_manifest(model.run_dir)["config"].get("sr")
-        if sr_cfg:
-            sr_dir = Path(sr_cfg)
+        manifest = read_manifest(model.run_dir)
+        sr_dir = run_input(model.run_dir, manifest, manifest["config"].get("sr")) or sr_dir
     except Exception:  # noqa: BLE001 - no manifest: look beside the mtgan folder
         pass
     for run, d in (("sr", sr_dir), ("mtgan", model.run_dir)):
@@ -81,16 +80,25 @@ def training_logs(model: MtganModel) -> dict[str, Path]:
 
 
 def training_context(model: MtganModel, default: Optional[float], *, quiet: bool = False) -> Optional[float]:
-    """The crop context factor of the store the MTGAN was trained on (read via its run manifest);
-    `default` when that store cannot be read (with a warning unless `quiet`)."""
+    """The crop context factor of the store the MTGAN was trained on, read via its run manifest
+    (`artefacts.run_input`: where the manifest says, or at the same place relative to the run
+    folder if the run was moved); `default` when that store cannot be read, with a warning
+    naming `--context` (of `eval` and `predict`) unless `quiet`."""
+    why = f"{model.run_dir} holds no readable manifest.json"
     try:
-        hr = read_manifest(model.run_dir)["config"]["hr"]
-        return float(store_info(hr)["context"])
+        manifest = read_manifest(model.run_dir)
+        recorded = manifest["config"]["hr"]
+        why = f"its store {recorded} was not found, as recorded or beside the run"
+        hr = run_input(model.run_dir, manifest, recorded)
+        if hr is not None:
+            why = f"its store {hr} is unreadable"
+            return float(store_info(hr)["context"])
     except Exception:  # noqa: BLE001 - any failure means "unknown": fall back
-        if not quiet:
-            warn(f"could not read the crop context of the store {model.path} was trained on; "
-                 f"using crop-rois' default {default} (set --context if it was another)")
-        return default
+        pass
+    if not quiet:
+        warn(f"could not read the crop context of the ROIs {model.path} was trained on ({why}); using crop-rois' "
+             f"default {default}: give --context if they were cropped with another")
+    return default
 
 
 def discriminator_quality(model: MtganModel) -> dict:

@@ -147,24 +147,12 @@ def resolve_config(cfg: CropRoisConfig) -> CropRoisConfig:
     elif (cfg.detector_weights is None) == (cfg.detections is None):
         raise InputError("give exactly one of --detector-weights (a detector checkpoint) and --detections (a COCO "
                          "results JSON), or --gt-only (train mode: jittered ground truth and random backgrounds)")
-    if cfg.detections is not None and not Path(cfg.detections).is_file():
-        raise InputError(f"--detections file not found: {cfg.detections}")
-    weights = cfg.detector_weights
-    if weights is not None:
-        weights = Path(weights)
-        if weights.is_dir():  # a run folder: its model.pt, as `sodtool detect` accepts
-            found = [p for p in (weights / "model.pt", weights / "detector" / "model.pt") if p.is_file()]
-            if not found:
-                raise InputError(f"--detector-weights folder {weights} holds no model.pt (did `sodtool train detector` finish?)")
-            weights = found[0]
-        elif not weights.is_file():
-            raise InputError(f"--detector-weights file not found: {weights}")
     thresh, max_rois = rois.MODE_DEFAULTS[cfg.mode]
     thresh = thresh if cfg.score_thresh is None else cfg.score_thresh
     max_rois = max_rois if cfg.max_rois is None else cfg.max_rois
     checks = [
         (cfg.hr_size >= 4 and cfg.hr_size % 4 == 0, f"--hr-size must be a positive multiple of 4, got {cfg.hr_size}"),
-        (cfg.context >= 1.0 and math.isfinite(cfg.context), f"--context must be >= 1, got {cfg.context}"),
+        (cfg.context >= 1.0 and math.isfinite(cfg.context), f"--context must be a finite number >= 1, got {cfg.context}"),
         (0.0 <= thresh <= 1.0, f"--score-thresh must be in [0, 1], got {thresh}"),
         (max_rois >= 1, f"--max-rois must be >= 1, got {max_rois}"),
         (0.0 < cfg.fg_iou <= 1.0, f"--fg-iou must be in (0, 1], got {cfg.fg_iou}"),
@@ -181,6 +169,19 @@ def resolve_config(cfg: CropRoisConfig) -> CropRoisConfig:
         if not ok:
             raise InputError(msg)
     parse_shard(cfg.shard)
+    # The files last: a bad value is refused whatever the inputs.
+    if cfg.detections is not None and not Path(cfg.detections).is_file():
+        raise InputError(f"--detections file not found: {cfg.detections}")
+    weights = cfg.detector_weights
+    if weights is not None:
+        weights = Path(weights)
+        if weights.is_dir():  # a run folder: its model.pt, as `sodtool detect` accepts
+            found = [p for p in (weights / "model.pt", weights / "detector" / "model.pt") if p.is_file()]
+            if not found:
+                raise InputError(f"--detector-weights folder {weights} holds no model.pt (did `sodtool train detector` finish?)")
+            weights = found[0]
+        elif not weights.is_file():
+            raise InputError(f"--detector-weights file not found: {weights}")
     return dataclasses.replace(cfg, out=Path(cfg.out), score_thresh=float(thresh), max_rois=int(max_rois),
                                detector_weights=weights)
 
@@ -270,6 +271,9 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
             cropped.update({i: image_digest(split.image_path(i)) for i in batch_ids})
         writer.record_images(cropped)
         digest = writer.content_sha256()
+    # The new store is in place: a sidecar left beside it describes the old one (should writing the
+    # new sidecar fail, on a full disk, the store stands alone: it records everything to trust it).
+    S.manifest_path(out).unlink(missing_ok=True)
     metrics = {
         "images": len(image_ids),
         **counts,
@@ -301,7 +305,8 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
 
 
 # Attributes that legitimately differ between the shards of one run.
-_SHARD_ATTRS = {"shard", "rows", "content_sha256", "num_images", "config"}
+_SHARD_ATTRS = {"shard", "rows", "content_sha256", "num_images", "config", "content_digest_version",
+                "metadata_sha256"}
 
 
 def merge_shards(out: str | Path, shards: Sequence[str | Path], *, overwrite: bool = False) -> dict:
@@ -381,6 +386,7 @@ def merge_shards(out: str | Path, shards: Sequence[str | Path], *, overwrite: bo
     finally:
         for f in files:
             f.close()
+    S.manifest_path(out).unlink(missing_ok=True)  # the old store's sidecar (see crop_rois)
     metrics = {"shards": len(shards), "rows": rows, "images": attrs["num_images"], "content_sha256": digest,
                "store_bytes": out.stat().st_size, "wall_time_s": round(timer.elapsed, 3)}
     S.write_store_manifest(out, "crop-rois-merge", {"out": str(out), "shards": [str(p) for p in shards]},

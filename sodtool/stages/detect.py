@@ -63,6 +63,20 @@ def _detector_file(cfg: DetectConfig) -> Path:
     return detector_file(p)
 
 
+def check_config(cfg: DetectConfig) -> None:
+    """Check every option's value (InputError naming it), before any file is looked at."""
+    checks = [
+        (0.0 <= cfg.score_thresh <= 1.0, f"--score-thresh must be a score in [0, 1], got {cfg.score_thresh}"),
+        (cfg.max_per_image >= 1, f"--max-per-image must be at least 1, got {cfg.max_per_image}"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+        (cfg.min_size is None or cfg.min_size >= 1, f"--min-size must be at least 1, got {cfg.min_size}"),
+        (cfg.max_size is None or cfg.max_size >= 1, f"--max-size must be at least 1, got {cfg.max_size}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise InputError(msg)
+
+
 def manifest_path_for(results_path: Path) -> Path:
     """detections_minival.json -> detections_minival.manifest.json (the file's own manifest)."""
     return sidecar_manifest_path(results_path)
@@ -76,8 +90,7 @@ def detect(cfg: DetectConfig) -> dict:
     and a split that has annotations, the metrics include COCO AP.
     """
     timer = Timer()
-    if cfg.max_per_image < 1 or cfg.batch_size < 1:
-        raise InputError("--max-per-image and --batch-size must be at least 1")
+    check_config(cfg)
     dev = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     ckpt = _detector_file(cfg)

@@ -175,6 +175,9 @@ def downsample(cfg: DownsampleConfig) -> dict:
             pool.join()
         if reader is not None:
             reader.close()
+    # The new twin is in place: a sidecar left beside it describes the old one (should writing the
+    # new sidecar fail, on a full disk, the twin stands alone: it records its source and digests).
+    S.manifest_path(out).unlink(missing_ok=True)
     metrics = {"rows": n, "hr_size": hr_size, "lr_size": lr_size, "scale": cfg.scale,
                "crops_per_s": n / timer.elapsed if timer.elapsed > 0 else None,
                "workers": workers, "store_bytes": out.stat().st_size, "verify_s": round(verify_s, 3),

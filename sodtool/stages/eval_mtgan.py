@@ -200,14 +200,7 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
     if (cfg.detector is None) == (cfg.rois is None):
         raise InputError("give exactly one ROI source: --detector (a detector model.pt, run here) or --rois "
                          "(a test-mode ROI store from `sodtool crop-rois --mode test`)")
-    if cfg.detector is not None and not Path(cfg.detector).is_file():
-        raise InputError(f"--detector file not found: {cfg.detector}")
-    if cfg.rois is not None and not Path(cfg.rois).is_file():
-        raise InputError(f"--rois store not found: {cfg.rois}")
-    pretrained_g = cfg.pretrained_g
-    if pretrained_g is not None:
-        # generator.pt only: an MTGAN's model.pt holds the adversarially trained G, not the control's
-        pretrained_g = generator_file(pretrained_g, names=("generator.pt",), what="--pretrained-g")
+    # Every value first (as predict checks the same ones), then the files.
     checks = [
         (cfg.score in SCORE_MODES, f"--score must be one of {', '.join(SCORE_MODES)}, got '{cfg.score}'"),
         (0.0 < cfg.nms_iou <= 1.0, f"--nms-iou must be in (0, 1], got {cfg.nms_iou}"),
@@ -226,11 +219,25 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
         (cfg.seed >= 0, f"--seed must be non-negative, got {cfg.seed}"),
         (not (cfg.sr_gate and cfg.sr_only), "--sr-gate rescores only the ROIs that go through G, but --sr-only "
          "sends every ROI through G: give one of them"),
+        (cfg.slice is None or cfg.slice >= 32, f"--slice must be a tile size of at least 32 px, got {cfg.slice}"),
+        (0.0 <= cfg.overlap < 1.0, f"--overlap must be in [0, 1), got {cfg.overlap}"),
+        (cfg.slice is None or cfg.detector is not None, "--slice runs the detector sliced: give --detector (for "
+         "--rois, crop the store with `crop-rois --slice`)"),
+        (not cfg.slice_full or cfg.slice is not None, "--slice-full adds a whole-image pass to sliced inference: "
+         "give --slice too"),
     ]
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
     small_area = check_small_area(cfg.small_area)
+    if cfg.detector is not None and not Path(cfg.detector).is_file():
+        raise InputError(f"--detector file not found: {cfg.detector}")
+    if cfg.rois is not None and not Path(cfg.rois).is_file():
+        raise InputError(f"--rois store not found: {cfg.rois}")
+    pretrained_g = cfg.pretrained_g
+    if pretrained_g is not None:
+        # generator.pt only: an MTGAN's model.pt holds the adversarially trained G, not the control's
+        pretrained_g = generator_file(pretrained_g, names=("generator.pt",), what="--pretrained-g")
     names = [parse_ablation(a)[0] for a in cfg.ablations]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -249,9 +256,6 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     """
     timer = Timer()
     cfg = resolve_config(cfg)
-    if cfg.slice is not None and (cfg.detector is None or cfg.slice < 32):
-        raise InputError("--slice (a tile size of at least 32 px) runs the detector sliced: give --detector "
-                         "(for --rois, crop the store with `crop-rois --slice`)")
     out = check_output(cfg.out, "folder", overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -334,6 +338,9 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
     picker = TripletPicker(cfg.fig_triplets if cfg.figures else 0)
     class_names = list(split.categories.names)
     n_images = n_rois = n_hr_read = 0
+    # Per gate, how many ROIs a row rescored from their LR crop, i.e. through G (or bicubic in
+    # the control): the ROIs super-resolution actually touched, stated beside every row.
+    through_sr = dict.fromkeys(gates, 0)
     fwd_s = post_s = 0.0
     t_loop = Timer()
     with make_progress() as progress:
@@ -371,6 +378,9 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                     keeps[SMALL_SUFFIX] = at_or_above(r_t, cfg.small_area)
                 if cfg.sr_gate:
                     keeps[SR_GATE_SUFFIX] = hr_rows[sl]
+                via_lr = torch.ones(n, dtype=torch.bool) if hr_rows is None else ~hr_rows[sl]
+                for gate, keep in keeps.items():
+                    through_sr[gate] += int((via_lr if keep is None else via_lr & ~keep).sum())
                 for name, o in outs.items():
                     reg = o["reg"][sl] if o["reg"] is not None else None
                     boxes = refine_boxes(r_t, reg, g.width, g.height)
@@ -407,7 +417,9 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
             write_json(work / files[name], results, indent=None)
             stats = coco_evaluate(split.coco, results)
             title = row_title(name, source.detail.get("arch"), cfg.small_area)
+            gate = next((g for g in gates if g and name.endswith(g)), "")
             rows.append({"name": name, "title": title, "results": files[name],
+                         "rois_through_sr": 0 if name == BASELINE else through_sr[gate],
                          "detections": len(results), **{k: stats[k] for k in STAT_NAMES},
                          "per_class_AP": stats["per_class_AP"]})
         base = rows[0]

@@ -298,9 +298,7 @@ def _split(images: list[_Image], cfg: ImportYoloConfig, src: Path) -> tuple[dict
     the images --val-list does not name); a `holdout_fraction` val share is then drawn from
     train, with its own seeded stream, so train, val and minival are disjoint."""
     img_root = src / cfg.images
-    hold = cfg.holdout_fraction
-    if not 0.0 <= hold < 1.0:
-        raise InputError(f"--holdout-fraction must be in [0, 1), got {hold}")
+    hold = cfg.holdout_fraction  # in [0, 1): check_config
     if hold > 0 and cfg.val_list is not None:
         raise InputError("give --holdout-fraction or --val-list, not both (each fills the val split)")
     lists: dict[str, list[_Image]] = {}
@@ -323,8 +321,6 @@ def _split(images: list[_Image], cfg: ImportYoloConfig, src: Path) -> tuple[dict
                 break
         left_out = len(rest)
     else:
-        if not 0.0 <= cfg.val_fraction < 1.0:
-            raise InputError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
         if hold > 0 and cfg.val_fraction + hold >= 1.0:
             raise InputError(f"--val-fraction + --holdout-fraction must be below 1 (train needs images), "
                              f"got {cfg.val_fraction} + {hold}")
@@ -370,6 +366,15 @@ def _place(src_file: Path, dst: Path, link: str) -> None:
         os.symlink(src_file.resolve(), dst)
 
 
+def check_config(cfg: ImportYoloConfig) -> None:
+    """Check every option's value (InputError naming it), before any file is looked at."""
+    for option, v in (("--val-fraction", cfg.val_fraction), ("--holdout-fraction", cfg.holdout_fraction)):
+        if not 0.0 <= v < 1.0:
+            raise InputError(f"{option} must be in [0, 1), got {v}")
+    if cfg.link not in LINK_MODES:
+        raise InputError(f"--link must be one of {', '.join(LINK_MODES)}, got '{cfg.link}'")
+
+
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
     src_r, out_r = src.resolve(), out.resolve()
     if out_r == src_r or out_r in src_r.parents:
@@ -391,11 +396,10 @@ def import_yolo(cfg: ImportYoloConfig) -> dict:
     neither list), and COCO size buckets small / medium / large of the boxes.
     """
     timer = Timer()
+    check_config(cfg)
     src = Path(cfg.src)
     if not src.is_dir():
         raise InputError(f"YOLO dataset folder not found: {src}")
-    if cfg.link not in LINK_MODES:
-        raise InputError(f"--link must be one of {', '.join(LINK_MODES)}, got '{cfg.link}'")
     out = Path(cfg.out) if cfg.out is not None else default_out(src)
     _check_out(src, out, cfg.overwrite)
     check_output(out, "folder", finished=False)  # path kind, permissions; leftovers of killed runs go

@@ -22,6 +22,9 @@ from sodtool.artefacts import Timer, check_output, config_dict, file_identity, w
 from sodtool.coco import load_split, resolve_split
 from sodtool.console import log, make_progress, summary_table, warn
 from sodtool.device import autocast, device_name, resolve_device, seed_everything
+# The training data (moved down a floor: `train fsr` trains on the same batches); `augment` is
+# re-exported for the tests that check it here.
+from sodtool.detdata import DetectionDataset, augment, collate  # noqa: F401
 from sodtool.engine import (
     MetricsLog,
     StepBatchSampler,
@@ -49,60 +52,6 @@ from sodtool.models.ssd import ARCHS as SSD_ARCHS, FAMILIES as SSD_FAMILIES, bui
 from sodtool.provenance import gather, read_record, split_digests, write_record
 
 STAGE = "train-detector"
-
-# ----------------------------------------------------------------------------------------------
-# Training data
-# ----------------------------------------------------------------------------------------------
-
-class DetectionDataset(torch.utils.data.Dataset):
-    """Images and targets of a CocoSplit, indexed by (position, augmentation) pairs from
-    `engine.StepBatchSampler`: augmentation = (hflip, vflip, quarter turns counter-clockwise).
-
-    Returns (image uint8 [3, H, W], target {"boxes": float32 [N, 4] xyxy, "labels": int64 [N]
-    in 1..K, "image_id": int}); images without boxes give N = 0. Images stay uint8 until the
-    training process so that worker -> main transfers are 4x smaller.
-    """
-
-    def __init__(self, split) -> None:
-        self.split = split
-        self.ids = list(split.image_ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, item: tuple[int, tuple[bool, bool, int]]):
-        index, (hflip, vflip, turns) = item
-        iid = self.ids[index]
-        arr = self.split.load_image(iid)
-        img = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
-        t = self.split.targets(iid)
-        img, boxes = augment(img, torch.from_numpy(t["boxes"]).reshape(-1, 4), hflip, vflip, turns)
-        return img.contiguous(), {"boxes": boxes, "labels": torch.from_numpy(t["labels"]), "image_id": iid}
-
-
-def augment(img: torch.Tensor, boxes: torch.Tensor, hflip: bool, vflip: bool, turns: int):
-    """Flip / rotate an image [C, H, W] and its boxes [N, 4] (xyxy pixels): a horizontal flip, a
-    vertical flip, then `turns` quarter turns counter-clockwise (torch.rot90 on H, W)."""
-    if hflip:
-        w = img.shape[2]
-        img = img.flip(-1)
-        boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-    if vflip:
-        h = img.shape[1]
-        img = img.flip(-2)
-        boxes = torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], dim=1)
-    for _ in range(turns % 4):
-        # Counter-clockwise: pixel (x, y) of a W-wide image goes to (y, W - x).
-        w = img.shape[2]
-        img = torch.rot90(img, 1, dims=(1, 2))
-        boxes = torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], dim=1)
-    return img, boxes
-
-
-def collate(batch):
-    """Detection batches are lists (images differ in size): ([img, ...], [target, ...])."""
-    return [b[0] for b in batch], [b[1] for b in batch]
-
 
 # ----------------------------------------------------------------------------------------------
 # Training
@@ -252,6 +201,7 @@ def resolve_train_config(cfg: TrainDetectorConfig, num_train_images: int | None 
                              "resizes every image to --size")
     elif cfg.size is not None:
         raise InputError("--size is the input size of --detector ssd / mdssd; Faster R-CNN takes --min-size / --max-size")
+    check_values(cfg)
     p = {"warmup_factor": 0.001, **presets[cfg.preset]}
     if cfg.arch is not None and cfg.arch not in archs:
         raise InputError(f"unknown {cfg.detector} architecture '{cfg.arch}' (choose from {', '.join(archs)})")
@@ -273,13 +223,36 @@ def resolve_train_config(cfg: TrainDetectorConfig, num_train_images: int | None 
         # The preset's decay points are for its own length: keep them at the same fractions.
         changes["milestones"] = tuple(max(1, round(m * iters / p["iterations"])) for m in p["milestones"])
     out = replace(cfg, **changes)
-    if out.iterations < 1 or out.batch_size < 1 or out.lr <= 0:
-        raise InputError(f"iterations, batch size and lr must be positive (got {out.iterations}, {out.batch_size}, {out.lr})")
-    if out.clip_grad_norm is not None and not (math.isfinite(out.clip_grad_norm) and out.clip_grad_norm >= 0):
-        raise InputError(f"--clip-grad-norm must be a norm >= 0 (0: no clipping), got {out.clip_grad_norm}")
-    if out.checkpoint_every < 1:
-        raise InputError(f"--checkpoint-every must be at least 1, got {out.checkpoint_every}")
+    check_values(out)  # the preset's values too
     return out
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def check_values(cfg: TrainDetectorConfig) -> None:
+    """Check every given option's value (InputError naming it); None fields are the preset's, checked
+    once filled. Called before any file is read."""
+    checks = [
+        ("iterations", lambda v: v >= 1, "at least 1"),
+        ("batch_size", lambda v: v >= 1, "at least 1"),
+        ("epochs", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+        ("lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+        ("momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+        ("warmup_iters", lambda v: v >= 0, "at least 0"),
+        ("warmup_factor", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+        ("gamma", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+        ("clip_grad_norm", lambda v: _finite(v) and v >= 0, "a norm >= 0 (0: no clipping)"),
+        ("eval_score_thresh", lambda v: 0.0 <= v <= 1.0, "a score in [0, 1]"),
+        ("checkpoint_every", lambda v: v >= 1, "at least 1"),
+        ("log_every", lambda v: v >= 1, "at least 1"),
+    ]
+    for name, ok, what in checks:
+        v = getattr(cfg, name)
+        if v is not None and not ok(v):
+            raise InputError(f"--{name.replace('_', '-')} must be {what}, got {v}")
 
 
 def _build_options(cfg: TrainDetectorConfig) -> dict:
@@ -391,9 +364,9 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     Returns the metrics (COCO AP of minival under "AP", "AP50", ... when `eval`).
     """
     timer = Timer()
+    resolve_train_config(cfg, 0)  # fail fast on a bad option value, detector / preset / arch name
     check_output(cfg.out, "folder", finished=False)
     dev = resolve_device(cfg.device)
-    resolve_train_config(cfg, 0)  # fail fast on a bad detector / preset / arch name
     train_paths = resolve_split(cfg.data, cfg.train_split, cfg.train_ann, cfg.train_images)
     val_paths = resolve_split(cfg.data, cfg.val_split, cfg.val_ann, cfg.val_images) if cfg.eval else None
     train = load_split(train_paths, skip_invalid=cfg.skip_invalid)
@@ -459,8 +432,11 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
         model.transform.min_size = tuple(int(s) for s in cfg.train_sizes)
 
     model.train()
-    window: dict[str, float] = {}
-    window_n = 0
+    # The loss sums of the steps since the last log line; a checkpoint between two lines holds
+    # them, so that a resumed run's line equals the uninterrupted run's.
+    saved_window = state.get("loss_window", {}) if state is not None else {}
+    window: dict[str, float] = {k: float(v) for k, v in saved_window.get("sums", {}).items()}
+    window_n = int(saved_window.get("steps", 0))
     last_ckpt = start
     seg_timer = Timer()
     seg_base = train_time
@@ -504,7 +480,8 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
                 save_training_state(ckpt_path, {"format": TRAIN_FORMAT, "model": model.state_dict(),
                                                 "optimizer": optimizer.state_dict(),
                                                 "scheduler": scheduler.state_dict(), "arch": arch, "build": build,
-                                                "categories": json.dumps(categories.to_json())},
+                                                "categories": json.dumps(categories.to_json()),
+                                                "loss_window": {"sums": dict(window), "steps": window_n}},
                                     step=done, cfg=cfg, inputs=inputs, stage=STAGE, elapsed_s=train_time)
                 last_ckpt = done
             progress.update(task, completed=done)

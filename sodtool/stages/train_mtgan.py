@@ -174,7 +174,9 @@ def resolve_config(cfg: TrainMTGANConfig) -> TrainMTGANConfig:
         v = getattr(cfg, name)
         if not (v > 0 and math.isfinite(v)):
             raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
-    for name in ("d_momentum", "d_weight_decay", "d_lr_gamma"):
+    if not 0.0 <= cfg.d_momentum < 1.0:
+        raise InputError(f"--d-momentum must be in [0, 1), got {cfg.d_momentum}")
+    for name in ("d_weight_decay", "d_lr_gamma", "alpha", "beta", "gamma", "tv_weight"):
         v = getattr(cfg, name)
         if not (v >= 0 and math.isfinite(v)):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
@@ -395,7 +397,7 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
         if main:
             save_training_state(ckpt_path, {**generator_checkpoint(g), **discriminator_checkpoint(d), **extra,
                                             "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
-                                            "scheduler_d": sched_d.state_dict()},
+                                            "scheduler_d": sched_d.state_dict(), "loss_window": window.state()},
                                 step=at, cfg=cfg, inputs=inputs, stage=STAGE, elapsed_s=prior_s + timer.elapsed,
                                 stream=stream.state())
 
@@ -408,7 +410,7 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
             metrics_log.write({"step": at, "split": "val", **res})
         return res
 
-    window = LossWindow()
+    window = LossWindow(ckpt.get("loss_window") if ckpt is not None else None)  # a resumed log line
     last_terms: dict[str, float] = {}
     with make_progress() as progress:
         task = progress.add_task("train mtgan", total=cfg.iterations, completed=step, info="")

@@ -194,7 +194,8 @@ def train_sr(cfg: TrainSRConfig) -> dict:
 
     def save_state(at: int) -> None:
         if main:
-            save_training_state(ckpt_path, {**generator_checkpoint(g), "optimizer": opt.state_dict()}, step=at,
+            save_training_state(ckpt_path, {**generator_checkpoint(g), "optimizer": opt.state_dict(),
+                                            "loss_window": window.state()}, step=at,
                                 cfg=cfg, inputs=inputs, stage=STAGE, elapsed_s=prior_s + timer.elapsed,
                                 stream=stream.state())
 
@@ -204,7 +205,7 @@ def train_sr(cfg: TrainSRConfig) -> dict:
             metrics_log.write({"step": at, "split": "val", **res})
         return res
 
-    window = LossWindow()
+    window = LossWindow(ckpt.get("loss_window") if ckpt is not None else None)  # a resumed log line
     val: dict = {}
     with make_progress() as progress:
         task = progress.add_task("train sr", total=cfg.iterations, completed=step, info="")
