@@ -35,9 +35,6 @@ ABOVE_RANGE: dict[str, str] = {
     "--momentum": "1.5", "--d-momentum": "1.5", "--warmup-factor": "1.5",
 }
 
-# predict's own option checks are another change of issue 33 (predict.py); its options not checked
-# yet are expected to fail until that lands (xfail, not strict: they pass once it has).
-PREDICT_PENDING = {"--score-thresh", "--merge-ios", "--nms-iou", "--min-score", "--draw-threshold"}
 
 
 def _command(path: tuple[str, ...]):
@@ -95,10 +92,7 @@ def _cases():
         for value in ("nan", "inf", "-1", ABOVE_RANGE.get(opt)):
             if value is None:
                 continue
-            pending = path == ("predict",) and opt in PREDICT_PENDING
-            marks = [pytest.mark.xfail(reason="predict.py's own option checks (issue 33, another change)",
-                                       strict=False)] if pending else []
-            cases.append(pytest.param(path, opt, value, marks=marks, id=f"{' '.join(path)} {opt} {value}"))
+            cases.append(pytest.param(path, opt, value, id=f"{' '.join(path)} {opt} {value}"))
     return cases
 
 
