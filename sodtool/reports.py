@@ -115,7 +115,7 @@ TRUSTED_D_ACCURACY = 0.5
 
 # What trains a stronger D than the MTGAN run's own preset (None: the preset is not recorded).
 # bench.sh trains on the paper's 128 px crops of 8 times the images, with train mtgan's bench
-# schedule; there D's score beat the baseline in every column over every ROI (README, "Bench").
+# schedule; there D's score beat the baseline in every column over every ROI (docs/results.md, "Bench").
 _BENCH_ADVICE = ("pipelines/bench.sh (the paper's 128 px crops, 8 times the images, train mtgan --preset bench) "
                  "and the paper preset on a GPU train a stronger D.")
 LONGER_TRAINING = {
