@@ -6,6 +6,8 @@ mean ± sd over the runs (sample sd), then D's held-out accuracy per run. README
 tables are this script's output.
 
     python benchmarks/seeds_table.py runs/bench/eval_minival runs/bench_s1/eval_minival runs/bench_s2/eval_minival
+    python benchmarks/seeds_table.py runs/bench/eval_fsr_minival runs/bench/eval_fsr_minival_s1 \
+        --diff fsr:baseline --diff fsr:small_head    # + paired differences of rows, per run
 """
 
 from __future__ import annotations
@@ -31,9 +33,17 @@ def load(path: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="eval output folders (or their metrics.json)")
+    ap.add_argument("--diff", action="append", default=[], metavar="A:B",
+                    help="row names A:B: add A - B per run as mean ± sd (paired); repeatable")
     args = ap.parse_args()
     try:
-        print(seeds_markdown([load(p) for p in args.runs]), end="")
+        diffs = []
+        for d in args.diff:
+            a, sep, b = d.partition(":")
+            if not sep or not a or not b:
+                raise InputError(f"--diff expects A:B (two row names, e.g. fsr:baseline), got '{d}'")
+            diffs.append((a, b))
+        print(seeds_markdown([load(p) for p in args.runs], diffs), end="")
     except (InputError, KeyError) as e:
         print(f"error: {e if isinstance(e, InputError) else f'not an eval metrics.json: no {e}'}", file=sys.stderr)
         sys.exit(2)

@@ -35,3 +35,9 @@ sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtga
   --ablation "no_reg=$RUN/mtgan_no_reg" \
   --small-area 1024 --out "$RUN/eval_minival_ablations" --overwrite
 cat "$RUN/eval_minival_ablations/table.md"
+
+# The feature-SR method's two controls beside it (a Faster R-CNN run only): pipelines/fsr.sh.
+if [ "$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["config"].get("detector", "frcnn"))' \
+       "$RUN/detector/manifest.json")" = frcnn ]; then
+  bash pipelines/fsr.sh "$RUN" "$DATA" "$PRESET" "$SEED" minival
+fi

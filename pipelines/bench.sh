@@ -40,6 +40,15 @@ sodtool data stats --data "$DATA" --split train --out "$RUN/stats" --overwrite
 
 sodtool train detector --detector "$DETECTOR" --preset bench --data "$DATA" --out "$RUN/detector" --seed 0
 
+# Feature-level SR (Noh et al. 2019) from the same Faster R-CNN, its row beside SOD-MTGAN's
+# (its two controls and other seeds: pipelines/fsr.sh RUN DATA bench SEED).
+COMPARE=()
+if [ "$DETECTOR" = frcnn ]; then
+  sodtool train fsr --preset bench --detector "$RUN/detector/model.pt" --data "$DATA" --val-split val \
+    --out "$RUN/fsr" --seed 0
+  COMPARE=(--compare "fsr=$RUN/fsr/model.pt")
+fi
+
 sodtool crop-rois --detector "$DETECTOR" --detector-weights "$RUN/detector/model.pt" --data "$DATA" --split train \
   --mode train --hr-size "$HR" --out "$RUN/rois_train.h5" --overwrite
 sodtool downsample "$RUN/rois_train.h5" --out "$RUN/rois_train_lr.h5" --overwrite
@@ -60,5 +69,6 @@ sodtool downsample "$RUN/rois_minival.h5" --out "$RUN/rois_minival_lr.h5" --over
 # ROIs below 32² px rescored (--small-area 1024: larger ones keep the baseline's detection) and
 # with only the ROIs G super-resolves rescored (--sr-gate: those D reads from their HR crop keep it).
 sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
-  --pretrained-g "$RUN/sr" --small-area 1024 --sr-gate --out "$RUN/eval_minival" --overwrite
+  --pretrained-g "$RUN/sr" --small-area 1024 --sr-gate ${COMPARE[@]+"${COMPARE[@]}"} \
+  --out "$RUN/eval_minival" --overwrite
 cat "$RUN/eval_minival/table.md"

@@ -19,6 +19,16 @@ sodtool data stats --data "$DATA" --split train --out "$RUN/stats" --overwrite
 
 sodtool train detector --detector "$DETECTOR" --preset quick --data "$DATA" --out "$RUN/detector" --seed 0
 
+# Feature-level super-resolution (Noh et al. 2019) from the same Faster R-CNN: the small proposals'
+# pooled features super-resolved inside the detector; its row goes beside SOD-MTGAN's below.
+# pipelines/fsr.sh adds its two controls (a small head without G; G with unmatched targets).
+COMPARE=()
+if [ "$DETECTOR" = frcnn ]; then
+  sodtool train fsr --preset quick --detector "$RUN/detector/model.pt" --data "$DATA" --val-split val \
+    --out "$RUN/fsr" --seed 0
+  COMPARE=(--compare "fsr=$RUN/fsr/model.pt")
+fi
+
 sodtool crop-rois --detector "$DETECTOR" --detector-weights "$RUN/detector/model.pt" --data "$DATA" --split train \
   --mode train --hr-size "$HR" --out "$RUN/rois_train.h5" --overwrite
 sodtool downsample "$RUN/rois_train.h5" --out "$RUN/rois_train_lr.h5" --overwrite
@@ -37,8 +47,8 @@ sodtool downsample "$RUN/rois_minival.h5" --out "$RUN/rois_minival_lr.h5" --over
 # fused score (D's and the baseline's), the bicubic control with both, and each again with only
 # the ROIs below 32² px rescored (--small-area 1024; larger ones keep the baseline's detection, as
 # Noh et al. 2019 route only small proposals through SR); under the table, how far D's held-out
-# accuracy lets the rescored rows be trusted.
+# accuracy lets the rescored rows be trusted. Last, the feature-SR detector's own detections.
 sodtool eval --split minival --data "$DATA" --rois "$RUN/rois_minival.h5" --mtgan "$RUN/mtgan" \
-  --small-area 1024 --out "$RUN/eval_minival" --overwrite
+  --small-area 1024 ${COMPARE[@]+"${COMPARE[@]}"} --out "$RUN/eval_minival" --overwrite
 
 cat "$RUN/eval_minival/table.md"

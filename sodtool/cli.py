@@ -250,6 +250,7 @@ def eval_results(
     rois: Optional[Path] = typer.Option(None, "--rois", help="Rescoring, instead of --detector: a test-mode ROI store (RUN/rois_<split>.h5; its _lr.h5 twin is used when present)."),
     score: str = typer.Option("disc", "--score", help="The score whose detections the figure draws: disc (the paper: D's class probability) or fused (geometric mean with the baseline's score). The table and results files hold both, from one pass."),
     ablation: Optional[list[str]] = typer.Option(None, "--ablation", help="NAME=PATH of another MTGAN (e.g. trained with --no-adv) to evaluate the same way; repeatable."),
+    compare: Optional[list[str]] = typer.Option(None, "--compare", help="NAME=PATH of another detector's model.pt (a `train fsr` model or control, another `train detector` run) whose own detections, taken and selected as the baseline's, make a row beside it; repeatable; without --mtgan the table holds only these rows and the baseline's (--out required)."),
     pretrained_g: Optional[Path] = typer.Option(None, "--pretrained-g", help="Rescoring: the `train sr` run (RUN/sr or its generator.pt) the MTGAN started from; adds the pretrained-G control rows (the MTGAN's D fed that generator's output), which separate what the adversarial stage did to G."),
     batch_size: int = typer.Option(256, "--batch-size", help="Rescoring: ROIs per forward pass (the ROIs of several images)."),
     device: str = typer.Option("auto", "--device", help="Rescoring: auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
@@ -277,7 +278,9 @@ def eval_results(
     --mtgan RUN/mtgan with --detector or --rois: rescore the baseline's top-100 ROIs per image (G, D, NMS).
     Outputs baseline.json, mtgan.json, bicubic.json (control: D on bicubic crops), NAME.json per --ablation,
     pretrained_g.json with --pretrained-g (control: D on the pretrained generator's crops),
+    NAME.json per --compare (another detector's detections, selected as the baseline's),
     metrics.json, table.md (AP, AP50, AP75, AP_S, AP_M, AP_L in %), figures/ and manifest.json.
+    --compare without --mtgan: the baseline and the other detectors only.
 
     Subcommands evaluate other things.
 
@@ -288,9 +291,11 @@ def eval_results(
     Example: sodtool eval --split minival --data data/synth-quick --rois runs/quick/rois_minival.h5 --mtgan runs/quick/mtgan --ablation no_adv=runs/quick/mtgan_no_adv
 
     Example: sodtool eval --split minival --data data/synth-quick --rois runs/quick/rois_minival.h5 --mtgan runs/quick/mtgan --pretrained-g runs/quick/sr
+
+    Example: sodtool eval --split minival --data data/synth-quick --detector runs/quick/detector/model.pt --compare fsr=runs/quick/fsr/model.pt --compare small_head=runs/quick/fsr_small_head/model.pt --out runs/quick/eval_fsr_minival
     """
     rescoring = [n for n, v in (("--mtgan", mtgan), ("--detector", detector), ("--rois", rois), ("--ablation", ablation),
-                                ("--pretrained-g", pretrained_g)) if v]
+                                ("--compare", compare), ("--pretrained-g", pretrained_g)) if v]
     if ctx.invoked_subcommand is not None:
         if results is not None or rescoring:
             given = "--results" if results is not None else rescoring[0]
@@ -300,12 +305,14 @@ def eval_results(
         raise InputError(f"--results (evaluate a results file) and {', '.join(rescoring)} (MTGAN rescoring) are "
                          "two modes: give one of them")
     if rescoring:
-        if mtgan is None:
-            raise InputError(f"{', '.join(rescoring)} need --mtgan (the MTGAN run folder or model.pt) for rescoring")
+        if mtgan is None and not compare:
+            raise InputError(f"{', '.join(rescoring)} need --mtgan (the MTGAN run folder or model.pt) for rescoring, "
+                             "or --compare NAME=PATH (another detector) to put beside the baseline")
         from sodtool.stages.eval_mtgan import RescoreConfig, rescore_eval
 
         rescore_eval(RescoreConfig(mtgan=mtgan, data=data, split=split, ann=ann, images=images, detector=detector,
-                                   rois=rois, ablations=tuple(ablation or ()), pretrained_g=pretrained_g, out=out,
+                                   rois=rois, ablations=tuple(ablation or ()), compare=tuple(compare or ()),
+                                   pretrained_g=pretrained_g, out=out,
                                    score=score,
                                    nms_iou=nms_iou, max_per_image=max_per_image, min_score=min_score,
                                    small_area=small_area,
@@ -673,7 +680,7 @@ def train_fsr_cmd(
     det_weight: float = typer.Option(1.0, "--det-weight", help="Weight of the small predictor's classification and box losses in the generator's objective."),
     small_size: Optional[int] = typer.Option(None, "--small-size", help="Proposals of area below S² model-input px go through the generator and the small predictor (quick/bench 32, coco 96)."),
     pair_min_size: Optional[int] = typer.Option(None, "--pair-min-size", help="Training pairs: RoIs whose full-size side is in [this, 2 x --small-size) px (default: --small-size / 2)."),
-    pool: str = typer.Option("max", "--pool", help="The extractor's pooling where the trunk strides: max (the paper's Fig. 4c) or avg."),
+    pool: str = typer.Option("avg", "--pool", help="The extractor's pooling where the trunk strides: avg (chosen on val) or max (the paper's Fig. 4c)."),
     gen_blocks: Optional[int] = typer.Option(None, "--gen-blocks", help="Residual blocks of the feature generator (quick 2, coco 4)."),
     gen_width: Optional[int] = typer.Option(None, "--gen-width", help="Inner width of the generator's blocks (default: base + sub-layer channels, at most 512)."),
     disc_hidden: Optional[int] = typer.Option(None, "--disc-hidden", help="Width of the discriminator's two hidden layers (quick 256, coco 1024)."),

@@ -24,6 +24,9 @@ from sodtool.models.mtgan import MtganModel, training_logs
 BASELINE, MTGAN, BICUBIC, PRETRAINED_G = "baseline", "mtgan", "bicubic", "pretrained_g"
 ROW_TITLES = {BASELINE: "Baseline detector", MTGAN: "SOD-MTGAN", BICUBIC: "Bicubic control (D on bicubic)",
               PRETRAINED_G: "Pretrained-G control (D on train sr's G)"}
+# A `train fsr` model's row title, by its control (`eval --compare`).
+FSR_TITLES = {"none": "Feature SR (Noh et al.)", "small-head": "Small-head control (no SR)",
+              "unmatched-target": "Unmatched-target control (feature SR, plain-backbone targets)"}
 # The paper's table columns: metrics.json key -> column title.
 TABLE_COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("AP_small", "AP_S"),
                  ("AP_medium", "AP_M"), ("AP_large", "AP_L"))
@@ -106,6 +109,19 @@ def row_title(name: str, baseline_arch: Optional[str] = None, small_area: Option
     elif gate == SR_GATE_SUFFIX:
         title += ", super-resolved ROIs only"
     return title
+
+
+def detector_title(name: str, family: str, arch: str, fsr_options: Optional[dict] = None) -> str:
+    """The row title of another detector put beside the baseline (`eval --compare NAME=PATH`):
+    a feature-SR model's names its method or control (and the extractor's pooling, where it has
+    an extractor), any other detector its architecture."""
+    if family == "fsr":
+        opts = fsr_options or {}
+        title = FSR_TITLES.get(opts.get("control"), "Feature SR")
+        if opts.get("control") == "none" and opts.get("pool"):
+            title += f", {opts['pool']} pooling in the extractor"
+        return f"{title} [{name}]"
+    return f"Detector {name} ({family} {arch})"
 
 
 # Below this share of held-out object crops classified right, D's class scores are closer to
@@ -205,39 +221,62 @@ def table_markdown(metrics: dict) -> str:
     then the differences to the baseline in percentage points."""
     head, sep = _TABLE_HEAD
     src = metrics["source"]
-    lines = [f"# SOD-MTGAN evaluation on {metrics['split']}", "",
+    rescored = metrics.get("rescored", True)  # older runs always had an MTGAN
+    compared = [r for r in metrics["rows"] if r.get("sr_of") is not None or r.get("family")]
+    lines = [f"# {'SOD-MTGAN evaluation' if rescored else 'Detector comparison'} on {metrics['split']}", "",
              f"COCO bbox AP in percent on {metrics['images']} images; ROIs: the baseline's top "
              f"{metrics['max_per_image']} detections per image from the {src['kind']} {src['path']} "
-             f"({metrics['rois']} ROIs); scores: D's class probability (the paper's) and its geometric "
-             f"mean with the baseline's (fused); per-class NMS at IoU {metrics['nms_iou']}."
+             f"({metrics['rois']} ROIs)"
+             + ("; scores: D's class probability (the paper's) and its geometric mean with the baseline's (fused)"
+                if rescored else "")
+             + f"; per-class NMS at IoU {metrics['nms_iou']}."
              + _threshold_sentence(metrics)
-             + _crops_sentence(metrics.get("crops"))
+             + (_crops_sentence(metrics.get("crops")) if rescored else "")
              + (f" Rows 'ROIs < {metrics['small_area']:g} px² only': larger ROIs keep the baseline's detection."
-                if metrics.get("small_area") else ""),
-             *_overlap_lines(metrics.get("trained_overlap")), "",
-             "ROIs via SR: how many of the row's ROIs were rescored from their LR crop, i.e. went through "
-             "G (through bicubic upsampling in the bicubic control); a row whose count is small measures D's "
-             "second look, not super-resolution.", "",
-             head + " ROIs via SR |", sep + " ---: |"]
+                if metrics.get("small_area") and rescored else "")
+             + (" Detector rows (--compare): that detector's own detections, taken and selected as the "
+                "baseline's." if compared else ""),
+             *_overlap_lines(metrics.get("trained_overlap")), ""]
+    if rescored:
+        lines += ["ROIs via SR: how many of the row's ROIs were rescored from their LR crop, i.e. went through "
+                  "G (through bicubic upsampling in the bicubic control); a row whose count is small measures D's "
+                  "second look, not super-resolution."
+                  + (" Feature-SR rows: the proposals whose pooled features went through the feature generator."
+                     if compared else ""), ""]
+    else:
+        lines += ["ROIs via SR: for a feature-SR row, how many of the detector's proposals (area below its small "
+                  "size) had their pooled features super-resolved by the feature generator; 0 where nothing was "
+                  "super-resolved (the baseline, a small-head control).", ""]
+    lines += [head + " ROIs via SR |", sep + " ---: |"]
     for row in metrics["rows"]:
         via = row.get("rois_through_sr")  # none in metrics of older runs
-        via_cell = "n/a" if via is None else f"{via:,} of {metrics['rois']:,}"
+        if via is None:
+            via_cell = "n/a"
+        elif row.get("sr_of") is not None:
+            via_cell = f"{via:,} of {row['sr_of']:,} proposals"
+        else:
+            via_cell = f"{via:,} of {metrics['rois']:,}"
         lines.append(f"| {row['title']} | " + " | ".join(_pct(row[k]) for k, _ in TABLE_COLUMNS) + f" | {via_cell} |")
     lines += ["", "Difference to the baseline (percentage points):", "", head, sep]
     for row in metrics["rows"][1:]:
         cells = " | ".join(_pct(row["delta"][k], signed=True) for k, _ in TABLE_COLUMNS)
         lines.append(f"| {row['title']} | {cells} |")
-    lines += ["", "n/a: the ground truth has no object of that size (COCOeval reports -1).", "",
-              verdict(metrics.get("discriminator"))]
+    lines += ["", "n/a: the ground truth has no object of that size (COCOeval reports -1)."]
+    if rescored:
+        lines += ["", verdict(metrics.get("discriminator"))]
     return "\n".join(lines) + "\n"
 
 
-def seeds_markdown(runs: Sequence[dict]) -> str:
+def seeds_markdown(runs: Sequence[dict], diffs: Sequence[tuple[str, str]] = ()) -> str:
     """Several `eval` runs of one comparison (e.g. MTGAN seeds 0, 1, 2) as one Markdown table: each
     row found in every run, in the first run's order, with its AP columns as mean ± sd over the
-    runs (sample sd, n - 1; percent, one decimal), then D's held-out SR accuracy per run. Rows
-    missing from some run are named under the table, not averaged. Runs of another split or image
-    count than the first are an InputError: each mean must be over the same measurement."""
+    runs (sample sd, n - 1; percent, one decimal), then D's held-out SR accuracy per run (runs
+    that rescored with an MTGAN). Rows missing from some run are named under the table, not
+    averaged. Runs of another split or image count than the first are an InputError: each mean
+    must be over the same measurement.
+
+    `diffs`: (A, B) row names; a second table gives A - B per run, as mean ± sd (paired: the
+    spread of the difference, not of either row)."""
     if not runs:
         raise InputError("give at least one eval metrics.json")
     for i, m in enumerate(runs[1:], 2):
@@ -247,23 +286,38 @@ def seeds_markdown(runs: Sequence[dict]) -> str:
     by_name = [{r["name"]: r for r in m["rows"]} for m in runs]
     names = [r["name"] for r in runs[0]["rows"] if all(r["name"] in b for b in by_name)]
     partial = sorted({n for b in by_name for n in b} - set(names))
+    for a, b in diffs:
+        missing = [x for x in (a, b) if x not in names]
+        if missing:
+            raise InputError(f"--diff {a}:{b}: no row '{missing[0]}' in every run (rows: {', '.join(names)})")
     n = len(runs)
+
+    def cell(v: np.ndarray, signed: bool = False) -> str:
+        sign = "+" if signed else ""
+        mean = round(float(v.mean()), 1) + 0.0  # + 0.0: no "-0.0" for a mean that rounds to zero
+        return f"{mean:{sign}.1f}" if n == 1 else f"{mean:{sign}.1f} ± {v.std(ddof=1):.1f}"
+
+    def values(name: str, k: str) -> np.ndarray:
+        return np.array([b[name][k] for b in by_name], dtype=np.float64) * 100
+
     lines = [f"COCO bbox AP in percent on {runs[0]['split']}, {runs[0]['images']} images; mean ± sd of {n} "
              f"run{'s' if n > 1 else ''}.", "", *_TABLE_HEAD]
     for name in names:
-        cells = []
-        for k, _ in TABLE_COLUMNS:
-            v = np.array([b[name][k] for b in by_name], dtype=np.float64) * 100
-            if (v < 0).any():
-                cells.append("n/a")  # COCOeval's -1: no ground truth of that size
-            elif n == 1:
-                cells.append(f"{v[0]:.1f}")
-            else:
-                cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}")
+        # COCOeval's -1: no ground truth of that size
+        cells = ["n/a" if (values(name, k) < 0).any() else cell(values(name, k)) for k, _ in TABLE_COLUMNS]
         lines.append(f"| {by_name[0][name]['title']} | " + " | ".join(cells) + " |")
-    accs = [(m.get("discriminator") or {}).get("val_d_cls_acc_fg_sr") for m in runs]
-    lines += ["", "D's held-out object accuracy on SR input, per run: "
-              + ", ".join("unknown" if a is None else f"{100 * a:.0f}%" for a in accs) + "."]
+    if diffs:
+        lines += ["", f"Paired differences (percentage points; mean ± sd over the {n} runs of each run's "
+                  "difference):", "", "| Difference | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
+                  "| --- |" + " ---: |" * len(TABLE_COLUMNS)]
+        for a, b in diffs:
+            cells = ["n/a" if (values(a, k) < 0).any() or (values(b, k) < 0).any()
+                     else cell(values(a, k) - values(b, k), signed=True) for k, _ in TABLE_COLUMNS]
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    if any(m.get("rescored", True) for m in runs):
+        accs = [(m.get("discriminator") or {}).get("val_d_cls_acc_fg_sr") for m in runs]
+        lines += ["", "D's held-out object accuracy on SR input, per run: "
+                  + ", ".join("unknown" if a is None else f"{100 * a:.0f}%" for a in accs) + "."]
     if partial:
         lines.append("Rows not in every run, left out: " + ", ".join(partial) + ".")
     return "\n".join(lines) + "\n"
@@ -276,15 +330,18 @@ def print_comparison(metrics: dict) -> None:
             + ["" if row["name"] == BASELINE else _pct(row["delta"]["AP_small"], signed=True)]
             for row in metrics["rows"]]
     print_table(f"COCO bbox AP (%) on {metrics['split']}, {metrics['images']} images", header, rows)
-    log(verdict(metrics.get("discriminator")))
+    if metrics.get("rescored", True):
+        log(verdict(metrics.get("discriminator")))
 
 
-def write_figures(cfg, out: Path, split, image_dir, dets, picker: TripletPicker, main: MtganModel,
-                  class_names: list[str]) -> None:
-    """figures/sr_triplets.png, figures/detections.png, figures/loss_<run>.png."""
+def write_figures(cfg, out: Path, split, image_dir, dets, picker: TripletPicker, main: Optional[MtganModel],
+                  class_names: list[str], drawn: dict[str, str]) -> None:
+    """figures/sr_triplets.png and figures/loss_<run>.png (with an MTGAN, `main`), and
+    figures/detections.png: the baseline's detections beside those of the `drawn` rows (title ->
+    row name)."""
     fig_dir = out / "figures"
     trip = picker.result()
-    if cfg.fig_triplets:
+    if cfg.fig_triplets and main is not None:
         if trip is None:
             figures.sr_triplets(np.zeros((0, 3, 1, 1), np.uint8), np.zeros((0, 3, 4, 4), np.uint8),
                                 np.zeros((0, 3, 4, 4), np.uint8), fig_dir / "sr_triplets.png")
@@ -313,9 +370,9 @@ def write_figures(cfg, out: Path, split, image_dir, dets, picker: TripletPicker,
             figures.detections_figure(
                 images, gts,
                 {"Baseline": [dets[BASELINE].get(i, empty) for i in chosen],
-                 f"SOD-MTGAN ({cfg.score})": [dets[scored_name(MTGAN, cfg.score)].get(i, empty) for i in chosen]},
+                 **{title: [dets[name].get(i, empty) for i in chosen] for title, name in drawn.items()}},
                 fig_dir / "detections.png", class_names=class_names, score_thresh=cfg.draw_thresh, captions=caps)
-    for run, path in training_logs(main).items():
+    for run, path in (training_logs(main) if main is not None else {}).items():
         try:
             recs = read_jsonl(path)
         except OSError as e:

@@ -3,6 +3,8 @@
 Two sources give the same crops: a test-mode ROI store written by `sodtool crop-rois --mode
 test` (`store_rois`), or the detector run here through the same functions (`detector_rois`).
 `batch_images` groups consecutive images so that a forward pass holds the ROIs of several.
+`detector_detections` runs another detector (a `train fsr` model, say) through the same steps
+without crops, so that its detections and the baseline's ROIs are kept alike.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sodtool import boxes as B
 from sodtool import rois, store
 from sodtool.artefacts import file_identity
 from sodtool.coco import CategoryMap
-from sodtool.console import warn
+from sodtool.console import make_progress, warn
 from sodtool.errors import InputError
 
 
@@ -92,6 +94,7 @@ def store_rois(path: Path, split_name: str, split) -> tuple[SourceInfo, Iterator
     source = SourceInfo(kind="rois", path=path, lr_path=lr_path, categories=cats, hr_size=hr_size,
                         context=float(info.get("context", float("nan"))),
                         detail={"rows": info["num_rows"], "store_split": info.get("split"), "score_thresh": score_thresh,
+                                "max_rois": config.get("max_rois"),
                                 "arch": (info.get("detector") or {}).get("arch")
                                 if isinstance(info.get("detector"), dict) else None})
 
@@ -185,6 +188,34 @@ def detector_rois(detector: Path, device: torch.device, split, *, hr_size: int, 
                                 hr=crops, lr=None)
 
     return source, rows_iter()
+
+
+def detector_detections(detector: Path, device: torch.device, split, *, score_thresh: float, max_rois: int,
+                        batch_images: int, slicing: Optional[tuple[int, float, bool]] = None,
+                        description: str = "detect") -> tuple["rois.ModelDetections", dict[int, dict]]:
+    """A detector's detections on every image of the split, by the steps `detector_rois` takes
+    for the baseline's ROIs (`rois.ModelDetections` on `batch_images` images at a time, then
+    `rois.prepare_detections`: clip, drop empty boxes, threshold, top `max_rois`), without crops.
+
+    Returns the loaded detector and {image_id: {"boxes" float32 [N, 4] xyxy image px, "scores"
+    float32 [N], "labels" int64 [N] 1..K}}, images without a detection left out.
+    """
+    source_fn = rois.ModelDetections(Path(detector), device, split.categories, slicing)
+    found: dict[int, dict] = {}
+    ids = list(split.image_ids)
+    with make_progress() as progress:
+        task = progress.add_task(description, total=len(ids), info="")
+        for i in range(0, len(ids), batch_images):
+            batch = ids[i:i + batch_images]
+            images = [split.load_image(iid) for iid in batch]
+            for iid, img, p in zip(batch, images, source_fn(batch, images, score_thresh, max_rois)):
+                h, w = img.shape[:2]
+                d = rois.prepare_detections(p["boxes"], p["scores"], p["labels"], w, h, score_thresh, max_rois)
+                if len(d["boxes"]):
+                    found[iid] = {"boxes": d["boxes"].astype(np.float32), "scores": d["scores"].astype(np.float32),
+                                  "labels": d["labels"].astype(np.int64)}
+            progress.advance(task, len(batch))
+    return source_fn, found
 
 
 def batch_images(items: Iterator[ImageRois], batch_size: int) -> Iterator[list[ImageRois]]:

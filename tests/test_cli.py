@@ -161,6 +161,7 @@ CONVERTED = {
     (("train", "mtgan"), "no_cls"): lambda v: not v,
     (("train", "mtgan"), "no_reg"): lambda v: not v,
     (("eval",), "ablation"): lambda v: tuple(v or ()),
+    (("eval",), "compare"): lambda v: tuple(v or ()),
 }
 
 # (command, option param name, config class): the option's default intentionally differs from
@@ -169,8 +170,6 @@ INTENTIONAL_DIFFERENCES = {
     (("crop-rois",), "out", "CropRoisConfig"):
         "CLI None, field required: crop-rois is a group callback (so that `crop-rois merge` can sit "
         "beside it), so --out cannot be a required option; the callback raises InputError without it",
-    (("eval",), "mtgan", "RescoreConfig"):
-        "CLI None, field required: --mtgan selects the rescoring mode of `sodtool eval`, absent in --results mode",
     (("eval",), "results", "EvalResultsConfig"):
         "CLI None, field required: --results selects the results mode of `sodtool eval`, absent in rescoring mode",
     (("eval", "sr"), "generator", "EvalSRConfig"):

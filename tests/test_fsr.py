@@ -66,14 +66,14 @@ def runs(ds, tmp_path_factory) -> Path:
 # The SR target extractor
 # ------------------------------------------------------------------------------------------------
 
-def _receptive_field(backbone, rate: int, level: str, size: int) -> tuple[int, tuple]:
+def _receptive_field(backbone, rate: int, level: str, size: int, pool: str = "max") -> tuple[int, tuple]:
     """Width in image px of the pixels that reach the centre cell of a trunk level (gradient
     support, SE gates held constant), and that level's shape."""
     torch.manual_seed(0)
     support = torch.zeros(size, dtype=torch.bool)
     for _ in range(2):  # the union of two random images: a ReLU may block a border pixel of one
         x = torch.randn(1, 3, size, size, requires_grad=True)
-        feats, _ = fsr.run_trunk(backbone, x, rate=rate, hold_se=True, fpn=False)
+        feats, _ = fsr.run_trunk(backbone, x, rate=rate, pool=pool, hold_se=True, fpn=False)
         f = feats[level]
         f[0, :, f.shape[-2] // 2, f.shape[-1] // 2].sum().backward()
         support |= x.grad.abs().sum((0, 1, 2)) > 0
@@ -91,10 +91,11 @@ def _receptive_field(backbone, rate: int, level: str, size: int) -> tuple[int, t
     # ResNet-18 layer1 (stride 4): 7x7/2 stem 7, 3x3/2 max pool -> 11, four 3x3 at stride 4 -> 43.
     ("resnet18_fpn", "0", 128, 43, 2),
 ])
-def test_extractor_receptive_field_is_twice_the_backbones(arch, level, size, rf_backbone, overhang):
+@pytest.mark.parametrize("pool", fsr.POOLS)
+def test_extractor_receptive_field_is_twice_the_backbones(arch, level, size, rf_backbone, overhang, pool):
     backbone = tiny_fsr(arch).backbone
     rf_b, shape_b = _receptive_field(backbone, 1, level, size)
-    rf_e, shape_e = _receptive_field(backbone, fsr.RATE, level, size)
+    rf_e, shape_e = _receptive_field(backbone, fsr.RATE, level, size, pool)
     assert rf_b == rf_backbone
     # The backbone on the 0.5x image sees 2 x rf_b image px per cell (each of its pixels is two):
     # the extractor on the full image matches that relative receptive field, plus the pooling
@@ -300,6 +301,54 @@ def test_detect_eval_and_crop_rois_take_the_fsr_model(cli, runs, ds, tmp_path):
     res = cli("crop-rois", "--detector", "frcnn", "--detector-weights", model_pt, "--data", ds, "--split", "minival",
               "--mode", "test", "--hr-size", "32", "--out", tmp_path / "rois2.h5", "--device", "cpu")
     assert res.exit_code == 2 and "holds a fsr detector, not --detector frcnn" in res.stderr
+
+
+def test_eval_compare_puts_detectors_beside_the_baseline(cli, runs, ds, tmp_path):
+    base, model_pt = runs / "detector" / "model.pt", runs / "fsr" / "model.pt"
+    ev = tmp_path / "ev"
+    res = cli("eval", "--split", "minival", "--data", ds, "--detector", base, "--compare", f"same={base}",
+              "--compare", f"fsr={model_pt}", "--out", ev, "--device", "cpu")
+    assert res.exit_code == 0, res.stderr
+    m = json.loads((ev / "metrics.json").read_text())
+    rows = {r["name"]: r for r in m["rows"]}
+    assert list(rows) == ["baseline", "same", "fsr"] and m["rescored"] is False
+    # The baseline's own detector as a --compare row is the baseline row, detection for detection.
+    assert json.loads((ev / "same.json").read_text()) == json.loads((ev / "baseline.json").read_text())
+    assert rows["same"]["AP"] == rows["baseline"]["AP"] and rows["same"]["rois_through_sr"] == 0
+    assert rows["same"]["sr_of"] is None and rows["baseline"]["rois_through_sr"] == 0
+    # The fsr row counts the proposals G super-resolved: those train fsr's own evaluation counted.
+    trained = json.loads((runs / "fsr" / "manifest.json").read_text())["metrics"]
+    assert rows["fsr"]["rois_through_sr"] == trained["eval_small_proposals"] > 0
+    assert rows["fsr"]["sr_of"] == trained["eval_proposals"]
+    table = (ev / "table.md").read_text()
+    assert table.startswith("# Detector comparison on minival")
+    assert "| Feature SR (Noh et al.), avg pooling in the extractor [fsr] |" in table
+    assert " proposals |" in table and "D score" not in table
+    manifest = json.loads((ev / "manifest.json").read_text())
+    assert {"compare_same", "compare_fsr"} <= set(manifest["inputs"]) and "mtgan" not in manifest["inputs"]
+    # Beside an MTGAN's rows, last.
+    mtgan = save_mtgan(tmp_path / "mtgan.pt", PLAIN_CATS, hr_size=32)
+    res = cli("eval", "--split", "minival", "--data", ds, "--detector", base, "--mtgan", mtgan,
+              "--compare", f"fsr={model_pt}", "--out", tmp_path / "ev2", "--device", "cpu", "--no-figures")
+    assert res.exit_code == 0, res.stderr
+    names = [r["name"] for r in json.loads((tmp_path / "ev2" / "metrics.json").read_text())["rows"]]
+    assert names[:2] == ["baseline", "mtgan"] and names[-1] == "fsr"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "give --out: without --mtgan"),
+    (["--out", "OUT", "--compare", "fsr=MODEL"], "name(s) given twice: fsr"),
+    (["--out", "OUT", "--compare", "baseline=MODEL"], "--compare name 'baseline' is reserved"),
+    (["--out", "OUT", "--compare", "x=nowhere.pt"], "--compare x: detector file not found: nowhere.pt"),
+    (["--out", "OUT", "--pretrained-g", "MODEL"], "--pretrained-g adds rows of the MTGAN's rescoring: give --mtgan"),
+])
+def test_eval_compare_refuses_bad_input(cli, runs, ds, tmp_path, extra, message):
+    model_pt = str(runs / "fsr" / "model.pt")
+    extra = [x.replace("MODEL", model_pt).replace("OUT", str(tmp_path / "ev")) for x in extra]
+    res = cli("eval", "--split", "minival", "--data", ds, "--detector", runs / "detector" / "model.pt",
+              "--compare", f"fsr={model_pt}", *extra, "--device", "cpu")
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ev").exists()
 
 
 def test_predict_runs_the_fsr_model(cli, runs, ds, tmp_path):

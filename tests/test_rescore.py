@@ -780,6 +780,14 @@ def test_seeds_table_gives_mean_and_sample_sd_of_the_rows_every_run_has(tmp_path
     assert "21.7 |" in seeds_markdown(runs[1:2])  # one run: its value, no sd
     with pytest.raises(InputError, match="run 2 is on minival \\(100 images\\)"):
         seeds_markdown([runs[0], _eval_metrics(0.2, images=100)])
+    # Paired differences: per run mtgan - baseline AP_S = 5.9, 4.2, 1.2 -> mean 3.77, sd 2.38; AP_L n/a.
+    paired = seeds_markdown(runs, [("mtgan", "baseline")])
+    assert "| mtgan − baseline | +0.0 ± 0.0 | +0.0 ± 0.0 | +0.0 ± 0.0 | +3.8 ± 2.4 | +0.0 ± 0.0 | n/a |" in paired
+    assert "| mtgan − baseline | +0.0 | +0.0 | +0.0 | +5.9 | +0.0 | n/a |" in seeds_markdown(runs[:1], [("mtgan", "baseline")])
+    with pytest.raises(InputError, match="no row 'no_adv' in every run"):
+        seeds_markdown(runs, [("no_adv", "baseline")])
+    # Runs without an MTGAN (eval --compare only) have no D to report.
+    assert "D's held-out" not in seeds_markdown([{**m, "rescored": False} for m in runs])
 
     # The script: one table on stdout; a missing folder is one line on stderr and exit code 2.
     for i, m in enumerate(runs):

@@ -5,7 +5,9 @@ A torchvision Faster R-CNN (`sodtool.models.frcnn`) with four additions (paper F
 - the **SR target extractor** (Sec. 4.1, Fig. 4c): the detector's own trunk and FPN run with every
   convolution wider than 1x1 dilated by 2 and every stride-2 layer run at stride 1 and followed by
   a 2x2 pooling of stride 2 (a stride-2 max pool's window is widened instead, as the paper says
-  for parameter-free layers). It runs the very modules of the backbone through
+  for parameter-free layers). Fig. 4c draws max pooling; the option `pool` defaults to average
+  pooling, chosen on the val split (docs/results.md): the trunk's BatchNorm statistics were
+  learnt on strided convolutions, which subsample without taking a maximum. It runs the very modules of the backbone through
   `torch.nn.functional` with their own weight tensors (`run_trunk(..., rate=2)`): it has no
   parameters of its own. On the full-size image I^1.0 its features have the backbone's stride
   and the receptive field, in image pixels, of the backbone on the 0.5x image I^0.5;
@@ -455,7 +457,7 @@ def default_small_size(arch: str) -> int:
     return 32 if arch in ("mobilenet_v3_fpn", "resnet18_fpn") else 96
 
 
-def resolve_options(arch: str, control: str = "none", small_size: Optional[int] = None, pool: str = "max",
+def resolve_options(arch: str, control: str = "none", small_size: Optional[int] = None, pool: str = "avg",
                     gen_blocks: int = 2, gen_width: Optional[int] = None, sub_layer: Optional[str] = None,
                     sub_channels: Optional[int] = None) -> dict:
     """The fsr options with their defaults, checked (InputError naming the option)."""

@@ -40,7 +40,14 @@ The same is done for
   and D (`NAME.json`);
 - with `pretrained_g` (a `train sr` run), the pretrained-G control: the MTGAN's D fed the output of
   the MSE-pretrained generator the MTGAN started from (`pretrained_g.json`): it separates what the
-  adversarial stage did to G from what super-resolution gives D.
+  adversarial stage did to G from what super-resolution gives D;
+- each other detector (`--compare NAME=PATH`: a `train fsr` model, its small-head or
+  unmatched-target control, another `train detector` model): run on every image of the split by
+  the steps that give the baseline's ROIs (`testrois.detector_detections`: its detections at the
+  ROIs' score threshold, the same top count), then selected as the baseline row is (`NAME.json`).
+  A `--compare` of the baseline's own detector therefore reproduces the baseline row exactly.
+  Its "ROIs via SR" are the proposals a feature-SR model sent through its generator.
+  Without `mtgan`, the table holds the baseline and these rows only.
 
 Each is evaluated with COCOeval (sodtool.evaluate.coco_evaluate). Outputs in `out` (default
 `RUN/eval_<split>` beside the MTGAN run folder): the results JSONs, `metrics.json` (every row:
@@ -85,6 +92,7 @@ from sodtool.reports import (
     SR_GATE_SUFFIX,
     TripletPicker,
     class_name,
+    detector_title,
     print_comparison,
     row_title,
     scored_name,
@@ -107,7 +115,7 @@ from sodtool.rescoring import (
     select_detections,
 )
 from sodtool.rois import DEFAULT_CONTEXT, DEFAULT_HR_SIZE, MODE_DEFAULTS
-from sodtool.testrois import batch_images, detector_rois, store_rois
+from sodtool.testrois import batch_images, detector_detections, detector_rois, store_rois
 
 STAGE = "eval-mtgan"
 RESERVED_NAMES = (BASELINE, MTGAN, BICUBIC, PRETRAINED_G, "metrics", "table", "manifest", "figures")
@@ -122,11 +130,13 @@ class RescoreConfig:
     detector: a detector checkpoint (RUN/detector/model.pt) run on the split's images;
     rois: a test-mode HR ROI store of the split (`rois_<split>.h5`; its `_lr.h5` twin is used
       when present, else the LR crops are made here the same way);
-    mtgan: the MTGAN run folder (RUN/mtgan) or its model.pt;
+    mtgan: the MTGAN run folder (RUN/mtgan) or its model.pt; None: no rescoring, `compare` rows only;
     ablations: "NAME=PATH" pairs, each another MTGAN folder / model.pt evaluated the same way;
+    compare: "NAME=PATH" pairs, each another detector's model.pt (module docstring);
     pretrained_g: a `train sr` run folder (RUN/sr) or its generator.pt: adds the pretrained-G
       control rows (module docstring); None: none;
-    out: output folder (default: RUN/eval_<split>, RUN being the MTGAN folder's parent);
+    out: output folder (default: RUN/eval_<split>, RUN being the MTGAN folder's parent; required
+      without an MTGAN);
     score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4, for
       every row, the baseline's included (min_score None: the ROIs' own score threshold; never
       below it, which the baseline row could not follow);
@@ -145,7 +155,7 @@ class RescoreConfig:
       For debugging: metrics.json records the overlap ("trained_overlap") and table.md says so.
     """
 
-    mtgan: Path
+    mtgan: Optional[Path] = None
     data: Optional[Path] = None
     split: str = "minival"
     ann: Optional[Path] = None
@@ -153,6 +163,7 @@ class RescoreConfig:
     detector: Optional[Path] = None
     rois: Optional[Path] = None
     ablations: tuple[str, ...] = ()
+    compare: tuple[str, ...] = ()
     pretrained_g: Optional[Path] = None
     out: Optional[Path] = None
     score: str = "disc"
@@ -181,18 +192,24 @@ class RescoreConfig:
     allow_trained_images: bool = False
 
 
-def parse_ablation(spec: str) -> tuple[str, Path]:
+def parse_ablation(spec: str, option: str = "--ablation",
+                   example: str = "no_adv=runs/quick/mtgan_no_adv") -> tuple[str, Path]:
     """"NAME=PATH" -> (NAME, PATH); NAME is a file-name-safe label (letters, digits, _ . + -)."""
     name, sep, path = str(spec).partition("=")
     name, path = name.strip(), path.strip()
     if not sep or not name or not path:
-        raise InputError(f"--ablation expects NAME=PATH (e.g. no_adv=runs/quick/mtgan_no_adv), got '{spec}'")
+        raise InputError(f"{option} expects NAME=PATH (e.g. {example}), got '{spec}'")
     if not _NAME_RE.match(name):
-        raise InputError(f"--ablation name '{name}' must start with a letter or digit and contain only "
+        raise InputError(f"{option} name '{name}' must start with a letter or digit and contain only "
                          "letters, digits, '_', '.', '+' or '-'")
     if name.lower() in RESERVED_NAMES or name.lower().endswith(("_fused", SMALL_SUFFIX, SR_GATE_SUFFIX)):
-        raise InputError(f"--ablation name '{name}' is reserved (it would overwrite {name}.json); pick another")
+        raise InputError(f"{option} name '{name}' is reserved (it would overwrite {name}.json); pick another")
     return name, Path(path)
+
+
+def parse_compare(spec: str) -> tuple[str, Path]:
+    """A --compare "NAME=PATH" -> (NAME, PATH of a detector's model.pt)."""
+    return parse_ablation(spec, "--compare", "fsr=runs/quick/fsr/model.pt")
 
 
 def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
@@ -238,12 +255,26 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
     if pretrained_g is not None:
         # generator.pt only: an MTGAN's model.pt holds the adversarially trained G, not the control's
         pretrained_g = generator_file(pretrained_g, names=("generator.pt",), what="--pretrained-g")
-    names = [parse_ablation(a)[0] for a in cfg.ablations]
+    if cfg.mtgan is None:
+        if not cfg.compare:
+            raise InputError("give --mtgan (the MTGAN run folder or model.pt) to rescore the ROIs, or --compare "
+                             "NAME=PATH (another detector's model.pt) to put beside the baseline")
+        given = [n for n, v in (("--ablation", cfg.ablations), ("--pretrained-g", pretrained_g)) if v]
+        if given:
+            raise InputError(f"{given[0]} adds rows of the MTGAN's rescoring: give --mtgan too")
+        if cfg.out is None:
+            raise InputError("give --out: without --mtgan there is no run folder to put eval_<split> beside")
+    compares = [parse_compare(c) for c in cfg.compare]
+    names = [parse_ablation(a)[0] for a in cfg.ablations] + [n for n, _ in compares]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise InputError(f"--ablation name(s) given twice: {', '.join(dup)}")
+        raise InputError(f"--ablation / --compare name(s) given twice: {', '.join(dup)}")
+    for name, path in compares:
+        if not path.is_file():
+            raise InputError(f"--compare {name}: detector file not found: {path}")
     out = Path(cfg.out) if cfg.out is not None else mtgan_file(cfg.mtgan).parent.parent / f"eval_{cfg.split}"
-    return dataclasses.replace(cfg, out=out, ablations=tuple(str(a) for a in cfg.ablations), small_area=small_area,
+    return dataclasses.replace(cfg, out=out, ablations=tuple(str(a) for a in cfg.ablations),
+                               compare=tuple(str(c) for c in cfg.compare), small_area=small_area,
                                pretrained_g=pretrained_g)
 
 
@@ -266,16 +297,21 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                          "--detector runs the detector on the images")
     split = load_split(SplitPaths(ann=ann, images=image_dir or ann.parent), check_files=cfg.detector is not None)
     # No model is evaluated on images it was trained on (unless allowed, for debugging).
-    trained = [(MTGAN, f"MTGAN {cfg.mtgan}", mtgan_file(cfg.mtgan))]
+    compares = [parse_compare(c) for c in cfg.compare]
+    trained = [(MTGAN, f"MTGAN {cfg.mtgan}", mtgan_file(cfg.mtgan))] if cfg.mtgan is not None else []
     trained += [(n, f"ablation '{n}' ({p})", mtgan_file(p)) for n, p in map(parse_ablation, cfg.ablations)]
+    trained += [(n, f"--compare {n} ({p})", p) for n, p in compares]
     if cfg.pretrained_g is not None:
         trained.append((PRETRAINED_G, f"--pretrained-g {cfg.pretrained_g}", cfg.pretrained_g))
     trained_overlap = check_evaluation(split, cfg.split, trained, detector=cfg.detector, rois=cfg.rois,
                                        allow=cfg.allow_trained_images)
 
-    main = load_mtgan(cfg.mtgan, device, MTGAN)
-    main.categories.check_same(split.categories, f"MTGAN {main.path} vs dataset {ann}")
-    models = [main]
+    # Without an MTGAN (compare rows only) nothing is rescored: no second stage, no crops read.
+    main = load_mtgan(cfg.mtgan, device, MTGAN) if cfg.mtgan is not None else None
+    models = []
+    if main is not None:
+        main.categories.check_same(split.categories, f"MTGAN {main.path} vs dataset {ann}")
+        models.append(main)
     for spec in cfg.ablations:
         name, path = parse_ablation(spec)
         m = load_mtgan(path, device, name)
@@ -283,8 +319,9 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         models.append(m)
     # One pass of every second stage over the same crops: the MTGAN first (its SR crops feed the
     # figures), the ablations, then the controls with the MTGAN's D.
-    methods = ([MtganScorer(m.name, m.generator, m.discriminator) for m in models]
-               + [BicubicControl(BICUBIC, main.discriminator)])
+    methods = [MtganScorer(m.name, m.generator, m.discriminator) for m in models]
+    if main is not None:
+        methods.append(BicubicControl(BICUBIC, main.discriminator))
     if cfg.pretrained_g is not None:
         methods.append(MtganScorer(PRETRAINED_G, generator_from_checkpoint(cfg.pretrained_g, device),
                                    main.discriminator))
@@ -293,9 +330,11 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         source, items = store_rois(Path(cfg.rois), cfg.split, split)
     else:
         thresh, max_rois = MODE_DEFAULTS["test"]
-        context = cfg.context if cfg.context is not None else float(training_context(main, DEFAULT_CONTEXT))
+        context = cfg.context if cfg.context is not None else float(
+            training_context(main, DEFAULT_CONTEXT) if main is not None else DEFAULT_CONTEXT)
+        hr_size = (main.hr_size if main is not None else None) or DEFAULT_HR_SIZE
         source, items = detector_rois(
-            Path(cfg.detector), device, split, hr_size=main.hr_size or DEFAULT_HR_SIZE, context=context,
+            Path(cfg.detector), device, split, hr_size=hr_size, context=context,
             score_thresh=thresh if cfg.roi_score_thresh is None else cfg.roi_score_thresh,
             max_rois=max_rois if cfg.rois_per_image is None else cfg.rois_per_image, batch_images=cfg.detector_batch,
             slicing=(cfg.slice, cfg.overlap, cfg.slice_full) if cfg.slice else None)
@@ -314,28 +353,31 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                              f"are {source.hr_size} px: crop the ROIs with --hr-size {m.hr_size}")
     if source.hr_size % SCALE:
         raise InputError(f"{source.path}: HR size {source.hr_size} is not divisible by {SCALE}")
-    if source.kind == "rois":
+    if source.kind == "rois" and main is not None:
         trained = training_context(main, None, quiet=True)
         if trained is not None and math.isfinite(source.context) and abs(trained - source.context) > 1e-6:
             warn(f"{source.path} was cropped with context {source.context} but {main.path} was trained on "
                  f"crops with context {trained}")
 
     log(f"eval: split {cfg.split} ({len(split.image_ids)} images), ROIs from {source.kind} {source.path}, "
-        f"models {', '.join(m.name for m in models)}, device {device_name(device)}")
+        f"models {', '.join([m.name for m in models] + [n for n, _ in compares]) or 'none'}, "
+        f"device {device_name(device)}")
 
     # Which ROIs D reads from their HR crop: those whose window is wider than the LR crop.
     crop_context = (source.context if math.isfinite(source.context)
-                    else float(training_context(main, DEFAULT_CONTEXT, quiet=True)))
+                    else float(training_context(main, DEFAULT_CONTEXT, quiet=True)) if main is not None
+                    else DEFAULT_CONTEXT)
     lr_size = source.hr_size // SCALE
 
     # Every second stage with every score, from the one forward pass below.
     # Each rescored row ungated ("") and with every gate asked for (its suffix), in this order.
     gates = [""] + ([SMALL_SUFFIX] if cfg.small_area is not None else []) + ([SR_GATE_SUFFIX] if cfg.sr_gate else [])
     controls = [BICUBIC] + ([PRETRAINED_G] if cfg.pretrained_g is not None else [])
-    names = [BASELINE] + [scored_name(n, mode, gate) for gate in gates
-                          for n in [MTGAN] + controls + [m.name for m in models[1:]] for mode in SCORE_MODES]
+    rescored = [MTGAN] + controls + [m.name for m in models[1:]] if main is not None else []
+    names = [BASELINE] + [scored_name(n, mode, gate) for gate in gates for n in rescored for mode in SCORE_MODES]
+    names += [n for n, _ in compares]
     dets: dict[str, dict[int, dict]] = {n: {} for n in names}
-    picker = TripletPicker(cfg.fig_triplets if cfg.figures else 0)
+    picker = TripletPicker(cfg.fig_triplets if cfg.figures and main is not None else 0)
     class_names = list(split.categories.names)
     n_images = n_rois = n_hr_read = 0
     # Per gate, how many ROIs a row rescored from their LR crop, i.e. through G (or bicubic in
@@ -357,8 +399,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
             # The SR triplet figure shows G's output: only ROIs that went through G.
             sr_rows = picker.wanted(rois, scores, owner, None if hr_rows is None else ~hr_rows.numpy())
             t = Timer()
-            outs, srs = score_rois(methods, torch.from_numpy(lr), device, cfg.batch_size, sr_rows,
-                                   torch.from_numpy(hr), hr_rows)
+            outs, srs = (score_rois(methods, torch.from_numpy(lr), device, cfg.batch_size, sr_rows,
+                                    torch.from_numpy(hr), hr_rows) if methods else ({}, []))
             n_hr_read += 0 if hr_rows is None else int(hr_rows.sum())
             fwd_s += t.elapsed
             t = Timer()
@@ -405,6 +447,29 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         progress.update(task, completed=len(split.image_ids))  # images without ROIs were skipped
     loop_s = t_loop.elapsed
 
+    # The other detectors: their detections taken as the baseline's ROIs were, selected as its row.
+    compare_rows: dict[str, dict] = {}
+    max_rois = int(source.detail.get("max_rois") or MODE_DEFAULTS["test"][1])
+    for name, path in compares:
+        t = Timer()
+        fn, found = detector_detections(path, device, split, score_thresh=roi_thresh, max_rois=max_rois,
+                                        batch_images=cfg.detector_batch,
+                                        slicing=(cfg.slice, cfg.overlap, cfg.slice_full) if cfg.slice else None,
+                                        description=f"detect {name}")
+        for iid, d in found.items():
+            dets[name][iid] = select_detections(
+                torch.from_numpy(d["boxes"]),
+                baseline_scores(torch.from_numpy(d["scores"]), torch.from_numpy(d["labels"]), len(class_names)),
+                nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image, min_score=min_score)
+        heads = getattr(fn.det.model, "roi_heads", None)
+        counts = getattr(heads, "sr_counts", None)  # a feature-SR model's proposals, small ones counted
+        compare_rows[name] = {
+            "title": detector_title(name, fn.det.family, fn.det.arch, getattr(fn.det.model, "fsr_options", {})),
+            "family": fn.det.family, "path": str(path),
+            "rois_through_sr": (counts["small"] if getattr(heads, "generator", None) is not None else 0)
+            if counts is not None else 0,
+            "sr_of": counts["proposals"] if counts is not None else None, "detect_s": round(t.elapsed, 3)}
+
     # Results files and COCO evaluation, in a folder swapped onto `out` once complete.
     with staged_dir(out) as work:
         files = {name: f"{name}.json" for name in names}
@@ -416,12 +481,16 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                     results.extend(to_coco_results(iid, dets[name][iid], split.categories))
             write_json(work / files[name], results, indent=None)
             stats = coco_evaluate(split.coco, results)
-            title = row_title(name, source.detail.get("arch"), cfg.small_area)
-            gate = next((g for g in gates if g and name.endswith(g)), "")
-            rows.append({"name": name, "title": title, "results": files[name],
-                         "rois_through_sr": 0 if name == BASELINE else through_sr[gate],
-                         "detections": len(results), **{k: stats[k] for k in STAT_NAMES},
-                         "per_class_AP": stats["per_class_AP"]})
+            row = {"name": name, "results": files[name]}
+            if name in compare_rows:
+                row.update(compare_rows[name])
+            else:
+                gate = next((g for g in gates if g and name.endswith(g)), "")
+                row.update(title=row_title(name, source.detail.get("arch"), cfg.small_area),
+                           rois_through_sr=0 if name == BASELINE else through_sr[gate])
+            row.update({"detections": len(results), **{k: stats[k] for k in STAT_NAMES},
+                        "per_class_AP": stats["per_class_AP"]})
+            rows.append(row)
         base = rows[0]
         for row in rows:
             row["delta"] = {k: (row[k] - base[k] if row[k] >= 0 and base[k] >= 0 else None) for k in STAT_NAMES}
@@ -441,16 +510,21 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                               "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
                               "context": source.context if math.isfinite(source.context) else None,
                               **{k: v for k, v in source.detail.items() if k != "identity"}},
-                   "rows": rows, "discriminator": discriminator_quality(main), "timing": timing}
+                   "rescored": main is not None, "rows": rows,
+                   "discriminator": discriminator_quality(main) if main is not None else None, "timing": timing}
         if trained_overlap is not None:  # --allow-trained-images let models trained on these images pass
             metrics["trained_overlap"] = trained_overlap
         write_json(work / "metrics.json", metrics)
         write_text(work / "table.md", table_markdown(metrics))
 
         if cfg.figures:
-            write_figures(cfg, work, split, image_dir, dets, picker, main, class_names)
+            drawn = ({f"SOD-MTGAN ({cfg.score})": scored_name(MTGAN, cfg.score)} if main is not None
+                     else {compare_rows[n]["title"]: n for n, _ in compares[:1]})
+            write_figures(cfg, work, split, image_dir, dets, picker, main, class_names, drawn)
 
-        inputs: dict[str, Any] = {"annotations": ann, "mtgan": main.path}
+        inputs: dict[str, Any] = {"annotations": ann}
+        if main is not None:
+            inputs["mtgan"] = main.path
         if source.kind == "rois":
             inputs["rois"] = source.path
             inputs["rois_lr"] = source.lr_path
@@ -460,6 +534,8 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
             inputs[f"ablation_{m.name}"] = m.path
         if cfg.pretrained_g is not None:
             inputs["pretrained_g"] = cfg.pretrained_g
+        for name, path in compares:
+            inputs[f"compare_{name}"] = path
         write_manifest(work, STAGE, cfg, inputs, metrics, seed=cfg.seed, device=device_name(device),
                        wall_time_s=timer.elapsed)
     print_comparison(metrics)

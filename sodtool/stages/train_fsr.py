@@ -119,7 +119,7 @@ class TrainFSRConfig:
     det_weight: float = 1.0
     small_size: int | None = None  # proposals of area < small_size² go through G and the small head
     pair_min_size: int | None = None  # training pairs: full-size side in [pair_min_size, 2 * small_size)
-    pool: str = "max"  # the extractor's pooling where the trunk strides (Fig. 4c: max)
+    pool: str = "avg"  # the extractor's pooling where the trunk strides: avg, chosen on val (Fig. 4c: max)
     gen_blocks: int | None = None
     gen_width: int | None = None  # None: C + C_sub, at most 512
     disc_hidden: int | None = None
