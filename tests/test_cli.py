@@ -119,6 +119,7 @@ CONFIGS = {
     ("data", "synth"): [("sodtool.stages.synth", "SynthConfig", {})],
     ("data", "stats"): [("sodtool.stages.stats", "StatsConfig", {})],
     ("data", "import-yolo"): [("sodtool.stages.import_yolo", "ImportYoloConfig", {})],
+    ("data", "slice"): [("sodtool.stages.slice_data", "SliceDataConfig", {"split": "splits"})],
     ("train", "detector"): [("sodtool.stages.train_detector", "TrainDetectorConfig", {"evaluate": "eval"})],
     ("detect",): [("sodtool.stages.detect", "DetectConfig", {})],
     ("crop-rois",): [("sodtool.stages.crop_rois", "CropRoisConfig", {"slice_size": "slice"})],
@@ -162,6 +163,7 @@ CONVERTED = {
     (("train", "mtgan"), "no_reg"): lambda v: not v,
     (("eval",), "ablation"): lambda v: tuple(v or ()),
     (("eval",), "compare"): lambda v: tuple(v or ()),
+    (("data", "slice"), "split"): lambda v: tuple(v or ("train",)),
 }
 
 # (command, option param name, config class): the option's default intentionally differs from

@@ -163,6 +163,8 @@ BAD_INPUTS = [
     ("detect-width-string", "detect --detector {R}/detector/model.pt --data {T}/data_strwidth --split minival --out {T}/new.json", "width '192', expected a number"),
     ("crop-bad-box", "crop-rois --detector frcnn --detector-weights {R}/detector/model.pt --data {T}/data_badbox --split train --mode train --hr-size 32 --out {T}/r.h5", "--skip-invalid"),
     ("import-yolo-missing", "data import-yolo {T}/missing --out {T}/yolo", "missing"),
+    ("slice-no-split", "data slice --data {D} --split nosuch --out {T}/tiles", "nosuch"),
+    ("slice-out-exists", "data slice --data {D} --split minival --size 64 --out {R}/stats", "already exists"),
     ("synth-out-file", "data synth --preset quick --train-images 2 --val-images 1 --minival-images 1 --image-size 192 --out {T}/a_file", "a_file"),
     ("predict-no-detector", "predict {T}/not_json.json --detector {T}/missing.pt --out {T}/pr", "detector weights file not found"),
     ("merge-not-hdf5", "crop-rois merge {T}/merged.h5 {T}/not_json.json", "not a readable HDF5"),
