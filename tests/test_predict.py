@@ -66,6 +66,24 @@ def test_merging_keeps_apart_other_classes_and_disjoint_boxes():
     assert out["labels"].tolist() == [1, 2, 1] and out["scores"].tolist() == pytest.approx([0.9, 0.7, 0.6])
 
 
+def test_merging_with_tiles_fuses_only_boxes_of_different_tiles():
+    # Two neighbouring objects of one class, overlapping by more than half the smaller box.
+    boxes = np.array([[0, 0, 10, 10], [4, 0, 14, 10], [0, 0, 10, 10]], np.float32)
+    scores, labels = np.array([0.9, 0.8, 0.7]), np.array([1, 1, 1])
+    # Without tiles the greedy merge fuses all three into one box.
+    assert len(merge_detections(boxes, scores, labels)["boxes"]) == 1
+    # Seen by one tile (the detector's NMS kept both apart), the two neighbours stay apart;
+    # the third box, the same object seen by another tile, joins the first.
+    out = merge_detections(boxes, scores, labels, groups=np.array([0, 0, 1]))
+    np.testing.assert_allclose(out["boxes"], [[0, 0, 10, 10], [4, 0, 14, 10]])
+    assert out["scores"].tolist() == pytest.approx([0.9, 0.8])
+    # Whole-image detections passed as one tile come out unchanged (sorted by score).
+    one = merge_detections(boxes[::-1], scores[::-1], labels, groups=np.zeros(3))
+    np.testing.assert_allclose(one["boxes"], boxes)
+    with pytest.raises(ValueError, match="groups has 2 entries for 3 boxes"):
+        merge_detections(boxes, scores, labels, groups=np.zeros(2))
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """An untrained light SSD saved as sodtool's model.pt, and an untrained MTGAN model.pt."""

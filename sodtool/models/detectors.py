@@ -127,7 +127,7 @@ def predict_sliced(det: LoadedDetector, images: list[np.ndarray], *, tile: int, 
     """`predict` with sliced inference: each image cut into overlapping `tile` px tiles
     (`slicing.tile_grid`; `full` adds the whole image), the tiles of all `images` batched
     together, their detections shifted into image pixels and merged across tiles
-    (`slicing.merge_detections`), the top `max_per_image` kept. Same output as `predict`."""
+    (`slicing.merge_detections`; only boxes of different tiles merge), the top `max_per_image` kept. Same output as `predict`."""
     crops, owners, offsets = [], [], []
     for k, img in enumerate(images):
         h, w = img.shape[:2]
@@ -146,7 +146,8 @@ def predict_sliced(det: LoadedDetector, images: list[np.ndarray], *, tile: int, 
         boxes = np.concatenate([preds[i]["boxes"] + offsets[i] for i in mine])
         scores = np.concatenate([preds[i]["scores"] for i in mine])
         labels = np.concatenate([preds[i]["labels"] for i in mine])
-        merged = merge_detections(boxes, scores, labels, merge_ios) if len(mine) > 1 else \
+        tiles = np.concatenate([np.full(len(preds[i]["scores"]), i) for i in mine])  # boxes of one tile never merge
+        merged = merge_detections(boxes, scores, labels, merge_ios, tiles) if len(mine) > 1 else \
             {"boxes": boxes, "scores": scores, "labels": labels}
         results.append({key: v[:max_per_image] for key, v in merged.items()})
     return results
