@@ -129,3 +129,41 @@ def test_slice_refuses_bad_options_in_one_line(cli, tmp_path, extra, message):
     assert res.exit_code == 2 and message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_tiles_ground_truth_merged_back_reproduces_the_full_image_ground_truth(cli, tmp_path):
+    """data slice's tile boxes, used as predictions, shifted by their offsets and merged across
+    tiles as sliced inference merges (only boxes of different tiles), evaluate to AP 100
+    against the full images: pieces cut by tile borders join their whole box."""
+    from collections import defaultdict
+
+    from sodtool.evaluate import coco_evaluate
+    from sodtool.slicing import merge_detections
+
+    boxes = [[[10, 10, 20, 20], [120, 60, 30, 30], [250, 150, 40, 40], [90, 90, 24, 24], [60, 150, 14, 30]],
+             [[5, 150, 25, 25], [100, 100, 60, 50]]]
+    src = _dataset(tmp_path / "src", boxes)
+    out = tmp_path / "tiles"
+    res = cli("data", "slice", "--data", src, "--size", "128", "--overlap", "0.25", "--min-visibility", "0.2",
+              "--out", out)
+    assert res.exit_code == 0, res.stderr
+    tiles = json.loads((out / "annotations" / "instances_train.json").read_text())
+    info = {im["id"]: im["tile"] for im in tiles["images"]}
+    per_image = defaultdict(list)
+    for a in tiles["annotations"]:
+        t = info[a["image_id"]]
+        x, y, w, h = a["bbox"]
+        x0, y0 = t["offset"]
+        per_image[t["source_image_id"]].append(([x + x0, y + y0, x + x0 + w, y + y0 + h], a["category_id"],
+                                                a["image_id"], 0.5 if a["clipped"] else 1.0))
+    assert any(c == 0.5 for rows in per_image.values() for *_, c in rows), "some boxes are cut by a border"
+    results = []
+    for iid, rows in per_image.items():
+        m = merge_detections(np.array([r[0] for r in rows]), np.array([r[3] for r in rows]),
+                             np.array([r[1] for r in rows]), groups=np.array([r[2] for r in rows]))
+        results += [{"image_id": iid, "category_id": int(c), "score": float(s),
+                     "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+                    for b, s, c in zip(m["boxes"], m["scores"], m["labels"])]
+    source = load_split(SplitPaths(src / "annotations" / "instances_train.json", src / "images" / "train"))
+    stats = coco_evaluate(source.coco, results)
+    assert len(results) == 7 and stats["AP"] == pytest.approx(1.0)
