@@ -26,25 +26,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sodtool.artefacts import read_json  # noqa: E402
-from sodtool.coco import load_split, resolve_split  # noqa: E402
+from sodtool.coco import load_split, resolve_split, to_coco_results, xywh_to_xyxy  # noqa: E402
 from sodtool.errors import InputError  # noqa: E402
 from sodtool.evaluate import check_results, coco_evaluate  # noqa: E402
 from sodtool.slicing import DEFAULT_MERGE_IOS, merge_detections  # noqa: E402
 
 
-def merged(results: list[dict], ios: float) -> list[dict]:
+def merged(results: list[dict], ios: float, categories) -> list[dict]:
     """COCO results (bbox xywh image px) -> the same after merge_detections per image."""
     by_image: dict[int, list[dict]] = defaultdict(list)
     for r in results:
         by_image[r["image_id"]].append(r)
     out = []
     for iid, rs in by_image.items():
-        xyxy = np.array([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
-                         for r in rs], np.float32)
-        m = merge_detections(xyxy, [r["score"] for r in rs], [r["category_id"] for r in rs], ios)
-        for b, s, c in zip(m["boxes"], m["scores"], m["labels"]):
-            out.append({"image_id": iid, "category_id": int(c), "score": float(s),
-                        "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+        m = merge_detections(np.array([xywh_to_xyxy(r["bbox"]) for r in rs]), [r["score"] for r in rs],
+                             [categories.to_label(r["category_id"]) for r in rs], ios)
+        out += to_coco_results(iid, m, categories)
     return out
 
 
@@ -65,7 +62,7 @@ def main() -> None:
         for name, res in (("ground truth as predictions", gt), ("detections", dets)):
             rows.append((name, "as they are", res))
             for ios in args.ios or [DEFAULT_MERGE_IOS]:
-                rows.append((name, f"merged, IoS {ios:g}", merged(res, ios)))
+                rows.append((name, f"merged, IoS {ios:g}", merged(res, ios, split.categories)))
         print(f"{args.split} of {args.data}, {len(split.image_ids)} images\n")
         print("| input | merge | boxes | AP | AP50 | AP_S |\n| --- | --- | ---: | ---: | ---: | ---: |")
         for name, how, res in rows:

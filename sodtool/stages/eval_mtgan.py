@@ -463,11 +463,10 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                 nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image, min_score=min_score)
         heads = getattr(fn.det.model, "roi_heads", None)
         counts = getattr(heads, "sr_counts", None)  # a feature-SR model's proposals, small ones counted
+        has_g = counts is not None and getattr(heads, "generator", None) is not None  # not the small-head control
         compare_rows[name] = {
             "title": detector_title(name, fn.det.family, fn.det.arch, getattr(fn.det.model, "fsr_options", {})),
-            "family": fn.det.family, "path": str(path),
-            "rois_through_sr": (counts["small"] if getattr(heads, "generator", None) is not None else 0)
-            if counts is not None else 0,
+            "family": fn.det.family, "path": str(path), "rois_through_sr": counts["small"] if has_g else 0,
             "sr_of": counts["proposals"] if counts is not None else None, "detect_s": round(t.elapsed, 3)}
 
     # Results files and COCO evaluation, in a folder swapped onto `out` once complete.

@@ -18,7 +18,6 @@ mapped back with its tile's offset is its source box whenever it was kept whole.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from sodtool.artefacts import Timer, check_output, staged_dir, write_json, write_manifest
-from sodtool.coco import load_split, resolve_split
+from sodtool.coco import load_split, resolve_split, xywh_to_xyxy
 from sodtool.console import log, summary_table, track
 from sodtool.errors import InputError
 from sodtool.slicing import tile_grid
@@ -103,8 +102,7 @@ def slice_dataset(cfg: SliceDataConfig) -> dict:
     sources = {s: resolve_split(cfg.data, s, cfg.ann, cfg.images) for s in cfg.splits}
     loaded = {s: load_split(p, skip_invalid=cfg.skip_invalid) for s, p in sources.items()}
     rng = np.random.default_rng(cfg.seed)
-    metrics: dict = {"size": cfg.size, "overlap": cfg.overlap, "min_visibility": cfg.min_visibility,
-                     "empty_ratio": cfg.empty_ratio}
+    metrics: dict = {}  # per split; the settings are in the manifest's config
     with staged_dir(out) as work:
         (work / "annotations").mkdir()
         for split_name, split in loaded.items():
@@ -116,8 +114,7 @@ def slice_dataset(cfg: SliceDataConfig) -> dict:
                 info = split.coco.imgs[iid]
                 anns = split.annotations(iid)
                 n_boxes += len(anns)
-                xyxy = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                                 for a in anns], np.float64).reshape(-1, 4)
+                xyxy = np.array([xywh_to_xyxy(a["bbox"]) for a in anns], np.float64).reshape(-1, 4)
                 for tile in tile_grid(info["width"], info["height"], cfg.size, cfg.overlap).astype(np.float64):
                     idx, boxes, clipped = tile_boxes(xyxy, tile, cfg.min_visibility)
                     kept = [(anns[i], b, c) for i, b, c in zip(idx, boxes, clipped)]
@@ -155,7 +152,7 @@ def slice_dataset(cfg: SliceDataConfig) -> dict:
                                    "empty_tiles_dropped": len(empty) - n_empty, "source_boxes": n_boxes,
                                    "tile_boxes": n_kept, "clipped_boxes": n_clipped}
         inputs = {f"{s}_annotations": p.ann for s, p in sources.items()}
-        write_manifest(work, STAGE, dataclasses.replace(cfg, out=out), inputs, metrics, seed=cfg.seed,
+        write_manifest(work, STAGE, cfg, inputs, metrics, seed=cfg.seed,
                        device="cpu", wall_time_s=timer.elapsed)
     log(f"wrote {out}")
     summary_table("data slice", {f"{s} {k}": v for s in cfg.splits for k, v in metrics[s].items()})
