@@ -165,7 +165,7 @@ class PipelineGroup(OrderedGroup):
 class TrainGroup(OrderedGroup):
     """`sodtool train --help`: the trainings in the order the pipeline runs them (fsr needs only the detector)."""
 
-    order = ("detector", "fsr", "sr", "mtgan")
+    order = ("detector", "fsr", "sr", "mtgan", "detgan")
 
 
 app = typer.Typer(
@@ -177,7 +177,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(cls=OrderedGroup, help="Make, import and describe COCO-format datasets.", no_args_is_help=True)
 train_app = typer.Typer(cls=TrainGroup, no_args_is_help=True,
-                        help="Train the detector (before detect) and its feature-SR heads (fsr), then the SR generator and the MTGAN (after downsample).")
+                        help="Train the detector (before detect) and its feature-SR heads (fsr), then the SR generator and the MTGAN (after downsample); detgan: DetectorGAN, generated training images for a small dataset.")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 # `sodtool eval --results FILE` is the group's callback (invoke_without_command); subcommands
@@ -475,6 +475,34 @@ def data_slice(
                                   seed=seed, skip_invalid=skip_invalid, overwrite=overwrite))
 
 
+@data_app.command("generate")
+@handles_input_errors
+def data_generate(
+    data: Optional[Path] = typer.Option(None, "--data", help="Source dataset folder (sodtool or COCO 2017 layout)."),
+    out: Path = typer.Option(..., "--out", help="Output dataset folder (sodtool's layout, split train)."),
+    split: str = typer.Option("train", "--split", help="Split whose images and objects are used."),
+    method: str = typer.Option("copy-paste", "--method", help="How objects are inserted: copy-paste (the real object, feathered in) or detgan (a trained DetectorGAN generator, with --detgan)."),
+    count: int = typer.Option(100, "--count", help="Images written (the split's images in a seeded order, cycled)."),
+    per_image: int = typer.Option(4, "--per-image", help="Objects inserted at most per image (fewer where the insertion rule finds no place)."),
+    detgan: Optional[Path] = typer.Option(None, "--detgan", help="With --method detgan: the DetectorGAN run folder (RUN/detgan)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image order, the places and the objects drawn."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop boxes of zero size or outside their image instead of failing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
+) -> None:
+    """Training images with extra objects inserted (DetectorGAN's generated data; copy-paste is the baseline).
+
+    Each place is beside a real object, along its long axis (queues, parking rows), clear of every box, on ground that looks like the ground under the image's objects (sodtool/insertion.py). Image and annotation entries are marked "generated" / "inserted" with their sources.
+
+    Writes images/train/, annotations/instances_train.json and manifest.json (built aside, renamed into place when complete).
+
+    Example: sodtool data generate --data data/kit-aerial --method copy-paste --count 200 --per-image 8 --out data/kit-aerial-cp
+    """
+    from sodtool.stages.generate_data import GenerateDataConfig, generate_data
+
+    generate_data(GenerateDataConfig(data=data, out=out, split=split, method=method, count=count, per_image=per_image,
+                                     detgan=detgan, seed=seed, skip_invalid=skip_invalid, overwrite=overwrite))
+
+
 def _exit_on_nonfinite(fn, cfg) -> None:
     """Run a training stage; a NaN / inf loss ends with one line and exit code 3 (2 = bad input)."""
     from sodtool.errors import NonFiniteLossError
@@ -535,6 +563,9 @@ def train_detector_cmd(
     returned_layers: Optional[str] = typer.Option(None, "--returned-layers", help="Trunk stages feeding the FPN, comma-separated (ResNet: 1..4 = strides 4..32, torchvision 1,2,3,4; MobileNetV3: 0..5, 2,3,4 = strides 8..32, torchvision 4,5; quick 2,3,4)."),
     roi_batch_size: Optional[int] = typer.Option(None, "--roi-batch-size", help="RoIs sampled per image for the box head (torchvision 512; quick 64, up to half of them positive)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Start from a whole detector: sodtool's model.pt or a torchvision detection state dict (e.g. fasterrcnn_resnet50_fpn_coco-258fb6c6.pth, fetched by hand)."),
+    reinit_heads: bool = typer.Option(False, "--reinit-heads", help="With --weights: load only its trunk (backbone body and FPN; SSD/MDSSD: backbone) and start the RPN and box heads afresh, so a detector of another class count can start the training; build options given here (--anchor-sizes, --fpn-channels...) shape the new model."),
+    extra_data: Optional[list[Path]] = typer.Option(None, "--extra-data", help="A generated dataset (sodtool layout, its train split) mixed into training; repeatable (one pool). Same categories as --data."),
+    extra_ratio: Optional[float] = typer.Option(None, "--extra-ratio", help="Expected share of --extra-data images among those seen, in (0, 1) (default 0.5); each batch slot draws it. --iterations stays the budget."),
     backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="torchvision ImageNet classification state dict of the trunk (e.g. resnet50-0676ba61.pth); BatchNorm is then frozen."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and flips: same seed, same weights on CPU."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -558,6 +589,8 @@ def train_detector_cmd(
     Example: sodtool train detector --detector frcnn --data data/synth-quick --out runs/quick/detector --preset quick
 
     Example: sodtool train detector --data data/coco --preset coco --backbone-weights resnet50-0676ba61.pth --out runs/coco/detector
+
+    Example: sodtool train detector --data data/kit-aerial --extra-data runs/gan/generated --extra-ratio 0.3 --weights runs/bench/detector/model.pt --reinit-heads --out runs/kit/detector
     """
     from sodtool.stages.train_detector import TrainDetectorConfig, train_detector
 
@@ -570,7 +603,8 @@ def train_detector_cmd(
         train_sizes=_csv_ints(train_sizes, "--train-sizes") or (), hflip=hflip, vflip=vflip, rot90=rot90,
         anchor_sizes=_csv_ints(anchor_sizes, "--anchor-sizes"), fpn_channels=fpn_channels,
         returned_layers=_csv_ints(returned_layers, "--returned-layers"),
-        roi_batch_size=roi_batch_size, weights=weights, backbone_weights=backbone_weights, seed=seed,
+        roi_batch_size=roi_batch_size, weights=weights, reinit_heads=reinit_heads, backbone_weights=backbone_weights,
+        extra_data=tuple(extra_data or ()), extra_ratio=extra_ratio, seed=seed,
         device=device, workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, resume=resume,
         eval=evaluate, eval_score_thresh=eval_score_thresh, amp=amp, skip_invalid=skip_invalid))
 
@@ -755,6 +789,59 @@ def train_fsr_cmd(
 
 # `sodtool crop-rois ...` is the group's callback (invoke_without_command), so that
 # `sodtool crop-rois merge OUT SHARDS...` can sit beside it.
+@train_app.command("detgan")
+@handles_input_errors
+def train_detgan_cmd(
+    detector: Path = typer.Option(..., "--detector", help="The detector in the loop: a `train detector` Faster R-CNN run (or its model.pt) trained on the same split; its trunk and RPN stay frozen, its RoI heads train and are unrolled."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset root (COCO layout)."),
+    out: Path = typer.Option(Path("runs/detgan"), "--out", help="Output folder, e.g. RUN/detgan. Rerunning into it resumes from its checkpoint.pt."),
+    split: str = typer.Option("train", "--split", help="The split whose objects are learnt."),
+    patch: int = typer.Option(128, "--patch", help="Patch side in px (a multiple of 4) around each object."),
+    iterations: int = typer.Option(1500, "--iterations", help="Training iterations, both phases."),
+    pretrain_iterations: int = typer.Option(500, "--pretrain-iterations", help="Phase 1: G and the discriminators alone, before the detector joins."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Objects (patches) per iteration."),
+    channels: int = typer.Option(32, "--channels", help="G's base width (CycleGAN 64)."),
+    blocks: int = typer.Option(4, "--blocks", help="G's residual blocks (the paper's 9)."),
+    d_channels: int = typer.Option(32, "--d-channels", help="The PatchGAN discriminators' base width."),
+    local_size: int = typer.Option(32, "--local-size", help="px the object crop is resampled to for the local discriminator."),
+    lr: float = typer.Option(2e-4, "--lr", help="Adam learning rate of G and the discriminators (beta1 0.5)."),
+    det_lr: float = typer.Option(0.005, "--det-lr", help="The in-loop detector's SGD step (the one Eq. 3 unrolls)."),
+    adv_weight: float = typer.Option(1.0, "--adv-weight", help="Weight of the global adversarial loss."),
+    local_weight: float = typer.Option(1.0, "--local-weight", help="Weight of the local (object crop) adversarial loss."),
+    l1_weight: float = typer.Option(10.0, "--l1-weight", help="Weight of BboxLoss, the L1 between synthetic and real object crops."),
+    syn_weight: float = typer.Option(0.1, "--syn-weight", help="Weight of the detection loss on synthetic patches, which G maximises (the paper's sign)."),
+    unroll_weight: float = typer.Option(1.0, "--unroll-weight", help="Weight of the detection loss on real patches after the unrolled detector step (Eq. 3)."),
+    unroll: bool = typer.Option(True, "--unroll/--no-unroll", help="Eq. 3's unrolled step; --no-unroll is the paper's 'DetectorGAN - unrolling'."),
+    pool_size: int = typer.Option(50, "--pool-size", help="History of synthetic patches the discriminators see."),
+    margin: int = typer.Option(2, "--margin", help="px the noised box is grown by."),
+    min_visibility: float = typer.Option(0.5, "--min-visibility", help="A box cut by the patch border stays a target from this share of its area inside."),
+    log_every: int = typer.Option(10, "--log-every", help="Write the mean losses to metrics.jsonl every N iterations."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Write checkpoint.pt every N iterations."),
+    sample_every: int = typer.Option(250, "--sample-every", help="Write samples/iter_N.png every N iterations."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, patches and noise: same seed, same weights on CPU."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this iteration."),
+) -> None:
+    """Train DetectorGAN (Liu et al., ICCV 2019): a generator that inserts objects at given boxes, trained against global and local PatchGAN discriminators and through one unrolled step of the detector.
+
+    Writes model.pt (for `data generate --method detgan`), checkpoint.pt, metrics.jsonl,
+    samples/ and manifest.json into --out. Exit code 2 for bad input, 3 if a loss becomes NaN/inf.
+
+    Example: sodtool train detgan --detector runs/kit/detector/model.pt --data data/kit-aerial-crossroads-to-street --out runs/kit/detgan
+    """
+    from sodtool.stages.train_detgan import TrainDetGANConfig, train_detgan
+
+    _exit_on_nonfinite(train_detgan, TrainDetGANConfig(
+        detector=detector, data=data, out=out, split=split, patch=patch, iterations=iterations,
+        pretrain_iterations=pretrain_iterations, batch_size=batch_size, channels=channels, blocks=blocks,
+        d_channels=d_channels, local_size=local_size, lr=lr, det_lr=det_lr, adv_weight=adv_weight,
+        local_weight=local_weight, l1_weight=l1_weight, syn_weight=syn_weight, unroll_weight=unroll_weight,
+        unroll=unroll, pool_size=pool_size, margin=margin, min_visibility=min_visibility, log_every=log_every,
+        checkpoint_every=checkpoint_every, sample_every=sample_every, seed=seed, device=device, resume=resume,
+        stop_after=stop_after))
+
+
 crop_rois_app = typer.Typer(cls=OrderedGroup, invoke_without_command=True)
 app.add_typer(crop_rois_app, name="crop-rois")
 

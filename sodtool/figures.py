@@ -5,6 +5,8 @@
 - `detections_figure`: detections drawn over images, one column per method (baseline beside
   MTGAN), ground truth in green and detections at or above a score threshold in red (the
   paper's Fig. 4), one row per image.
+- `inserted_objects_grid`: generated training images (`data generate`) beside their sources,
+  the inserted boxes drawn (torchvision's `draw_bounding_boxes`).
 - `loss_curves`: every named loss term of a training `metrics.jsonl` against the step, one
   panel per network (g_* terms, d_* terms, others), log-scaled y axis where the values allow.
 
@@ -335,3 +337,33 @@ def loss_curves(records: Sequence[dict], path: str | os.PathLike, *, title: str)
         t = top_pad + 24 + i * (panel_h + 60)
         _panel(draw, (left, t, left + plot_w, t + panel_h), f"{key} loss terms", groups[key], colours, "step", x_range)
     return _save(img, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generated training images
+# ----------------------------------------------------------------------------------------------
+
+def inserted_objects_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | os.PathLike, *,
+                          width: int = 640, gap: int = 8) -> Path:
+    """One row per (source image, generated image, inserted boxes): the source uint8 [H, W, 3] on
+    the left, the generated one on the right with its inserted boxes [k, 4] (xyxy px) in red, both
+    scaled to `width` px wide."""
+    import torch
+    from torchvision.utils import draw_bounding_boxes
+
+    tiles = []
+    for real, generated, boxes in rows:
+        scale = width / real.shape[1]
+        height = max(1, round(real.shape[0] * scale))
+
+        def fit(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(Image.fromarray(a).resize((width, height), Image.BILINEAR))).permute(2, 0, 1)
+
+        right = fit(generated)
+        if len(boxes):
+            right = draw_bounding_boxes(right, torch.as_tensor(np.asarray(boxes) * scale, dtype=torch.float32),
+                                        colors=DET_COLOUR, width=2)
+        tiles.append(torch.cat([fit(real), torch.full((3, height, gap), 255, dtype=torch.uint8), right], dim=2))
+    sep = torch.full((3, gap, 2 * width + gap), 255, dtype=torch.uint8)
+    grid = torch.cat([t for tile in tiles for t in (tile, sep)][:-1], dim=1)
+    return _save(_chw_to_image(grid.numpy()), path)

@@ -120,6 +120,7 @@ CONFIGS = {
     ("data", "stats"): [("sodtool.stages.stats", "StatsConfig", {})],
     ("data", "import-yolo"): [("sodtool.stages.import_yolo", "ImportYoloConfig", {})],
     ("data", "slice"): [("sodtool.stages.slice_data", "SliceDataConfig", {"split": "splits"})],
+    ("data", "generate"): [("sodtool.stages.generate_data", "GenerateDataConfig", {})],
     ("train", "detector"): [("sodtool.stages.train_detector", "TrainDetectorConfig", {"evaluate": "eval"})],
     ("detect",): [("sodtool.stages.detect", "DetectConfig", {})],
     ("crop-rois",): [("sodtool.stages.crop_rois", "CropRoisConfig", {"slice_size": "slice"})],
@@ -127,6 +128,7 @@ CONFIGS = {
     ("predict",): [("sodtool.stages.predict", "PredictConfig", {"slice_size": "slice"})],
     ("train", "sr"): [("sodtool.stages.train_sr", "TrainSRConfig", {"workers": "num_workers"})],
     ("train", "fsr"): [("sodtool.stages.train_fsr", "TrainFSRConfig", {"evaluate": "eval"})],
+    ("train", "detgan"): [("sodtool.stages.train_detgan", "TrainDetGANConfig", {})],
     ("train", "mtgan"): [("sodtool.stages.train_mtgan", "TrainMTGANConfig", {
         "workers": "num_workers", "no_reg_branch": "reg_branch", "no_adv": "adv", "no_cls": "cls", "no_reg": "reg"})],
     ("eval",): [("sodtool.stages.eval_mtgan", "RescoreConfig", {"ablation": "ablations", "slice_size": "slice"}),
@@ -157,6 +159,7 @@ CONVERTED = {
     (("train", "detector"), "train_sizes"): lambda v: _csv(v) or (),
     (("train", "detector"), "anchor_sizes"): _csv,
     (("train", "detector"), "returned_layers"): _csv,
+    (("train", "detector"), "extra_data"): lambda v: tuple(v or ()),  # repeatable --extra-data -> tuple
     (("train", "mtgan"), "no_reg_branch"): lambda v: not v,  # --no-X flags set field X = not flag
     (("train", "mtgan"), "no_adv"): lambda v: not v,
     (("train", "mtgan"), "no_cls"): lambda v: not v,
@@ -285,7 +288,7 @@ def test_help_lists_commands_in_pipeline_order(cli):
 def test_train_help_lists_trainings_in_pipeline_order(cli):
     res = cli("train", "--help")
     assert res.exit_code == 0, res.stderr
-    assert _listed_commands(res.stdout) == ["detector", "fsr", "sr", "mtgan"], res.stdout
+    assert _listed_commands(res.stdout) == ["detector", "fsr", "sr", "mtgan", "detgan"], res.stdout
 
 
 _REUSE_PROBE = """

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sodtool"
 
 CORE = {"sodtool", "sodtool.errors", "sodtool.artefacts", "sodtool.console", "sodtool.device", "sodtool.allocator",
         "sodtool.boxes", "sodtool.coco", "sodtool.store", "sodtool.checkpoint", "sodtool.resample", "sodtool.srmetrics",
-        "sodtool.evaluate", "sodtool.figures", "sodtool.losses", "sodtool.slicing",
+        "sodtool.evaluate", "sodtool.figures", "sodtool.losses", "sodtool.slicing", "sodtool.insertion",
         "sodtool.provenance"}
 ROOMS = {"sodtool.engine", "sodtool.detdata", "sodtool.srdata", "sodtool.rois", "sodtool.testrois",
          "sodtool.rescoring", "sodtool.reports", "sodtool.models"}

@@ -221,6 +221,33 @@ def load_backbone_weights(model: nn.Module, arch: str, path: str | os.PathLike) 
     return len(mapped)
 
 
+def load_trunk(model: nn.Module, sd: dict, path: Path, arch: str) -> tuple[int, int]:
+    """Copy the trunk of a Faster R-CNN state dict into `model` (built for any class count) and
+    leave the RPN head, box head (but C4's, which is ResNet's layer4) and box predictor as built.
+    Returns (tensors loaded, model tensors left at their initialisation).
+
+    Every tensor of the model's backbone body must be in the file with its shape (otherwise the
+    file is another trunk: InputError); FPN tensors are loaded where name and shape agree (a new
+    --fpn-channels or --returned-layers leaves the others new).
+    """
+    found = infer_arch(sd)
+    if found is not None and found != arch:
+        raise InputError(f"{path.name}: weights are for {found}, the model is {arch}")
+    own = model.state_dict()
+    # C4's res5 box head is ResNet's layer4: trunk, as for `load_backbone_weights` and `detector_trunk`.
+    body_prefixes = ("backbone.body.", "roi_heads.box_head.layer4.") if arch == "resnet50_c4" else ("backbone.body.",)
+    body = [k for k in own if k.startswith(body_prefixes)]
+    bad = [k for k in body if k not in sd or tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        eg = bad[0] if bad[0] not in sd else f"{bad[0]} {list(sd[bad[0]].shape)} vs {list(own[bad[0]].shape)}"
+        raise InputError(f"{path.name}: its trunk does not fit {arch}: {len(bad)} of {len(body)} trunk tensors "
+                         f"missing or of another shape (e.g. {eg})")
+    fit = {k: v for k, v in sd.items() if k.startswith((*body_prefixes, "backbone.")) and k in own
+           and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(fit, strict=False)
+    return len(fit), len(own) - len(fit)
+
+
 def detector_file(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_dir():
@@ -254,7 +281,8 @@ class DetectorFile:
 
 
 def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_size: int | None = None,
-                             max_size: int | None = None, arch: str | None = None) -> DetectorFile:
+                             max_size: int | None = None, arch: str | None = None,
+                             any_classes: bool = False) -> DetectorFile:
     """Read a detector file.
 
     `path`: sodtool's model.pt (or its run folder), or a torchvision detection state dict
@@ -262,6 +290,9 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
     against a model.pt, required for a torchvision state dict that is not a 91-class COCO
     model. `arch`: the architecture the caller wants (checked before anything else).
     `min_size` / `max_size` override a Faster R-CNN's image sizes (an SSD's size is fixed).
+    `any_classes`: the caller keeps only the trunk (`load_trunk`), so the file's classes are not
+    checked against `categories` (and a torchvision state dict needs none); categories and
+    label_map are then None for a torchvision state dict.
     """
     want = arch
 
@@ -281,7 +312,7 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
             own_cats = CategoryMap.from_json(json.loads(obj["categories"]))
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{path}: malformed categories in a sodtool model file ({e})") from None
-        if categories is not None:
+        if categories is not None and not any_classes:
             categories.check_same(own_cats, f"{path} vs the dataset")
         sd, fmt, label_map = obj["model"], "sodtool", None
         num_classes = int(obj["num_classes"])
@@ -305,12 +336,16 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
         if want is not None and arch != want:
             raise InputError(f"{path.name}: weights are for {arch}, the model is {want}")
         fmt, num_classes = "torchvision", outputs
-        if categories is None:
+        if any_classes:
+            categories, label_map = None, None
+        elif categories is None:
             if outputs != COCO_NUM_OUTPUTS:
                 raise InputError(f"{path.name} is a torchvision state dict with {outputs} classes and no category "
                                  f"names: give the dataset it was trained on")
             categories = CategoryMap(ids=tuple(COCO_CATEGORIES), names=tuple(COCO_CATEGORIES.values()))
-        if outputs == categories.num_classes + 1:
+        if any_classes:
+            pass
+        elif outputs == categories.num_classes + 1:
             label_map = None
         elif outputs == COCO_NUM_OUTPUTS:
             label_map = _coco_label_map(categories, path, outputs)

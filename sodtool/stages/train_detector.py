@@ -24,7 +24,7 @@ from sodtool.console import log, make_progress, summary_table, warn
 from sodtool.device import autocast, device_name, resolve_device, seed_everything
 # The training data (moved down a floor: `train fsr` trains on the same batches); `augment` is
 # re-exported for the tests that check it here.
-from sodtool.detdata import DetectionDataset, augment, collate  # noqa: F401
+from sodtool.detdata import DetectionDataset, MixedStepBatchSampler, augment, collate  # noqa: F401
 from sodtool.engine import (
     MetricsLog,
     StepBatchSampler,
@@ -43,6 +43,7 @@ from sodtool.models.detector_weights import (
     TRAIN_FORMAT,
     load_backbone_weights,
     load_state_into,
+    load_trunk,
     read_detector_checkpoint,
     save_detector,
 )
@@ -164,7 +165,18 @@ class TrainDetectorConfig:
     rpn_post_nms_train: int | None = None  # proposals kept per image in training
     rpn_post_nms_test: int | None = None  # ... and at test time
     weights: Path | None = None
+    # With --weights: load only the trunk (backbone body, and FPN tensors of the same shape) and
+    # leave the RPN and box heads new, so that a detector of another class count (or other anchors)
+    # can start the training; the build options given here then shape the new model.
+    reinit_heads: bool = False
     backbone_weights: Path | None = None
+    # Generated datasets (sodtool layout, split "train") mixed into training, e.g. DetectorGAN's
+    # images: one pool, their images in the order given. Stored as strings once resolved (the
+    # checkpoint's config must load with weights_only).
+    extra_data: tuple[Path | str, ...] = ()
+    # Expected share of extra images among those seen (each batch slot takes one with this
+    # probability); None: 0.5 with --extra-data. The budget (--iterations) does not grow with it.
+    extra_ratio: float | None = None
     seed: int = 0
     device: str = "auto"
     workers: int | None = None  # None: 0 on CPU, 4 on CUDA
@@ -201,6 +213,10 @@ def resolve_train_config(cfg: TrainDetectorConfig, num_train_images: int | None 
                              "resizes every image to --size")
     elif cfg.size is not None:
         raise InputError("--size is the input size of --detector ssd / mdssd; Faster R-CNN takes --min-size / --max-size")
+    if cfg.extra_ratio is not None and not cfg.extra_data:
+        raise InputError("--extra-ratio is the share of --extra-data images: give --extra-data too")
+    if cfg.reinit_heads and cfg.weights is None:
+        raise InputError("--reinit-heads keeps the trunk of --weights: give --weights too")
     check_values(cfg)
     p = {"warmup_factor": 0.001, **presets[cfg.preset]}
     if cfg.arch is not None and cfg.arch not in archs:
@@ -213,7 +229,15 @@ def resolve_train_config(cfg: TrainDetectorConfig, num_train_images: int | None 
         p["size"] = 300 if cfg.arch == "vgg16" else 320  # the preset's size is for its own trunk
     if cfg.weights is not None and cfg.arch is None:
         p["arch"] = None  # the weights file decides
+    if cfg.reinit_heads and not one_stage:
+        # The new heads take the file's structure unless an option says otherwise: the preset's
+        # build options are for a model built from scratch.
+        for k in ("fpn_channels", "returned_layers", "anchor_sizes", "representation_size"):
+            p[k] = None
+    if cfg.extra_data:
+        p["extra_ratio"] = 0.5
     changes = {k: v for k, v in p.items() if getattr(cfg, k) is None}
+    changes["extra_data"] = tuple(str(d) for d in cfg.extra_data)
     if cfg.epochs is not None and cfg.iterations is None:
         if num_train_images is None:
             raise ValueError("epochs need the number of training images")
@@ -245,6 +269,7 @@ def check_values(cfg: TrainDetectorConfig) -> None:
         ("warmup_factor", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
         ("gamma", lambda v: _finite(v) and v > 0, "a finite number > 0"),
         ("clip_grad_norm", lambda v: _finite(v) and v >= 0, "a norm >= 0 (0: no clipping)"),
+        ("extra_ratio", lambda v: _finite(v) and 0.0 < v < 1.0, "a share in (0, 1)"),
         ("eval_score_thresh", lambda v: 0.0 <= v <= 1.0, "a score in [0, 1]"),
         ("checkpoint_every", lambda v: v >= 1, "at least 1"),
         ("log_every", lambda v: v >= 1, "at least 1"),
@@ -284,7 +309,9 @@ def _initial_model(cfg: TrainDetectorConfig, categories) -> tuple[nn.Module, str
     file (a sodtool model.pt's build, or torchvision's layout for a torchvision state dict); the
     image sizes and sampling options come from the config. SSD / MDSSD: the configured family
     and trunk; --weights loads every tensor of the file that fits (an ssd300_vgg16 file: all of
-    SSD but a class head of another class count, MDSSD's shared trunk).
+    SSD but a class head of another class count, MDSSD's shared trunk). --reinit-heads (either
+    family): only the trunk is loaded, from a file of any class count; the heads stay new, and
+    info counts the tensors loaded and left.
     """
     if cfg.detector in SSD_FAMILIES:
         return _initial_one_stage(cfg, categories)
@@ -292,11 +319,19 @@ def _initial_model(cfg: TrainDetectorConfig, categories) -> tuple[nn.Module, str
     num_classes = categories.num_classes + 1
     if cfg.weights is not None:
         f = read_detector_checkpoint(cfg.weights, categories, min_size=cfg.min_size, max_size=cfg.max_size,
-                                     arch=cfg.arch)
+                                     arch=cfg.arch, any_classes=cfg.reinit_heads)
         if f.family != FAMILY:
             raise InputError(f"{f.path.name} holds a {f.family} detector; --detector {cfg.detector} needs a "
                              f"{cfg.detector} one")
         arch, build, sd = f.arch, f.build, f.state
+        if cfg.reinit_heads:
+            # The file's structure, reshaped by every build option given: the heads are new anyway.
+            build.update({k: v for k, v in _build_options(cfg).items() if v is not None})
+            model = build_detector(arch, num_classes, **build)
+            loaded, left = load_trunk(model, sd, f.path, arch)
+            info.update(weights=f.format, weight_tensors_loaded=loaded, weight_tensors_left=left)
+            log(f"--reinit-heads: {loaded} trunk tensors loaded from {f.path.name}, {left} left new")
+            return model, arch, build, info
         if f.label_map is not None:
             # A COCO checkpoint on a COCO-category dataset: keep the rows of the dataset's classes.
             sd = dict(sd)
@@ -328,17 +363,35 @@ def _initial_one_stage(cfg: TrainDetectorConfig, categories) -> tuple[nn.Module,
     info: dict[str, Any] = {}
     arch, size = cfg.arch, cfg.size
     if cfg.weights is not None:
-        f = read_detector_checkpoint(cfg.weights, None)
+        f = read_detector_checkpoint(cfg.weights, None, any_classes=cfg.reinit_heads)
         if f.family not in SSD_FAMILIES:
             raise InputError(f"{f.path.name} holds a {f.family} detector; --detector {cfg.detector} takes SSD or "
                              "MDSSD weights (e.g. torchvision's ssd300_vgg16 file)")
         arch, size = arch or f.arch, size or int(f.build["size"])
         model = build_ssd(cfg.detector, categories.num_classes, arch, size)
-        loaded, left = load_ssd_state(model, f.state, str(f.path))
+        # --reinit-heads: the trunk (backbone and extra layers) only; the box and class heads stay new.
+        state = {k: v for k, v in f.state.items() if k.startswith("backbone.")} if cfg.reinit_heads else f.state
+        loaded, left = load_ssd_state(model, state, str(f.path))
         info.update(weights=f.format, weight_tensors_loaded=loaded, weight_tensors_left=len(left))
     else:
         model = build_ssd(cfg.detector, categories.num_classes, arch, size)
     return model, arch, {"size": int(size)}, info
+
+
+def load_extra_data(cfg: TrainDetectorConfig, categories) -> tuple[list, list]:
+    """The --extra-data folders' train splits: (SplitPaths, CocoSplit) lists, in the order given.
+    Each must have images and the real data's categories (same ids, same names): a label means
+    the same class in both pools."""
+    paths, splits = [], []
+    for folder in cfg.extra_data:
+        p = resolve_split(folder, "train")
+        split = load_split(p, skip_invalid=cfg.skip_invalid)
+        categories.check_same(split.categories, f"--extra-data {folder}")
+        if not split.image_ids:
+            raise InputError(f"--extra-data {folder}: its train split has no images")
+        paths.append(p)
+        splits.append(split)
+    return paths, splits
 
 
 def _lr_factor(cfg: TrainDetectorConfig):
@@ -361,6 +414,9 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     start, `metrics.jsonl` (every loss term by name, lr, step), `checkpoint.pt` every
     `checkpoint_every` iterations and at the end, then `model.pt` and `manifest.json` (last).
     Rerunning the same command resumes from checkpoint.pt at its step with the same data order.
+    --extra-data: each batch slot takes an image of the extra pool with probability extra_ratio
+    (`detdata.MixedStepBatchSampler`), within the same iteration budget; metrics.jsonl and the
+    manifest count the extra images seen, trained_images.json records them too.
     Returns the metrics (COCO AP of minival under "AP", "AP50", ... when `eval`).
     """
     timer = Timer()
@@ -375,6 +431,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     categories = train.categories
     if val is not None:
         categories.check_same(val.categories, f"{val_paths.ann} vs {train_paths.ann}")
+    extra_paths, extras = load_extra_data(cfg, categories)
     if cfg.weights is not None and cfg.backbone_weights is not None:
         raise InputError("give --weights (a whole detector) or --backbone-weights (an ImageNet trunk), not both")
     if cfg.preset == "coco" and cfg.weights is None and cfg.backbone_weights is None:
@@ -384,7 +441,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     # The identities of the images trained on (and of those --weights was trained on, when it
     # records them), for trained_images.json: eval refuses to evaluate the model on them.
     trained_images = gather([(str(cfg.weights), read_record(cfg.weights))] if cfg.weights is not None else [],
-                            split_digests(train).values())
+                            [d for split in (train, *extras) for d in split_digests(split).values()])
 
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
@@ -392,7 +449,8 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     model, arch, build, init_info = _initial_model(cfg, categories)
     if cfg.arch is None:
         cfg = replace(cfg, arch=arch)
-    inputs = {"train_annotations": file_identity(train_paths.ann)}
+    inputs = {"train_annotations": file_identity(train_paths.ann),
+              **{f"extra_annotations_{i}": file_identity(p.ann) for i, p in enumerate(extra_paths)}}
     state = (load_resume(ckpt_path, cfg, inputs, STAGE, free=RESUME_FREE, restart="pass --no-resume to start over")
              if cfg.resume else None)
     # Inputs are all checked: from here the folder stops looking finished, then changes (with
@@ -421,9 +479,15 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     metrics_log = MetricsLog(log_path, start if state is not None else None)
 
     workers = cfg.workers if cfg.workers is not None else (4 if dev.type == "cuda" else 0)
-    stream = StepBatchSampler(len(train.image_ids), cfg.batch_size, cfg.seed, start, cfg.hflip, cfg.vflip, cfg.rot90)
+    n_extra = sum(len(x.image_ids) for x in extras)
+    if extras:
+        stream = MixedStepBatchSampler(len(train.image_ids), n_extra, cfg.extra_ratio, cfg.batch_size, cfg.seed, start,
+                                       cfg.hflip, cfg.vflip, cfg.rot90)
+    else:
+        stream = StepBatchSampler(len(train.image_ids), cfg.batch_size, cfg.seed, start, cfg.hflip, cfg.vflip,
+                                  cfg.rot90)
     loader = torch.utils.data.DataLoader(
-        DetectionDataset(train), batch_sampler=stream, num_workers=workers, collate_fn=collate,
+        DetectionDataset(train, *extras), batch_sampler=stream, num_workers=workers, collate_fn=collate,
         pin_memory=dev.type == "cuda", persistent_workers=False,
         # Its own generator: creating the loader must not draw from the global RNG, which a
         # resumed run restores from the checkpoint.
@@ -472,6 +536,8 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
             if done % cfg.log_every == 0 or done == cfg.iterations:
                 rec = {"step": done, "lr": lr_used}
                 rec.update({k: round(v if k == "grad_norm_max" else v / window_n, 6) for k, v in window.items()})
+                if extras:  # extra images among the done * batch_size seen so far
+                    rec["extra_images_seen"] = stream.extra_before(done * cfg.batch_size)
                 rec["train_time_s"] = round(train_time, 3)
                 metrics_log.write(rec)
                 progress.update(task, info=f"loss {rec['loss']:.3f} lr {rec['lr']:.4g}")
@@ -498,8 +564,11 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
         "iterations": cfg.iterations, "resumed_from_step": start, "train_time_s": round(train_time, 3),
         "s_per_iteration": round(train_time / max(1, cfg.iterations), 4),
         "images_seen": cfg.iterations * cfg.batch_size, "arch": arch, **init_info,
-        "skipped_annotations": {"train": train.skipped_report(), **({"val": val.skipped_report()} if val else {})},
+        "skipped_annotations": {"train": train.skipped_report(), **({"val": val.skipped_report()} if val else {}),
+                                **{f"extra_{i}": x.skipped_report() for i, x in enumerate(extras)}},
     }
+    if extras:
+        metrics.update(extra_images=n_extra, extra_images_seen=stream.extra_before(cfg.iterations * cfg.batch_size))
     final = last_record(log_path, "loss")
     if final:
         metrics["final_loss"] = final["loss"]
@@ -517,12 +586,13 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     write_record(run, *trained_images)
     write_manifest(run, "train_detector", cfg,
                    inputs={"train_annotations": train_paths.ann,
+                           **{f"extra_annotations_{i}": p.ann for i, p in enumerate(extra_paths)},
                            "val_annotations": val_paths.ann if val_paths else None,
                            "weights": cfg.weights, "backbone_weights": cfg.backbone_weights},
                    metrics=metrics, seed=cfg.seed, device=device_name(dev), wall_time_s=timer.elapsed)
     close_run_dir(run, out, True)
-    shown = {k: metrics[k] for k in ("arch", "iterations", "resumed_from_step", "train_time_s", "final_loss")
-             if k in metrics}
+    shown = {k: metrics[k] for k in ("arch", "iterations", "resumed_from_step", "train_time_s", "final_loss",
+                                     "extra_images_seen") if k in metrics}
     shown.update({k: metrics[k] for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large") if k in metrics})
     summary_table(f"train detector -> {out}", shown)
     return metrics
