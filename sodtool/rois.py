@@ -40,7 +40,7 @@ from sodtool import boxes as B
 from sodtool.artefacts import file_identity, read_json
 from sodtool.coco import xywh_to_xyxy
 from sodtool.evaluate import check_results
-from sodtool.models.detectors import load_detector, predict, predict_sliced
+from sodtool.models.detectors import load_detector, predict, predict_sliced, resolve_slicing
 
 # Crop geometry defaults: HR side in px (LR = HR / 4) and window side / ROI's longer side.
 DEFAULT_HR_SIZE = 128
@@ -355,10 +355,12 @@ class ModelDetections:
     """Detections from a detector checkpoint, run through the predict contract (sodtool.models.detectors)."""
 
     def __init__(self, path: Path, device, categories, slicing: Optional[tuple[int, float, bool]] = None) -> None:
-        """slicing: (tile px, overlap, whole image too) for sliced inference (`predict_sliced`), or None."""
+        """slicing: (tile px, overlap, whole image too) for sliced inference (`predict_sliced`), tile
+        None when not asked (a detector trained on tiles then slices at its tile size) and 0 for
+        whole images; None: not asked (`models.detectors.resolve_slicing`)."""
         self.det = load_detector(path, device, categories=categories)
         self.det.categories.check_same(categories, f"detector {path} vs the dataset")
-        self.slicing = slicing
+        self.slicing = slicing = resolve_slicing(self.det, slicing, str(path))
         self.identity = {"family": self.det.family, "kind": "checkpoint", "arch": self.det.arch,
                          "file": file_identity(path), "identity": self.det.identity}
         if slicing is not None:

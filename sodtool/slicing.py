@@ -24,6 +24,7 @@ import torch
 from torchvision.ops import box_area
 
 DEFAULT_MERGE_IOS = 0.5
+DEFAULT_OVERLAP = 0.2  # of the tile side, when a detector trained on tiles slices by default
 
 
 def tile_grid(width: int, height: int, size: int, overlap: float) -> np.ndarray:

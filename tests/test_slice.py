@@ -167,3 +167,94 @@ def test_tiles_ground_truth_merged_back_reproduces_the_full_image_ground_truth(c
     source = load_split(SplitPaths(src / "annotations" / "instances_train.json", src / "images" / "train"))
     stats = coco_evaluate(source.coco, results)
     assert len(results) == 7 and stats["AP"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Train and test scales that agree: the detector records how it was trained, sliced inference follows
+# ------------------------------------------------------------------------------------------------
+
+TINY_DET = ["--min-size", "64", "--max-size", "64", "--fpn-channels", "16", "--anchor-sizes", "8,16,32,64",
+            "--batch-size", "2", "--iterations", "1", "--no-eval", "--device", "cpu"]
+
+
+def test_train_detector_records_its_training_scale_and_tiles(cli, tmp_path):
+    import torch
+
+    src = _dataset(tmp_path / "src", [[[10, 10, 30, 20], [150, 80, 40, 30]], [[60, 60, 20, 20]]], size=(256, 128))
+    res = cli("--quiet", "data", "slice", "--data", src, "--split", "train", "--size", "64", "--overlap", "0",
+              "--out", tmp_path / "tiles")
+    assert res.exit_code == 0, res.stderr
+    res = cli("--quiet", "train", "detector", "--data", tmp_path / "tiles", "--out", tmp_path / "on_tiles", *TINY_DET)
+    assert res.exit_code == 0, res.stderr
+    assert torch.load(tmp_path / "on_tiles" / "model.pt", weights_only=True)["trained_at"] == {"scale": 1.0, "tile": 64}
+    # Whole 256 x 128 images into a 64 / 64 px input: shrunk to a quarter (the long side is capped).
+    res = cli("--quiet", "train", "detector", "--data", src, "--out", tmp_path / "whole", *TINY_DET)
+    assert res.exit_code == 0, res.stderr
+    assert torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["trained_at"] == {"scale": 0.25, "tile": None}
+    # Scale jitter: the middle of --train-sizes (short side 128 -> 96, under the long side's cap of 512).
+    res = cli("--quiet", "train", "detector", "--data", src, "--out", tmp_path / "jitter", *TINY_DET,
+              "--max-size", "512", "--train-sizes", "64,96,128")
+    assert res.exit_code == 0, res.stderr
+    assert torch.load(tmp_path / "jitter" / "model.pt", weights_only=True)["trained_at"] == {"scale": 0.75, "tile": None}
+
+
+def _tiny_loaded(trained_at: dict):
+    import torch
+
+    from sodtool.coco import CategoryMap
+    from sodtool.models.detectors import LoadedDetector
+    from sodtool.models.frcnn import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector("mobilenet_v3_fpn", 3, min_size=64, max_size=64, fpn_channels=16,
+                           returned_layers=[2, 3, 4], anchor_sizes=[[8], [16], [32], [64]]).eval()
+    cats = CategoryMap.from_json(CATS)
+    return LoadedDetector(model=model, categories=cats, arch="mobilenet_v3_fpn", identity={}, trained_at=trained_at)
+
+
+def _input_sides(det, image, **kw) -> list[tuple[int, int]]:
+    """The (h, w) of every image the detector's transform resized, in the order it ran them."""
+    from sodtool.models.detectors import predict_sliced
+
+    seen: list[tuple[int, int]] = []
+    t = det.model.transform
+    orig = t.resize
+
+    def spy(img, target=None):
+        out = orig(img, target)
+        seen.append(tuple(out[0].shape[-2:]))
+        return out
+
+    t.resize = spy
+    try:
+        predict_sliced(det, [image], **kw)
+    finally:
+        del t.resize
+    return seen
+
+
+def test_sliced_inference_feeds_tiles_at_the_recorded_scale():
+    image = np.random.default_rng(0).integers(0, 256, (128, 192, 3), dtype=np.uint8)
+    # Trained at half size: 64 px tiles run at 32 px, whatever the 64 px input of whole images.
+    assert _input_sides(_tiny_loaded({"scale": 0.5}), image, tile=64, overlap=0.0) == [(32, 32)] * 6
+    # No record (older files): the detector's own input size, as before.
+    assert _input_sides(_tiny_loaded({}), image, tile=64, overlap=0.0) == [(64, 64)] * 6
+    # The whole-image pass (--slice-full) keeps the detector's own size (long side 64).
+    sides = _input_sides(_tiny_loaded({"scale": 1.0}), image, tile=64, overlap=0.0, full=True)
+    assert sides == [(64, 64)] * 6 + [(42, 64)]  # 128 x 192 shrunk by 64 / 192, floored
+
+
+def test_a_detector_trained_on_tiles_slices_at_its_tile_size_by_default(capsys):
+    from sodtool.console import set_quiet
+    from sodtool.models.detectors import resolve_slicing
+
+    set_quiet(False)  # an earlier `--quiet` command in this process leaves the console quiet
+    tiled, whole = _tiny_loaded({"scale": 1.0, "tile": 256}), _tiny_loaded({"scale": 1.0, "tile": None})
+    assert resolve_slicing(tiled, None, "m.pt") == (256, 0.2, False)
+    assert resolve_slicing(tiled, (None, 0.3, True), "m.pt") == (256, 0.3, True)
+    assert "trained on 256 px tiles" in capsys.readouterr().err
+    assert resolve_slicing(tiled, (0, 0.2, False), "m.pt") is None
+    assert "--slice 0 runs it on whole images" in capsys.readouterr().err
+    assert resolve_slicing(tiled, (512, 0.2, False), "m.pt") == (512, 0.2, False)
+    assert resolve_slicing(whole, (None, 0.2, False), "m.pt") is None
+    assert resolve_slicing(whole, (0, 0.2, False), "m.pt") is None and capsys.readouterr().err == ""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,13 @@ COCO_NUM_OUTPUTS = 91
 # ----------------------------------------------------------------------------------------------
 
 def save_detector(path: str | os.PathLike, model: nn.Module, arch: str, build: dict, categories,
-                  family: str = FRCNN) -> Path:
+                  family: str = FRCNN, trained_at: dict | None = None) -> Path:
     """Write sodtool's model.pt (format MODEL_FORMAT) atomically; `build` as from resolve_build
-    (Faster R-CNN) or {"size": S} (SSD, MDSSD)."""
+    (Faster R-CNN) or {"size": S} (SSD, MDSSD); `trained_at`: the scale its training images were
+    resized by and the tile size when they were tiles ({"scale": float, "tile": int | None}),
+    which sliced inference follows (`models.detectors.resolve_slicing`)."""
     return checkpoint.save({
+        **({"trained_at": trained_at} if trained_at else {}),
         "format": MODEL_FORMAT,
         "family": family,
         "arch": arch,
@@ -278,6 +281,7 @@ class DetectorFile:
     label_map: np.ndarray | None
     format: str
     path: Path
+    trained_at: dict = field(default_factory=dict)  # save_detector's record ({} when the file has none)
 
 
 def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_size: int | None = None,
@@ -317,7 +321,9 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
         sd, fmt, label_map = obj["model"], "sodtool", None
         num_classes = int(obj["num_classes"])
         categories = own_cats
+        trained_at = dict(obj.get("trained_at") or {})
     else:
+        trained_at = {}
         sd = _unwrap_state_dict(obj, path)
         if infer_ssd(sd):
             family, arch, build = "ssd", "vgg16", {"size": 300}
@@ -358,7 +364,7 @@ def read_detector_checkpoint(path: str | os.PathLike, categories=None, *, min_si
         if max_size is not None:
             build["max_size"] = int(max_size)
     return DetectorFile(family=family, arch=arch, build=build, num_classes=num_classes, state=sd,
-                        categories=categories, label_map=label_map, format=fmt, path=path)
+                        categories=categories, label_map=label_map, format=fmt, path=path, trained_at=trained_at)
 
 
 def build_from_file(f: DetectorFile) -> nn.Module:

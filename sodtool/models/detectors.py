@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from sodtool.artefacts import file_identity
-from sodtool.console import make_progress
+from sodtool.console import log, make_progress, warn
 from sodtool.coco import to_coco_results
 from sodtool.device import autocast
 from sodtool.models.detector_weights import build_from_file, read_detector_checkpoint
-from sodtool.slicing import DEFAULT_MERGE_IOS, merge_detections, tile_grid
+from sodtool.slicing import DEFAULT_MERGE_IOS, DEFAULT_OVERLAP, merge_detections, tile_grid
 
 # ----------------------------------------------------------------------------------------------
 # Loading a trained detector and predicting
@@ -47,6 +47,9 @@ class LoadedDetector:
     label_map: np.ndarray | None = None
     build: dict = field(default_factory=dict)
     family: str = "frcnn"
+    # How its training images were resized ({"scale", "tile"}; {} when the file does not say):
+    # sliced inference feeds tiles at that scale and slices at that tile size by default.
+    trained_at: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -67,7 +70,7 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu", c
     ident = {**file_identity(f.path), "format": f.format, "family": f.family, "arch": f.arch,
              "num_classes": f.num_classes}
     return LoadedDetector(model=model, categories=f.categories, arch=f.arch, identity=ident, label_map=f.label_map,
-                          build=f.build, family=f.family)
+                          build=f.build, family=f.family, trained_at=f.trained_at)
 
 
 def _postprocess_owner(model: nn.Module) -> nn.Module:
@@ -127,19 +130,36 @@ def predict_sliced(det: LoadedDetector, images: list[np.ndarray], *, tile: int, 
     """`predict` with sliced inference: each image cut into overlapping `tile` px tiles
     (`slicing.tile_grid`; `full` adds the whole image), the tiles of all `images` batched
     together, their detections shifted into image pixels and merged across tiles
-    (`slicing.merge_detections`; only boxes of different tiles merge), the top `max_per_image` kept. Same output as `predict`."""
-    crops, owners, offsets = [], [], []
+    (`slicing.merge_detections`; only boxes of different tiles merge), the top `max_per_image` kept. Same output as `predict`.
+
+    Tiles are resized by the scale the detector's training images were (`tile_scale`: a
+    detector trained at native size sees native-size tiles, whatever its input size for whole
+    images); without that record, and for the whole-image pass, by the detector's own sizes."""
+    crops, owners, offsets, whole = [], [], [], []
     for k, img in enumerate(images):
         h, w = img.shape[:2]
         grid = tile_grid(w, h, tile, overlap)
-        if full and len(grid) > 1:
+        n_tiles = len(grid)
+        if full and n_tiles > 1:
             grid = np.concatenate([grid, np.array([[0, 0, w, h]], np.float32)])
-        for t in grid.astype(int):
+        for j, t in enumerate(grid.astype(int)):
             crops.append(img[t[1]:t[3], t[0]:t[2]])
             owners.append(k)
             offsets.append(np.array([t[0], t[1], t[0], t[1]], np.float32))
-    preds = predict(det, crops, score_thresh=score_thresh, max_per_image=max_per_image, batch_size=batch_size,
-                    amp=amp)
+            whole.append(j >= n_tiles)
+    scale = tile_scale(det)
+    preds: list = [None] * len(crops)
+    # Tiles at the scale the detector was trained at (one pass per tile shape), the whole-image
+    # pass and detectors that do not record a scale at the detector's own input size.
+    groups: dict = {}
+    for i, c in enumerate(crops):
+        groups.setdefault(None if scale is None or whole[i] else c.shape[:2], []).append(i)
+    for shape, idx in groups.items():
+        with _input_scale(det, shape, scale):
+            got = predict(det, [crops[i] for i in idx], score_thresh=score_thresh, max_per_image=max_per_image,
+                          batch_size=batch_size, amp=amp)
+        for i, p in zip(idx, got):
+            preds[i] = p
     results = []
     for k in range(len(images)):
         mine = [i for i, o in enumerate(owners) if o == k]
@@ -151,6 +171,54 @@ def predict_sliced(det: LoadedDetector, images: list[np.ndarray], *, tile: int, 
             {"boxes": boxes, "scores": scores, "labels": labels}
         results.append({key: v[:max_per_image] for key, v in merged.items()})
     return results
+
+
+def tile_scale(det: LoadedDetector) -> float | None:
+    """The factor the detector's training images were resized by, which sliced inference resizes
+    tiles by; None for a family whose input size is fixed (SSD) or a file that does not record it."""
+    scale = det.trained_at.get("scale")
+    return float(scale) if scale and det.family != "ssd" and det.family != "mdssd" else None
+
+
+class _input_scale:
+    """Within it, a Faster R-CNN resizes images of `shape` (h, w) by `scale` (its transform's sizes
+    set to the tile's own sides times scale); a no-op for shape None."""
+
+    def __init__(self, det: LoadedDetector, shape, scale: float | None) -> None:
+        self.t = det.model.transform if shape is not None and scale is not None else None
+        self.shape, self.scale = shape, scale
+
+    def __enter__(self):
+        if self.t is not None:
+            self.saved = (self.t.min_size, self.t.max_size)
+            h, w = self.shape
+            self.t.min_size = (max(1, round(min(h, w) * self.scale)),)
+            self.t.max_size = max(1, round(max(h, w) * self.scale))
+
+    def __exit__(self, *exc):
+        if self.t is not None:
+            self.t.min_size, self.t.max_size = self.saved
+
+
+def resolve_slicing(det: LoadedDetector, asked: tuple | None, name: str) -> tuple[int, float, bool] | None:
+    """The sliced inference to run `det` with: (tile px, overlap, whole image too) or None (whole
+    images). `asked`: (tile px or None when not given, overlap, whole image too) from the command
+    line, or None (not given). A detector trained on tiles slices at its tile size unless asked
+    otherwise; --slice 0 asks for whole images (with a warning for such a detector)."""
+    tile, overlap, full = asked if asked is not None else (None, DEFAULT_OVERLAP, False)
+    trained = det.trained_at.get("tile")
+    if tile is None:
+        if trained:
+            log(f"{name} was trained on {trained} px tiles: sliced inference at {trained} px, overlap {overlap:g} "
+                "(--slice 0: whole images)")
+            return int(trained), overlap, full
+        return None
+    if tile == 0:
+        if trained:
+            warn(f"{name} was trained on {trained} px tiles; --slice 0 runs it on whole images, whose objects it "
+                 "then sees at another scale")
+        return None
+    return int(tile), overlap, full
 
 
 def detect_split(det: LoadedDetector, split, *, score_thresh: float, max_per_image: int, batch_size: int,

@@ -105,7 +105,8 @@ class CropRoisConfig:
     compression: str = S.COMPRESSION
     skip_invalid: bool = False
     overwrite: bool = False
-    # Sliced inference of the detector (`models.detectors.predict_sliced`): tile px or None, overlap, whole image too.
+    # Sliced inference of the detector (`models.detectors.predict_sliced`): tile px, overlap, whole image too.
+    # None: whole images, or the tile size a detector trained on tiles records; 0: whole images always.
     slice: Optional[int] = None
     overlap: float = 0.2
     slice_full: bool = False
@@ -133,8 +134,9 @@ def resolve_config(cfg: CropRoisConfig) -> CropRoisConfig:
         raise InputError(f"--mode must be train or test, got '{cfg.mode}'")
     if cfg.detector not in FAMILIES:
         raise InputError(f"--detector '{cfg.detector}' is not a detector family ({', '.join(FAMILIES)})")
-    if cfg.slice is not None and (cfg.slice < 32 or cfg.detector_weights is None):
-        raise InputError("--slice takes a tile size of at least 32 px and a detector to run (--detector-weights)")
+    if cfg.slice is not None and (0 < cfg.slice < 32 or cfg.slice < 0 or cfg.detector_weights is None):
+        raise InputError("--slice takes a tile size of at least 32 px (0: whole images) and a detector to run "
+                         "(--detector-weights)")
     if not 0.0 <= cfg.overlap < 1.0:
         raise InputError(f"--overlap must be in [0, 1), got {cfg.overlap}")
     if cfg.gt_only:
@@ -204,7 +206,7 @@ def crop_rois(cfg: CropRoisConfig) -> dict:
     elif cfg.detections is not None:
         source = rois.JsonDetections(Path(cfg.detections), split)
     else:
-        slicing = (cfg.slice, cfg.overlap, cfg.slice_full) if cfg.slice else None
+        slicing = (cfg.slice, cfg.overlap, cfg.slice_full)
         source = rois.ModelDetections(Path(cfg.detector_weights), dev, split.categories, slicing)
         if source.det.family != cfg.detector:
             raise InputError(f"{cfg.detector_weights} holds a {source.det.family} detector, not --detector {cfg.detector}")

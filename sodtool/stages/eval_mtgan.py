@@ -185,7 +185,8 @@ class RescoreConfig:
     fig_images: int = 4
     draw_thresh: float = 0.5
     overwrite: bool = False
-    # With --detector: sliced inference (tile px or None, overlap, whole image too), as crop-rois --slice.
+    # With --detector: sliced inference (tile px, overlap, whole image too), as crop-rois --slice
+    # (None: whole images or a tile-trained detector's own tile size; 0: whole images always).
     slice: Optional[int] = None
     overlap: float = 0.2
     slice_full: bool = False
@@ -236,7 +237,8 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
         (cfg.seed >= 0, f"--seed must be non-negative, got {cfg.seed}"),
         (not (cfg.sr_gate and cfg.sr_only), "--sr-gate rescores only the ROIs that go through G, but --sr-only "
          "sends every ROI through G: give one of them"),
-        (cfg.slice is None or cfg.slice >= 32, f"--slice must be a tile size of at least 32 px, got {cfg.slice}"),
+        (cfg.slice in (None, 0) or cfg.slice >= 32, f"--slice must be a tile size of at least 32 px (0: whole "
+         f"images), got {cfg.slice}"),
         (0.0 <= cfg.overlap < 1.0, f"--overlap must be in [0, 1), got {cfg.overlap}"),
         (cfg.slice is None or cfg.detector is not None, "--slice runs the detector sliced: give --detector (for "
          "--rois, crop the store with `crop-rois --slice`)"),
@@ -337,7 +339,7 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
             Path(cfg.detector), device, split, hr_size=hr_size, context=context,
             score_thresh=thresh if cfg.roi_score_thresh is None else cfg.roi_score_thresh,
             max_rois=max_rois if cfg.rois_per_image is None else cfg.rois_per_image, batch_images=cfg.detector_batch,
-            slicing=(cfg.slice, cfg.overlap, cfg.slice_full) if cfg.slice else None)
+            slicing=(cfg.slice, cfg.overlap, cfg.slice_full))
     # Every row, the baseline's included, keeps detections down to one score: the ROIs' threshold
     # unless a higher one is asked for (a lower one the baseline row could not follow).
     roi_thresh = float(source.detail["score_thresh"])
@@ -454,7 +456,7 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         t = Timer()
         fn, found = detector_detections(path, device, split, score_thresh=roi_thresh, max_rois=max_rois,
                                         batch_images=cfg.detector_batch,
-                                        slicing=(cfg.slice, cfg.overlap, cfg.slice_full) if cfg.slice else None,
+                                        slicing=(cfg.slice, cfg.overlap, cfg.slice_full),
                                         description=f"detect {name}")
         for iid, d in found.items():
             dets[name][iid] = select_detections(

@@ -48,7 +48,7 @@ import os
 import re
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -77,7 +77,7 @@ from sodtool.console import log, make_progress, summary_table, warn
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
 from sodtool.figures import DET_COLOUR, draw_boxes, font
-from sodtool.models.detectors import load_detector, predict as detector_predict, predict_sliced
+from sodtool.models.detectors import load_detector, predict as detector_predict, predict_sliced, resolve_slicing
 from sodtool.models.mtgan import load_mtgan, training_context
 from sodtool.resample import SCALE, bicubic_down
 from sodtool.rescoring import (
@@ -283,9 +283,9 @@ def _check(cfg: PredictConfig) -> None:
     if cfg.score not in SCORE_MODES:
         raise InputError(f"--score must be one of {', '.join(SCORE_MODES)}, got '{cfg.score}'")
     _check_floats(cfg)
-    if cfg.slice is not None and cfg.slice < 32:
-        raise InputError(f"--slice must be at least 32 px, got {cfg.slice}")
-    if cfg.slice_full and cfg.slice is None:
+    if cfg.slice is not None and (cfg.slice < 0 or 0 < cfg.slice < 32):
+        raise InputError(f"--slice must be at least 32 px (0: whole images), got {cfg.slice}")
+    if cfg.slice_full and not cfg.slice:
         raise InputError("--slice-full adds a whole-image pass to sliced inference: give --slice too")
     if cfg.context is not None and not (cfg.context >= 1.0 and math.isfinite(cfg.context)):
         raise InputError(f"--context must be a finite number >= 1, got {cfg.context}")
@@ -371,6 +371,9 @@ def predict_images(cfg: PredictConfig) -> dict:
     images = expand_inputs(tuple(str(i) for i in cfg.inputs), out=out, unreadable=bad)
     device = resolve_device(cfg.device)
     det = _load_detector(cfg.detector, device)
+    # The tiles actually run (a detector trained on tiles slices by default; --slice 0: whole images).
+    slicing = resolve_slicing(det, (cfg.slice, cfg.overlap, cfg.slice_full), str(cfg.detector))
+    cfg = replace(cfg, slice=None if slicing is None else slicing[0], slice_full=slicing is not None and cfg.slice_full)
     mt = None
     if cfg.mtgan is not None:
         mt = load_mtgan(cfg.mtgan, device)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -378,6 +379,20 @@ def _initial_one_stage(cfg: TrainDetectorConfig, categories) -> tuple[nn.Module,
     return model, arch, {"size": int(size)}, info
 
 
+def training_scale(split, build: dict, train_sizes: tuple[int, ...]) -> dict:
+    """How a Faster R-CNN's training images were resized, for sliced inference to follow
+    (`models.detectors.predict_sliced`): {"scale": the median over the split's images of the
+    factor torchvision's transform resizes them by (short side to min_size, or the middle of the
+    scale jitter, capped by max_size), "tile": the tile side when every image is a tile cut by
+    `data slice` (its image entries record their source), else None}."""
+    target = float(np.median(train_sizes)) if train_sizes else float(build["min_size"])
+    sides = [(float(im["width"]), float(im["height"])) for im in (split.coco.imgs[i] for i in split.image_ids)]
+    scales = [min(target / min(w, h), float(build["max_size"]) / max(w, h)) for w, h in sides]
+    tiled = bool(split.image_ids) and all("tile" in split.coco.imgs[i] for i in split.image_ids)
+    return {"scale": round(float(np.median(scales)), 4) if scales else None,
+            "tile": int(max(max(w, h) for w, h in sides)) if tiled else None}
+
+
 def load_extra_data(cfg: TrainDetectorConfig, categories) -> tuple[list, list]:
     """The --extra-data folders' train splits: (SplitPaths, CocoSplit) lists, in the order given.
     Each must have images and the real data's categories (same ids, same names): a label means
@@ -558,7 +573,8 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
         model.transform.min_size = (int(build["min_size"]),)
     # model.pt and the minival figures below in the layout `crop-rois` and `detect` load it in.
     model.to(memory_format=torch.contiguous_format).eval()
-    save_detector(model_path, model, arch, build, categories, family=cfg.detector)
+    trained_at = training_scale(train, build, cfg.train_sizes) if cfg.detector == FAMILY else None
+    save_detector(model_path, model, arch, build, categories, family=cfg.detector, trained_at=trained_at)
 
     metrics: dict[str, Any] = {
         "iterations": cfg.iterations, "resumed_from_step": start, "train_time_s": round(train_time, 3),
@@ -567,6 +583,8 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
         "skipped_annotations": {"train": train.skipped_report(), **({"val": val.skipped_report()} if val else {}),
                                 **{f"extra_{i}": x.skipped_report() for i, x in enumerate(extras)}},
     }
+    if trained_at:
+        metrics["trained_at"] = trained_at
     if extras:
         metrics.update(extra_images=n_extra, extra_images_seen=stream.extra_before(cfg.iterations * cfg.batch_size))
     final = last_record(log_path, "loss")
