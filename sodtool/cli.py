@@ -360,7 +360,7 @@ def eval_sr_cmd(
 @handles_input_errors
 def data_synth(
     out: Optional[Path] = typer.Option(None, "--out", help="Output dataset folder (default: data/synth-<preset>)."),
-    preset: str = typer.Option("quick", "--preset", help="quick: 500 train + 100 val + 100 minival images (the quickstart); bench: 4000 + 500 + 500 (measurements). 320x320 both."),
+    preset: str = typer.Option("quick", "--preset", help="quick: 500 train + 100 val + 100 minival images (the quickstart); bench: 4000 + 500 + 500 (measurements), 320x320 both; large: 400 + 50 + 50 images of 2048x2048 holding the bench's objects at their pixel sizes, about 50 each (sliced inference)."),
     train_images: Optional[int] = typer.Option(None, "--train-images", help="Number of train images (overrides the preset)."),
     val_images: Optional[int] = typer.Option(None, "--val-images", help="Number of val images, where settings are chosen (overrides the preset)."),
     minival_images: Optional[int] = typer.Option(None, "--minival-images", help="Number of minival images (overrides the preset)."),

@@ -242,3 +242,22 @@ def test_never_replaces_the_folder_it_runs_in(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="current or home folder"):
         synthesize(SynthConfig(out=out, train_images=1, val_images=1, minival_images=1, image_size=192, overwrite=True))
     assert (out / "src").is_dir()
+
+
+def test_large_preset_keeps_the_bench_objects_at_their_pixel_sizes(tmp_path):
+    """`--preset large`: 2048 px images whose objects have the bench's sizes in pixels (sides at
+    most 192 = 60% of 320), about 50 per image; the quick and bench presets keep their geometry."""
+    cfg = synth.resolve_config(SynthConfig(preset="large"))
+    assert (cfg.image_size, cfg.objects_per_image, cfg.max_object_side) == (2048, (40, 60), 192)
+    assert synth.resolve_config(SynthConfig(preset="bench")).max_object_side is None
+    # A shrunken large image (same caps) draws objects no larger than the cap, in every bucket.
+    out = tmp_path / "large"
+    m = synthesize(SynthConfig(out=out, preset="large", train_images=2, val_images=1, minival_images=1,
+                               image_size=1024, seed=0))
+    split = load_split(resolve_split(out, "train"))
+    sides = [max(a["bbox"][2], a["bbox"][3]) for a in split.coco.dataset["annotations"]]
+    assert max(sides) <= 192 and len(sides) >= 2 * 40 - 5  # at most a few placements dropped
+    assert {size_bucket(a["area"]) for a in split.coco.dataset["annotations"]} == {"small", "medium", "large"}
+    assert m["splits"]["train"]["objects_per_image"] >= 35
+    with pytest.raises(InputError, match="max_object_side must be at least 96"):
+        synth.resolve_config(SynthConfig(max_object_side=64))

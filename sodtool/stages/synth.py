@@ -103,6 +103,10 @@ class Preset:
     val_images: int
     minival_images: int
     image_size: int
+    objects_per_image: tuple[int, int] = (6, 10)
+    distractors_per_image: tuple[int, int] = (1, 3)
+    # Largest object side in px (None: MAX_SIDE_FRACTION of the image side).
+    max_object_side: Optional[int] = None
 
 
 PRESETS = {
@@ -110,6 +114,12 @@ PRESETS = {
     "quick": Preset(train_images=500, val_images=100, minival_images=100, image_size=320),
     # For measurements: thousands of images, same geometry.
     "bench": Preset(train_images=4000, val_images=500, minival_images=500, image_size=320),
+    # Large images (sliced inference's regime): 2048 px images holding the bench's objects at the
+    # bench's pixel sizes (sides capped at 192 px, 60% of 320), at about a sixth of its density per
+    # pixel (50 objects, not 8 x 41), under the 100 detections COCO counts per image. A detector
+    # reading the whole image at the bench's 320 px input sees them 6.4 times smaller.
+    "large": Preset(train_images=400, val_images=50, minival_images=50, image_size=2048, objects_per_image=(40, 60),
+                    distractors_per_image=(8, 16), max_object_side=192),
 }
 
 
@@ -131,8 +141,9 @@ class SynthConfig:
     seed: int = 0
     workers: int = 1
     overwrite: bool = False
-    objects_per_image: tuple[int, int] = (6, 10)
-    distractors_per_image: tuple[int, int] = (1, 3)
+    objects_per_image: Optional[tuple[int, int]] = None
+    distractors_per_image: Optional[tuple[int, int]] = None
+    max_object_side: Optional[int] = None
 
 
 def resolve_config(cfg: SynthConfig) -> SynthConfig:
@@ -144,6 +155,11 @@ def resolve_config(cfg: SynthConfig) -> SynthConfig:
     val = p.val_images if cfg.val_images is None else cfg.val_images
     minival = p.minival_images if cfg.minival_images is None else cfg.minival_images
     size = p.image_size if cfg.image_size is None else cfg.image_size
+    objects = p.objects_per_image if cfg.objects_per_image is None else cfg.objects_per_image
+    distractors = p.distractors_per_image if cfg.distractors_per_image is None else cfg.distractors_per_image
+    max_side = p.max_object_side if cfg.max_object_side is None else cfg.max_object_side
+    if max_side is not None and max_side < LARGE_MIN:
+        raise InputError(f"max_object_side must be at least {LARGE_MIN:.0f} px (large objects must fit), got {max_side}")
     if train < 1:
         raise InputError(f"--train-images must be at least 1, got {train}")
     if val < 1:
@@ -159,15 +175,13 @@ def resolve_config(cfg: SynthConfig) -> SynthConfig:
         raise InputError(f"--seed must be non-negative, got {cfg.seed}")
     if cfg.workers < 1:
         raise InputError(f"--workers must be at least 1, got {cfg.workers}")
-    for name, (lo, hi) in (("objects_per_image", cfg.objects_per_image),
-                           ("distractors_per_image", cfg.distractors_per_image)):
+    for name, (lo, hi) in (("objects_per_image", objects), ("distractors_per_image", distractors)):
         if not 0 <= lo <= hi or (name == "objects_per_image" and lo < 1):
             raise InputError(f"{name} must be a range (min, max) with 0 <= min <= max (objects: min >= 1), got {(lo, hi)}")
     out = Path(cfg.out) if cfg.out is not None else Path("data") / f"synth-{cfg.preset}"
     return dataclasses.replace(cfg, out=out, train_images=train, val_images=val, minival_images=minival,
-                               image_size=size,
-                               objects_per_image=tuple(cfg.objects_per_image),
-                               distractors_per_image=tuple(cfg.distractors_per_image))
+                               image_size=size, objects_per_image=tuple(objects),
+                               distractors_per_image=tuple(distractors), max_object_side=max_side)
 
 
 def categories(num_classes: int) -> list[dict]:
@@ -379,13 +393,17 @@ def _muted(rng: np.random.Generator, local: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.clip(c, 0, 255))
 
 
-def sample_box_size(rng: np.random.Generator, bucket: str, image_size: int) -> tuple[int, int]:
-    """Integer (w, h) whose area w*h falls in COCO's `bucket`; sides >= MIN_SIDE and <= 60% of the image.
+def sample_box_size(rng: np.random.Generator, bucket: str, image_size: int,
+                    max_object_side: Optional[int] = None) -> tuple[int, int]:
+    """Integer (w, h) whose area w*h falls in COCO's `bucket`; sides >= MIN_SIDE and <= 60% of the
+    image (and <= max_object_side px when given).
 
-    sqrt(area) is log-uniform within the bucket (small 8..32, medium 32..96, large 96..0.6*S)
+    sqrt(area) is log-uniform within the bucket (small 8..32, medium 32..96, large 96..max side)
     and the aspect ratio w/h log-uniform in [1/2, 2].
     """
     max_side = int(MAX_SIDE_FRACTION * image_size)
+    if max_object_side is not None:
+        max_side = min(max_side, int(max_object_side))
     lo, hi = {"small": SMALL_RANGE, "medium": MEDIUM_RANGE, "large": (LARGE_MIN, float(max_side))}[bucket]
     while True:
         s = math.exp(rng.uniform(math.log(lo), math.log(hi)))
@@ -397,7 +415,7 @@ def sample_box_size(rng: np.random.Generator, bucket: str, image_size: int) -> t
 
 def make_image(rng: np.random.Generator, image_size: int, num_classes: int,
                objects_per_image: tuple[int, int] = (6, 10), distractors_per_image: tuple[int, int] = (1, 3),
-               ) -> tuple[np.ndarray, list[dict], dict]:
+               max_object_side: Optional[int] = None) -> tuple[np.ndarray, list[dict], dict]:
     """Draw one image.
 
     Returns (image uint8 [S, S, 3] RGB before JPEG coding, objects, info). Each object is a dict
@@ -427,7 +445,7 @@ def make_image(rng: np.random.Generator, image_size: int, num_classes: int,
         where = None
         for attempt in range(60):
             if attempt % 15 == 0:
-                w, h = sample_box_size(rng, bucket, S)
+                w, h = sample_box_size(rng, bucket, S, max_object_side)
             x, y = int(rng.integers(0, S - w + 1)), int(rng.integers(0, S - h + 1))
             region = idmap[y:y + h, x:x + w]
             lost = np.bincount(region[region >= 0].ravel(), minlength=len(placed))
@@ -491,8 +509,8 @@ def make_image(rng: np.random.Generator, image_size: int, num_classes: int,
 
 def _make_one(job: tuple) -> tuple[list[dict], dict]:
     """Worker: draw image `index` of `split` and save it as JPEG. Module-level so it pickles."""
-    seed, split, index, image_dir, file_name, size, num_classes, obj_range, dis_range = job
-    arr, objects, info = make_image(image_rng(seed, split, index), size, num_classes, obj_range, dis_range)
+    seed, split, index, image_dir, file_name, size, num_classes, obj_range, dis_range, max_side = job
+    arr, objects, info = make_image(image_rng(seed, split, index), size, num_classes, obj_range, dis_range, max_side)
     Image.fromarray(arr, mode="RGB").save(Path(image_dir) / file_name, format="JPEG", quality=info["jpeg_quality"])
     return objects, info
 
@@ -587,7 +605,7 @@ def synthesize(cfg: SynthConfig) -> dict:
                     images.append({"id": image_id, "file_name": file_name, "width": cfg.image_size,
                                    "height": cfg.image_size})
                     jobs.append((cfg.seed, split, i, str(image_dir), file_name, cfg.image_size, cfg.classes,
-                                 cfg.objects_per_image, cfg.distractors_per_image))
+                                 cfg.objects_per_image, cfg.distractors_per_image, cfg.max_object_side))
                 results = pool.imap(_make_one, jobs, chunksize=4) if pool else map(_make_one, jobs)
                 annotations, all_objects, infos = [], [], []
                 for image, (objects, info) in zip(images, results):
