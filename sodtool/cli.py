@@ -576,6 +576,7 @@ def train_detector_cmd(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="COCO evaluation of the --val-split at the end."),
     eval_score_thresh: float = typer.Option(0.001, "--eval-score-thresh", help="Lowest score kept for the evaluation (100 detections per image)."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (fp32 by default)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
 ) -> None:
     """Train the baseline detector (torchvision Faster R-CNN) and evaluate it on minival.
@@ -606,7 +607,8 @@ def train_detector_cmd(
         roi_batch_size=roi_batch_size, weights=weights, reinit_heads=reinit_heads, backbone_weights=backbone_weights,
         extra_data=tuple(extra_data or ()), extra_ratio=extra_ratio, seed=seed,
         device=device, workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, resume=resume,
-        eval=evaluate, eval_score_thresh=eval_score_thresh, amp=amp, skip_invalid=skip_invalid))
+        eval=evaluate, eval_score_thresh=eval_score_thresh, amp=amp, skip_invalid=skip_invalid,
+        tensorboard=tensorboard))
 
 
 @train_app.command("sr")
@@ -634,6 +636,7 @@ def train_sr_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (CUDA: bf16 autocast, channels_last)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this iteration."),
 ) -> None:
     """Pretrain the SR generator with pixel MSE on HR/LR crop pairs (paper Eq. 4).
@@ -653,7 +656,7 @@ def train_sr_cmd(
         learning_rate=learning_rate, channels=channels, up_channels=up_channels, num_blocks=num_blocks,
         long_skip=long_skip, residual_bicubic=residual_bicubic, min_native_size=min_native_size, val_fraction=val_fraction, val_max=val_max, val_every=val_every,
         log_every=log_every, checkpoint_every=checkpoint_every, seed=seed, device=device, num_workers=workers,
-        stop_after=stop_after, resume=resume))
+        stop_after=stop_after, resume=resume, tensorboard=tensorboard))
 
 
 @train_app.command("mtgan")
@@ -695,6 +698,7 @@ def train_mtgan_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (CUDA: bf16 autocast, channels_last; several GPUs: torchrun)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics, sample crops); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this iteration."),
 ) -> None:
     """Train the multi-task GAN: G from `train sr`, D a ResNet with real/fake, class and box heads (Eq. 10/11).
@@ -715,7 +719,7 @@ def train_mtgan_cmd(
         tv_weight=tv_weight, adversarial=adversarial, reg_branch=not no_reg_branch, adv=not no_adv,
         cls=not no_cls, reg=not no_reg, val_fraction=val_fraction, val_max=val_max, val_every=val_every,
         log_every=log_every, checkpoint_every=checkpoint_every, sample_every=sample_every, seed=seed,
-        device=device, num_workers=workers, stop_after=stop_after, resume=resume))
+        device=device, num_workers=workers, stop_after=stop_after, resume=resume, tensorboard=tensorboard))
 
 
 @train_app.command("fsr")
@@ -761,6 +765,7 @@ def train_fsr_cmd(
     eval_batch_size: int = typer.Option(4, "--eval-batch-size", help="Images per detector call in the evaluation."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (fp32 by default)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this step."),
 ) -> None:
     """Feature-level super-resolution of small proposals (Noh et al., ICCV 2019) on a trained Faster R-CNN, or one of its controls.
@@ -784,7 +789,7 @@ def train_fsr_cmd(
         gen_blocks=gen_blocks, gen_width=gen_width, disc_hidden=disc_hidden, hflip=hflip, seed=seed, device=device,
         workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, resume=resume, eval=evaluate,
         eval_score_thresh=eval_score_thresh, eval_batch_size=eval_batch_size, amp=amp, skip_invalid=skip_invalid,
-        stop_after=stop_after))
+        stop_after=stop_after, tensorboard=tensorboard))
 
 
 # `sodtool crop-rois ...` is the group's callback (invoke_without_command), so that
@@ -821,6 +826,7 @@ def train_detgan_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, patches and noise: same seed, same weights on CPU."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics, sample patches); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this iteration."),
 ) -> None:
     """Train DetectorGAN (Liu et al., ICCV 2019): a generator that inserts objects at given boxes, trained against global and local PatchGAN discriminators and through one unrolled step of the detector.
@@ -839,7 +845,7 @@ def train_detgan_cmd(
         local_weight=local_weight, l1_weight=l1_weight, syn_weight=syn_weight, unroll_weight=unroll_weight,
         unroll=unroll, pool_size=pool_size, margin=margin, min_visibility=min_visibility, log_every=log_every,
         checkpoint_every=checkpoint_every, sample_every=sample_every, seed=seed, device=device, resume=resume,
-        stop_after=stop_after))
+        stop_after=stop_after, tensorboard=tensorboard))
 
 
 crop_rois_app = typer.Typer(cls=OrderedGroup, invoke_without_command=True)

@@ -40,7 +40,11 @@ from sodtool.errors import InputError
 
 # Fields that may change between a run and its resumption (they steer the run, not its result).
 RUN_CONTROL_FIELDS = frozenset({"out", "hr", "lr", "sr", "iterations", "device", "num_workers", "log_every",
-                                "checkpoint_every", "val_every", "sample_every", "stop_after", "resume"})
+                                "checkpoint_every", "val_every", "sample_every", "stop_after", "resume", "tensorboard"})
+# A training run's TensorBoard events, under its run folder (--tensorboard).
+TENSORBOARD_DIR = "tensorboard"
+# metrics.jsonl keys that index a line rather than measure something.
+_INDEX_KEYS = frozenset({"step", "epoch", "split", "phase"})
 
 
 def fill_preset(cfg, presets: dict[str, dict[str, Any]]):
@@ -186,18 +190,36 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def tensorboard_writer(folder: Path, purge_step: Optional[int]):
+    """A TensorBoard SummaryWriter on `folder` (events at steps >= purge_step, left by a killed
+    run, are dropped); InputError naming the extra when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("--tensorboard needs the tensorboard package: pip install 'sodtool[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+
+
 class MetricsLog:
     """`metrics.jsonl`, one JSON object per line, appended as training goes (so `tail -f` works).
 
     Resuming from a checkpoint at step k first drops the lines logged after k by the run that
     was killed (rewritten atomically), so the log of a resumed run equals an uninterrupted one.
+
+    `tensorboard` (a folder, --tensorboard): every numeric value of every line is also a
+    TensorBoard scalar, tagged "<split or train>/<key>" at the line's step, and `image` adds
+    sample images; metrics.jsonl stays the record.
     """
 
-    def __init__(self, path: Path, resume_step: Optional[int], enabled: bool = True) -> None:
+    def __init__(self, path: Path, resume_step: Optional[int], enabled: bool = True,
+                 tensorboard: Optional[Path] = None) -> None:
         self.path, self.enabled = Path(path), enabled
         self._kept: set[str] = set()
+        self.tb = None
         if not enabled:
             return
+        if tensorboard is not None:
+            self.tb = tensorboard_writer(Path(tensorboard), None if resume_step is None else resume_step + 1)
         kept = [rec for rec in read_jsonl(self.path) if resume_step is not None and rec.get("step", 0) <= resume_step]
         # Lines the resumed run may log again at its resume step (the final validation of a
         # finished run that is rerun): they are in the log already.
@@ -210,6 +232,18 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            group = record.get("split", "train")
+            for key, value in record.items():
+                if key not in _INDEX_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{group}/{key}", value, int(record["step"]))
+            self.tb.flush()
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """A sample image (uint8 [H, W, 3]) for TensorBoard; nothing without --tensorboard."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+            self.tb.flush()
 
 
 def _row_key(record: dict) -> str:

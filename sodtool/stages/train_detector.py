@@ -27,6 +27,7 @@ from sodtool.device import autocast, device_name, resolve_device, seed_everythin
 # re-exported for the tests that check it here.
 from sodtool.detdata import DetectionDataset, MixedStepBatchSampler, augment, collate  # noqa: F401
 from sodtool.engine import (
+    TENSORBOARD_DIR,
     MetricsLog,
     StepBatchSampler,
     all_finite,
@@ -190,11 +191,12 @@ class TrainDetectorConfig:
     amp: bool = False  # bf16 autocast on CUDA
     skip_invalid: bool = False
     stop_after: int | None = None  # tests: checkpoint and return after this iteration (a kill, simulated)
+    tensorboard: bool = False  # also write TensorBoard events (RUN/tensorboard); metrics.jsonl stays the record
 
 
 # Fields that may change between a run and its resumption (they steer the run, not its result).
 RESUME_FREE = frozenset({"device", "workers", "resume", "checkpoint_every", "log_every", "eval", "eval_score_thresh",
-                         "eval_batch_size", "out", "stop_after"})
+                         "eval_batch_size", "out", "stop_after", "tensorboard"})
 
 
 def resolve_train_config(cfg: TrainDetectorConfig, num_train_images: int | None = None) -> TrainDetectorConfig:
@@ -491,7 +493,8 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
     elif run != out:
         log(f"--no-resume: starting over; {out} is replaced once the new run is complete")
     start, _, train_time = resume_position(state, ckpt_path, cfg.iterations, announce=True)
-    metrics_log = MetricsLog(log_path, start if state is not None else None)
+    metrics_log = MetricsLog(log_path, start if state is not None else None,
+                             tensorboard=run / TENSORBOARD_DIR if cfg.tensorboard else None)
 
     workers = cfg.workers if cfg.workers is not None else (4 if dev.type == "cuda" else 0)
     n_extra = sum(len(x.image_ids) for x in extras)

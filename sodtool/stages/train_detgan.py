@@ -49,8 +49,9 @@ from sodtool.artefacts import Timer, check_output, file_identity, write_manifest
 from sodtool.coco import load_split, resolve_split
 from sodtool.console import make_progress, summary_table
 from sodtool.device import device_name, resolve_device, seed_everything
-from sodtool.engine import (LossWindow, MetricsLog, all_finite, close_run_dir, due, fmt_terms, last_record,
-                            load_resume, open_run_dir, resume_position, save_training_state, stop_requested)
+from sodtool.engine import (TENSORBOARD_DIR, LossWindow, MetricsLog, all_finite, close_run_dir, due, fmt_terms,
+                            last_record, load_resume, open_run_dir, resume_position, save_training_state,
+                            stop_requested)
 from sodtool.errors import InputError, NonFiniteLossError
 from sodtool.insertion import crop_window, window_around
 from sodtool.models import detgan
@@ -95,9 +96,11 @@ class TrainDetGANConfig:
     device: str = "auto"
     resume: bool = True
     stop_after: Optional[int] = None  # tests: checkpoint and return after this iteration (a kill, simulated)
+    tensorboard: bool = False  # also write TensorBoard events and samples (RUN/tensorboard); metrics.jsonl stays the record
 
 
-RESUME_FREE = frozenset({"device", "resume", "checkpoint_every", "log_every", "sample_every", "out", "stop_after"})
+RESUME_FREE = frozenset({"device", "resume", "checkpoint_every", "log_every", "sample_every", "out", "stop_after",
+                         "tensorboard"})
 
 
 def check_config(cfg: TrainDetGANConfig) -> None:
@@ -249,7 +252,8 @@ def train_detgan(cfg: TrainDetGANConfig) -> dict:
     pool = HistoryPool(cfg.pool_size, ckpt.get("pool") if ckpt is not None else None)
     run = open_run_dir(out, True, fresh=not cfg.resume)
     ckpt_path = run / "checkpoint.pt"
-    metrics_log = MetricsLog(run / "metrics.jsonl", step if ckpt is not None else None)
+    metrics_log = MetricsLog(run / "metrics.jsonl", step if ckpt is not None else None,
+                             tensorboard=run / TENSORBOARD_DIR if cfg.tensorboard else None)
     window = LossWindow(ckpt.get("loss_window") if ckpt is not None else None)
     trained_images = gather([(str(f.path), read_record(f.path))], split_digests(split).values())
 
@@ -343,7 +347,8 @@ def train_detgan(cfg: TrainDetGANConfig) -> dict:
                 det_s = 0.0
                 progress.update(task, info=fmt_terms(flushed))
             if due(step, cfg.sample_every, cfg.iterations):
-                write_samples(run / "samples" / f"iter_{step:07d}.png", real, inp, fake)
+                grid = write_samples(run / "samples" / f"iter_{step:07d}.png", real, inp, fake)
+                metrics_log.image("samples", grid, step)
             progress.update(task, completed=step)
             if due(step, cfg.checkpoint_every, cfg.stop_after):
                 save_state(step)
@@ -366,11 +371,13 @@ def train_detgan(cfg: TrainDetGANConfig) -> dict:
     return metrics
 
 
-def write_samples(path: Path, real: torch.Tensor, inp: torch.Tensor, fake: torch.Tensor, count: int = 4) -> None:
-    """A PNG grid: per column one patch; rows: the real patch, G's input (noised box), the synthetic patch."""
+def write_samples(path: Path, real: torch.Tensor, inp: torch.Tensor, fake: torch.Tensor, count: int = 4) -> np.ndarray:
+    """A PNG grid: per column one patch; rows: the real patch, G's input (noised box), the synthetic
+    patch. Returns the grid (uint8 [H, W, 3])."""
     n = min(count, len(real))
     rows = [real[:n], inp[:n, :3], fake[:n]]
     grid = torch.cat([torch.cat(list(r.detach().cpu()), dim=2) for r in rows], dim=1)
     arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
+    return arr

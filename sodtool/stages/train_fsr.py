@@ -43,6 +43,7 @@ from sodtool.console import log, make_progress, summary_table
 from sodtool.detdata import DetectionDataset, collate
 from sodtool.device import autocast, device_name, resolve_device, seed_everything
 from sodtool.engine import (
+    TENSORBOARD_DIR,
     LossWindow,
     MetricsLog,
     StepBatchSampler,
@@ -136,11 +137,12 @@ class TrainFSRConfig:
     amp: bool = False  # bf16 autocast on CUDA
     skip_invalid: bool = False
     stop_after: int | None = None  # tests: checkpoint and return after this step (a kill, simulated)
+    tensorboard: bool = False  # also write TensorBoard events (RUN/tensorboard); metrics.jsonl stays the record
 
 
 # Fields that may change between a run and its resumption (they steer the run, not its result).
 RESUME_FREE = frozenset({"device", "workers", "resume", "checkpoint_every", "log_every", "eval", "eval_score_thresh",
-                         "eval_batch_size", "out", "stop_after"})
+                         "eval_batch_size", "out", "stop_after", "tensorboard"})
 
 
 def _finite(v) -> bool:
@@ -281,7 +283,8 @@ def train_fsr(cfg: TrainFSRConfig) -> dict:
     elif run != out:
         log(f"--no-resume: starting over; {out} is replaced once the new run is complete")
     start, _, train_time = resume_position(state, ckpt_path, cfg.iterations, announce=True)
-    metrics_log = MetricsLog(log_path, start if state is not None else None)
+    metrics_log = MetricsLog(log_path, start if state is not None else None,
+                             tensorboard=run / TENSORBOARD_DIR if cfg.tensorboard else None)
 
     workers = cfg.workers if cfg.workers is not None else (4 if dev.type == "cuda" else 0)
     stream = StepBatchSampler(len(train.image_ids), cfg.batch_size, cfg.seed, start, cfg.hflip, False, False)

@@ -65,9 +65,10 @@ from sodtool import checkpoint
 from sodtool.artefacts import Timer, atomic_path, check_output, file_identity, read_manifest, write_manifest
 from sodtool.console import log, make_progress, summary_table
 from sodtool.device import autocast, device_name, seed_everything
-from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, check_positive, close_run_dir, due,
-                            fill_preset, fmt_terms, last_record, load_resume, open_run_dir, resume_position,
-                            save_training_state, setup_device, stop_requested, to_float, use_channels_last, wrap_ddp)
+from sodtool.engine import (TENSORBOARD_DIR, BatchStream, LossWindow, MetricsLog, all_finite, check_positive,
+                            close_run_dir, due, fill_preset, fmt_terms, last_record, load_resume, open_run_dir,
+                            resume_position, save_training_state, setup_device, stop_requested, to_float,
+                            use_channels_last, wrap_ddp)
 from sodtool.errors import InputError, NonFiniteLossError
 from sodtool.losses import LossWeights, discriminator_loss, generator_loss
 from sodtool.models.detector_weights import detector_trunk
@@ -153,6 +154,7 @@ class TrainMTGANConfig:
     num_workers: Optional[int] = None
     # Test hook: checkpoint and return after this iteration (as if killed right after it).
     stop_after: Optional[int] = None
+    tensorboard: bool = False  # also write TensorBoard events and samples (RUN/tensorboard); metrics.jsonl stays the record
     # False (--no-resume): start over; a previous run in `out` stays whole until the new one is complete.
     resume: bool = True
 
@@ -236,11 +238,12 @@ def evaluate_discriminator(g, d, held: HeldOut, labels: torch.Tensor, device, ba
 
 
 @torch.no_grad()
-def save_sample_grid(g, held: HeldOut, device, path: Path, count: int) -> None:
-    """PNG grid, one column per crop; rows: LR (nearest x4), bicubic, SR (clamped), HR."""
+def save_sample_grid(g, held: HeldOut, device, path: Path, count: int) -> Optional[np.ndarray]:
+    """PNG grid, one column per crop; rows: LR (nearest x4), bicubic, SR (clamped), HR. Returns the
+    grid (uint8 [H, W, 3]), or None without held-out crops."""
     n = min(count, len(held.rows))
     if n == 0:
-        return
+        return None
     g = unwrap(g)
     was = g.training
     g.eval()
@@ -260,6 +263,7 @@ def save_sample_grid(g, held: HeldOut, device, path: Path, count: int) -> None:
             grid[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = tiles[c]
     with atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
+    return grid
 
 
 def joint_forward(d, real: torch.Tensor, fake: torch.Tensor) -> tuple[DiscOut, DiscOut]:
@@ -383,7 +387,8 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
     g_model, d_model = wrap_ddp(g, device, ddp), wrap_ddp(d, device, ddp)
     run = open_run_dir(out, main, fresh=not cfg.resume)
     ckpt_path = run / "checkpoint.pt"
-    metrics_log = MetricsLog(run / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
+    metrics_log = MetricsLog(run / "metrics.jsonl", step if ckpt is not None else None, enabled=main,
+                             tensorboard=run / TENSORBOARD_DIR if cfg.tensorboard else None)
     held_sides = native_sides(pair.hr)[val_rows] if main else None
     held = load_held_out(pair, val_rows, held_sides >= pair.hr_size) if main else None
     held_labels = label_rows(pair.hr, val_rows) if main else None
@@ -440,7 +445,9 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
             if step % cfg.val_every == 0 and step < cfg.iterations:
                 validate(step)
             if main and due(step, cfg.sample_every):
-                save_sample_grid(g, held, device, run / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
+                grid = save_sample_grid(g, held, device, run / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
+                if grid is not None:
+                    metrics_log.image("samples", grid, step)
             progress.update(task, completed=step)
             if due(step, cfg.checkpoint_every, cfg.stop_after):
                 save_state(step)
@@ -455,7 +462,9 @@ def train_mtgan(cfg: TrainMTGANConfig) -> dict:
                **{f"final_{k}": v for k, v in last_terms.items()}, **val,
                "train_time_s": round(prior_s + timer.elapsed, 2)}
     if main:
-        save_sample_grid(g, held, device, run / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
+        grid = save_sample_grid(g, held, device, run / "samples" / f"iter_{step:07d}.png", cfg.sample_count)
+        if grid is not None:
+            metrics_log.image("samples", grid, step)
         checkpoint.save({**generator_checkpoint(g), **discriminator_checkpoint(d), **extra, "step": step},
                         run / "model.pt")
         save_state(step)

@@ -57,9 +57,10 @@ from sodtool import checkpoint
 from sodtool.artefacts import Timer, check_output, file_identity, write_manifest
 from sodtool.console import make_progress, summary_table
 from sodtool.device import autocast, device_name, seed_everything
-from sodtool.engine import (BatchStream, LossWindow, MetricsLog, all_finite, check_positive, close_run_dir, due,
-                            fill_preset, fmt_terms, last_record, load_resume, open_run_dir, resume_position,
-                            save_training_state, setup_device, stop_requested, to_float, use_channels_last, wrap_ddp)
+from sodtool.engine import (TENSORBOARD_DIR, BatchStream, LossWindow, MetricsLog, all_finite, check_positive,
+                            close_run_dir, due, fill_preset, fmt_terms, last_record, load_resume, open_run_dir,
+                            resume_position, save_training_state, setup_device, stop_requested, to_float,
+                            use_channels_last, wrap_ddp)
 from sodtool.errors import InputError, NonFiniteLossError
 from sodtool.models.networks import Generator, generator_checkpoint
 from sodtool.provenance import store_record, write_record
@@ -109,6 +110,7 @@ class TrainSRConfig:
     num_workers: Optional[int] = None
     # Test hook: checkpoint and return after this iteration (as if killed right after it).
     stop_after: Optional[int] = None
+    tensorboard: bool = False  # also write TensorBoard events (RUN/tensorboard); metrics.jsonl stays the record
     # False (--no-resume): start over; a previous run in `out` stays whole until the new one is complete.
     resume: bool = True
 
@@ -186,7 +188,8 @@ def train_sr(cfg: TrainSRConfig) -> dict:
     g.train()
     run = open_run_dir(out, main, fresh=not cfg.resume)
     ckpt_path = run / "checkpoint.pt"
-    metrics_log = MetricsLog(run / "metrics.jsonl", step if ckpt is not None else None, enabled=main)
+    metrics_log = MetricsLog(run / "metrics.jsonl", step if ckpt is not None else None, enabled=main,
+                             tensorboard=run / TENSORBOARD_DIR if cfg.tensorboard else None)
     held = concat_held_out([load_held_out(p, v, nat[v]) for p, (_, v, nat) in zip(pairs, splits)]) if main else None
     loaders = [make_train_loader(cfg, p, t, device, rank, world) for p, (t, _, _) in zip(pairs, splits)]
     loader = loaders[0] if len(loaders) == 1 else MultiStoreLoader(loaders, cfg.seed)
