@@ -3,11 +3,9 @@
 glibc's malloc serves every block above its mmap threshold (32 MiB at most) with a fresh `mmap`
 and gives it back with `munmap` on free. A batch of 128 px crops has activations far above that
 (G's [256, 32, 128, 128] float maps are 512 MiB), so every batch of `eval` or `train mtgan` maps
-them anew and the kernel zero-fills and faults in every page again: on the bench HR 128 `eval`, a
-third of the process's CPU time was kernel time, 160,000 page faults a second. With mmap off for
-malloc (`M_MMAP_MAX` = 0) and up to 2 GiB of free heap kept at its top (`M_TRIM_THRESHOLD`), the
-blocks are reused: kernel time fell from 6-8 s to 0.2-0.4 s per 512 ROIs through both D(G(x))
-and D(bicubic(x)) at HR 128, one thread, and the bench `eval` ran 2.3x as fast. Results do not
+them anew and the kernel zero-fills and faults in every page again. With mmap off for malloc
+(`M_MMAP_MAX` = 0) and up to 2 GiB of free heap kept at its top (`M_TRIM_THRESHOLD`), the blocks
+are reused and the kernel time goes (docs/design_notes.md). Results do not
 change (torch aligns every block to 64 bytes either way; trained weights came out bit for bit the
 same); the cost is that the process keeps up to 2 GiB of freed heap, more if it is fragmented,
 until it exits.

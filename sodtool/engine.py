@@ -378,11 +378,10 @@ def use_channels_last(device: torch.device, *modules: torch.nn.Module) -> bool:
     """Put `modules` in channels_last (on CUDA, also let cuDNN autotune: the crop sizes are
     fixed); returns whether channels_last is on (inputs must then follow).
 
-    On the CPU too: oneDNN's convolutions run faster in it. Measured on the 2-core EPYC
-    (benchmarks/bench_train.py with and without --nchw, README): G's MSE step 1.3x (HR 64) and
-    1.5x (HR 128), the MTGAN step with D from the MobileNetV3 detector trunk 1.4-1.6x, with a
-    ResNet-18 D 1.0-1.2x; nowhere slower. The layout changes the order of floating-point sums,
-    so a run does not repeat the figures of a run made in the standard layout.
+    On the CPU too: oneDNN's convolutions run faster in it, and nowhere slower
+    (`benchmarks/bench_train.py` with and without --nchw; figures in docs/results.md). The layout
+    changes the order of floating-point sums, so a run does not repeat the figures of a run made
+    in the standard layout.
     """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -14,8 +14,7 @@ holds it, never a shrunken copy. sodtool's crops have fixed sizes (HR = 4 x LR),
 crop window in the image is wider than the LR crop loses detail in the LR crop that the image
 has; D reads such a ROI's HR crop (the image's own pixels at D's input size) and only narrower
 windows go through G (or bicubic, for the control); `score_rois` without `hr_rows` sends every
-ROI through G (`eval --sr-only`). Bench, HR 128, three MTGAN seeds, D's score over every ROI: AP
-40.3 -> 42.1, AP_M 52.3 -> 55.1, AP_L 46.1 -> 47.8 with the HR crops (README).
+ROI through G (`eval --sr-only`); docs/choices_on_val.md checks this choice on val.
 
 Then per image, pure functions of tensors:
 - `refine_boxes`: the refined box `boxes.decode_target(roi, reg / BOX_WEIGHTS)` clipped to the image
@@ -122,9 +121,9 @@ def score_rois(methods: Sequence, lr_u8: torch.Tensor, device: torch.device, bat
     of from their LR crop. Returns ({name: {"probs": float32 [R, K+1], "reg": float32 [R, 4] |
     None}} on the CPU, uint8 images [len(keep_rows), 3, S, S] of the FIRST method at `keep_rows`,
     e.g. SR crops for figures; those rows must be read from the LR crop). The crops go in
-    channels_last on every device: on CPU, oneDNN's convolutions then run D(G(x)) 1.5x faster at
-    LR 32 and 1.3x at LR 16 (one thread, benchmarks/bench_rescore.py), and the probabilities
-    move by under 1e-6. On CUDA also bf16 autocast.
+    channels_last on every device: on CPU oneDNN's convolutions run faster in it
+    (benchmarks/bench_rescore.py), and the probabilities move by under 1e-6. On CUDA also bf16
+    autocast.
     """
     if hr_rows is not None and bool(hr_rows[torch.from_numpy(keep_rows)].any()):
         raise ValueError("keep_rows must be rows scored from their LR crop")

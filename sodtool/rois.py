@@ -12,14 +12,12 @@ batches do. Resampling is bilinear at each output pixel's centre (grid_sample, a
 image in a few batched calls); a window larger than S is first taken from an area-averaged
 2^L pyramid level (so it is at most 2x the output there) and sampled at 2S then averaged 2x2,
 i.e. an area filter: large objects are antialiased, not aliased as plain bilinear would do.
-A window of exactly S px at integer coordinates is copied pixel for pixel. On the benchmark's
-window mix (benchmarks/bench_rois.py, one thread) this ran ~2x faster than
-roi_align(sampling_ratio=2, aligned=True) and ~1.4x faster than roi_align's adaptive sampling
-(sampling_ratio=0, whose cost grows with the window), with the same kind of area filtering. The
-filter between pyramid levels is a 2-sample box on bilinear samples: at the worst case (stripes
-at the pixel period, 1.5x to 1.9x downscale) it leaves 1/2 to 1/8 of the aliasing of plain
-bilinear sampling (F.interpolate's antialiased bilinear, one call per crop, does better still);
-at power-of-two factors the pyramid level is the exact block mean.
+A window of exactly S px at integer coordinates is copied pixel for pixel. It is faster than
+torchvision's roi_align with the same kind of area filtering (benchmarks/bench_rois.py;
+docs/design_notes.md). The filter between pyramid levels is a 2-sample box on bilinear samples:
+it leaves part of the aliasing of plain bilinear sampling at the worst case (F.interpolate's
+antialiased bilinear, one call per crop, does better still); at power-of-two factors the pyramid
+level is the exact block mean.
 
 ROI sources (`JsonDetections`, `ModelDetections`, `GroundTruthOnly`): callables taking
 (image ids, RGB uint8 images [H, W, 3], score threshold, max ROIs) and returning per image a

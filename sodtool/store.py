@@ -50,11 +50,9 @@ closes cleanly, the temporary file is removed and the error is raised as an OSEr
 store. No estimate of free space is needed, and a disk filled by another process is handled too.
 
 Layout: image datasets are chunked by CHUNK_ROWS rows and HR crops compressed with LZF.
-Measured (benchmarks/bench_rois.py, one thread, per CPU second): shuffled batches of 64 pairs
-read at ~4,900/s with LZF vs ~3,900/s with gzip level 1 (uncompressed: ~39,000/s), LZF writes
-~1.7x faster, and the files shrink 1.27x (LZF) vs 1.60x (gzip) on synthetic-benchmark crops,
-1.5x vs 2.0x on kit-aerial crops. Decompression, not I/O, bounds reads, so the faster filter
-wins; `compression="none"` trades disk for read speed. 8 rows per chunk (384 KiB at S = 128).
+Decompression, not I/O, bounds reads, so the faster filter wins over the smaller one
+(benchmarks/bench_rois.py; docs/design_notes.md); `compression="none"` trades disk for read
+speed. 8 rows per chunk (384 KiB at S = 128).
 
 Shuffling is chunk-aware: the order of chunks is shuffled, then rows are shuffled inside windows
 of consecutive chunks (`mixing_window`: up to 64 chunks, as many as half of HDF5's chunk cache

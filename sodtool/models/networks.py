@@ -81,10 +81,7 @@ class Generator(nn.Module):
       lets the trunk learn a correction rather than a copy and costs nothing.
     - `residual_bicubic`: the network predicts a residual over the bicubic 4x upsampling of its
       input, output = bicubic(x) + f(x). MSE pretraining then starts from bicubic quality
-      instead of from noise: in benchmarks/bench_sr.py (light 32/32/5 network, Adam 1e-4,
-      batch 16, held-out 64 px crops of coco128, Y PSNR, border 4; bicubic 29.07 dB) it is
-      28.97 dB at step 0 and 29.26 dB (above bicubic) at step 300, while the plain network
-      is at 10.1 dB at step 0 and 24.2 dB at step 300. The architecture of f is exactly
+      instead of from noise (benchmarks/bench_sr.py; docs/design_notes.md). The architecture of f is exactly
       Table 1; `residual_bicubic=False` gives the paper's plain generator.
 
     Init (paper Sec. 4.2): conv and de-conv weights N(0, 0.02), biases 0; BN weight 1, bias 0;

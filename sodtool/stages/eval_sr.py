@@ -16,8 +16,8 @@ Greyscale images (e.g. Set14/img_003) are converted to RGB (R = G = B) for the g
 for the RGB metrics. For their Y-channel metrics the grey level itself is compared (the HR grey
 value against the full-range luma (Y - 16) / 219 of the output, which is the grey value for a
 grey output), as the MATLAB evaluation scripts of the SR literature do (they skip rgb2ycbcr
-for single-channel images); BT.601 Y of a grey image would compress it to 16..235 and add
-about 1.3 dB on that image.
+for single-channel images); BT.601 Y of a grey image would compress it to 16..235 and flatter
+that image.
 
 Sizes: an HR image must be `scale` x its LR image. HR sides up to `scale` - 1 px larger are
 cropped at the right/bottom to `scale` x LR (the "modcrop" of SR datasets); any other

@@ -62,18 +62,16 @@ STAGE = "train-detector"
 
 # Presets fill every config field left at None.
 #
-# `quick`: the synthetic quickstart on a 2-core CPU (about 5 minutes). MobileNetV3-Large trained
-#   from scratch: it learns the classes' patterns in fewer CPU-seconds than ResNet-18 (measured:
-#   at equal CPU time ResNet-18-FPN was still at chance on the class). The FPN takes the
+# `quick`: the synthetic quickstart on a 2-core CPU. MobileNetV3-Large trained from scratch: it
+#   learns the classes' patterns in fewer CPU-seconds than ResNet-18 (docs/design_notes.md). The FPN takes the
 #   stride-8/16/32 stages (torchvision's mobilenet layout takes only stride-32 ones, blind to
 #   8 px objects); anchors 16-128 px on P3-P6 for objects of 8-190 px in 320 px images
 #   (torchvision's are 32-512 px for 800 px images). A narrow FPN (64), 64 sampled RoIs per image
 #   of which up to half positive (RoIAlign's backward dominates a CPU iteration otherwise) and
-#   fewer proposals keep an iteration near 0.4 s on 2 cores. No flips: the synthetic stripes-d
-#   and stripes-a classes are mirror images of each other. 800 iterations (3200 images): the
-#   class patterns start being learnt after about 1500 images; 600 iterations fell short.
-# `bench`: the same network on the synthetic bench data (4000 images), 3x longer (9600 images
-#   seen, about 16 minutes on 2 cores).
+#   fewer proposals keep a CPU iteration short. No flips: the synthetic stripes-d and stripes-a
+#   classes are mirror images of each other. 800 iterations (3200 images): the class patterns
+#   start being learnt only after a few passes (docs/design_notes.md).
+# `bench`: the same network on the synthetic bench data (4000 images), 3x longer (9600 images seen).
 # `coco`: the paper's COCO 2017 baseline, Detectron's e2e_faster_rcnn_R-50-C4_1x (which the paper
 #   takes from Mask R-CNN [10]): ResNet-50-C4, 800/1333 px, batch 16 (8 GPUs x 2 there, one
 #   process here), lr 0.02, 90k iterations, lr /10 at 60k and 80k, 500 warm-up iterations from
@@ -92,14 +90,13 @@ _QUICK = dict(
 #   gain is measured on one budget). `paper`: VGG16 at 300 px with SSD's COCO schedule (batch 32,
 #   lr 1e-3, /10 at 280k and 360k of 400k iterations, weight decay 5e-4, flips); the MDSSD seed
 #   leaves its schedule to an appendix it does not include. lr 0.005, not the Faster R-CNN's 0.02:
-#   SSD's losses sum over every matched and hard-negative default box, and the light SSD at 0.02
-#   diverged (loss 12.4 at iteration 180, 400 at 220, NaN at 508; quick preset, seed 0).
+#   SSD's losses sum over every matched and hard-negative default box, and the light SSD
+#   diverged at 0.02 (docs/design_notes.md).
 _SSD_QUICK = dict(arch="mobilenet_v3", size=320, iterations=800, batch_size=4, lr=0.005, weight_decay=1e-4,
                   warmup_iters=100, milestones=(640,), hflip=False, checkpoint_every=100)
 # `bench` also clips the gradient's global norm at 10 (as Ultralytics' YOLO trainers do): without
-#   it, MDSSD (seed 0) reached the peak lr at iteration 100 and its loss jumped from 13 to 35,852
-#   by iteration 160; it came back finite, so nothing stopped it, but it stayed at 7 where SSD
-#   went down to 3, and ended at 0.07 AP. `quick` is left unclipped: its measured runs did not jump.
+#   it, MDSSD's bench loss jumped by orders of magnitude at the peak lr and never recovered
+#   (docs/design_notes.md). `quick` is left unclipped: its runs did not jump.
 SSD_PRESETS: dict[str, dict[str, Any]] = {
     "quick": _SSD_QUICK,
     "bench": {**_SSD_QUICK, "iterations": 2400, "milestones": (1900, 2200), "checkpoint_every": 200,

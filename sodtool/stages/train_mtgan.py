@@ -87,15 +87,10 @@ STAGE = "train-mtgan"
 # so SGD at 0.01 moves the class head at an effective 1e-4. The CPU presets train D from
 # scratch (no weights can be downloaded), with Adam (as BasicSR trains its discriminators),
 # whose steps do not shrink with the 0.01 loss weights, and first a D-only warm-up on HR and
-# MSE-G crops (BasicSR's net_d_init_iters), which costs half an adversarial iteration.
-# Measured on the bench store (a ResNet-18 classifier on HR crops, batch 32, 600 steps): SGD
-# at an effective 0.005 (the earlier preset, d_lr 0.5 x beta) or 0.1 classified 6% / 0% of
-# held-out object crops; Adam at 1e-3, 41% and rising. With the SGD preset, the bench D was still
-# at 0% after its 1500 warm-up iterations.
-# The quick D-only warm-up is 650 iterations (it was 150): on the quickstart's artefacts, with D
-# from the detector's trunk (--disc-init), the fused score went from 3.0 AP below the baseline
-# (mean of 2 MTGAN seeds) to 1.2 above it (mean of 3; above in every column on average, README),
-# for about 3 more minutes on 2 cores (a warm-up iteration costs half an adversarial one).
+# MSE-G crops (BasicSR's net_d_init_iters), which costs half an adversarial iteration: a D
+# trained from scratch with SGD at these weights classified no held-out object crop, and a
+# longer warm-up let D's fused score pass the baseline (docs/design_notes.md; the warm-up is
+# re-checked on val in docs/choices_on_val.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(iterations=750, batch_size=32, disc_arch="resnet18", d_optimizer="adam", d_lr=1e-3, d_lr_step=600,
                   d_warmup=650, log_every=10, checkpoint_every=50, sample_every=250, val_every=250),
