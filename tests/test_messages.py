@@ -1,8 +1,9 @@
 """Issue 33's start-up, message and resume failures, each in its own test.
 
 - Ctrl-C at any moment of start-up (while the CLI and torch import) is one line and exit 130.
-- `eval --slice 128 --overlap nan|1.0|-0.5` is one line (it was a traceback); `eval --slice 0`
-  names the tile size (it said "give --detector" while --detector was given).
+- `eval --slice 128 --overlap nan|1.0|-0.5` is one line (it was a traceback); `eval --slice 16`
+  names the tile size (it said "give --detector" while --detector was given); `--slice 0` means
+  whole images.
 - An MTGAN run moved as a whole folder still finds the store it was trained on (crop context)
   and its `train sr` run (loss curves); where the store truly is gone, the warning names an
   option that exists (`--context`, of eval and predict).
@@ -208,11 +209,12 @@ def test_eval_slice_overlap_out_of_range_is_one_line(cli, world, tmp_path, overl
     assert not any(tmp_path.iterdir())
 
 
-def test_eval_slice_0_says_the_tile_size_is_wrong(cli, world, tmp_path):
-    res = cli("eval", "--slice", "0", "--detector", world["det"], "--mtgan", world["run"] / "mtgan", "--data",
+def test_eval_slice_16_says_the_tile_size_is_wrong(cli, world, tmp_path):
+    res = cli("eval", "--slice", "16", "--detector", world["det"], "--mtgan", world["run"] / "mtgan", "--data",
               world["data"], "--split", "minival", "--out", tmp_path / "ev")
     assert res.exit_code == 2
-    assert res.stderr.strip().splitlines() == ["sodtool: error: --slice must be a tile size of at least 32 px, got 0"]
+    assert res.stderr.strip().splitlines() == [
+        "sodtool: error: --slice must be a tile size of at least 32 px (0: whole images), got 16"]
     res = cli("eval", "--slice", "128", "--rois", tmp_path / "r.h5", "--mtgan", world["run"] / "mtgan")
     assert res.exit_code == 2 and "give --detector" in res.stderr  # with --rois it is --detector that is missing
 
