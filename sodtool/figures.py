@@ -1,147 +1,246 @@
-"""Figures of `sodtool eval`, drawn with PIL only (no matplotlib in the dependencies).
+"""Figures: matplotlib lays them out and draws plots, torchvision's `draw_bounding_boxes` draws boxes.
 
-- `sr_triplets`: LR / HR / SR groups of small ROIs (the paper's Fig. 3): the LR crop upsampled
-  4x nearest-neighbour for visualisation, the HR crop, the generator's output; one PNG grid.
-- `detections_figure`: detections drawn over images, one column per method (baseline beside
-  MTGAN), ground truth in green and detections at or above a score threshold in red (the
-  paper's Fig. 4), one row per image.
+- `sr_figure`: ground-truth small objects as the second stage sees them (the paper's Fig. 3):
+  per object the LR crop (nearest x4), its bicubic x4 upsampling, the generator's output and
+  the HR crop, each with a caption (eval writes D's verdict there); one PNG grid.
+- `detections_figure`: detections drawn over images (the paper's Fig. 4), one row per image,
+  one column per method; ground truth green, each method's top k detections of an image red,
+  k = that image's ground-truth count.
+- `draw_detections`: boxes (and their labels) drawn into one image (`predict`'s drawn images).
 - `inserted_objects_grid`: generated training images (`data generate`) beside their sources,
-  the inserted boxes drawn (torchvision's `draw_bounding_boxes`).
+  the inserted boxes drawn.
 - `loss_curves`: every named loss term of a training `metrics.jsonl` against the step, one
   panel per network (g_* terms, d_* terms, others), log-scaled y axis where the values allow.
+- `draw_size_histogram`: `data stats`' sqrt(area) histogram, bars coloured by COCO size bucket.
 
-Images are uint8 RGB; crops are uint8 [N, 3, H, W] (the ROI store layout); boxes are xyxy in
-image pixels. Every function writes its PNG atomically and returns the path.
+matplotlib is used through `matplotlib.figure.Figure` on an Agg canvas, never through pyplot:
+no backend is chosen and no global state a user's own plotting relies on is touched. Images
+are uint8 RGB [H, W, 3]; crops are uint8 [N, 3, H, W] (the ROI store layout); boxes are xyxy in
+image pixels. Every function that writes a PNG writes it atomically and returns the path.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import textwrap
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from sodtool.artefacts import atomic_path
+from sodtool.coco import size_bucket
 
 GT_COLOUR = (0, 200, 0)
 DET_COLOUR = (230, 0, 0)
-BACKGROUND = (255, 255, 255)
-INK = (0, 0, 0)
-GRID = (225, 225, 225)
-# matplotlib's tab10, so the curves look familiar.
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+BUCKET_COLOURS = {"small": "#d6604d", "medium": "#f4a582", "large": "#4393c3"}
 # Keys of a metrics.jsonl line that are not loss terms.
 NOT_LOSSES = {"step", "epoch", "lr", "lr_g", "lr_d", "crops_per_s", "split", "time_s", "wall_time_s"}
+DPI = 100
+# Text of the image grids, in points, and the pixels one line of it takes at DPI.
+FONT_PT = 10
+LINE_PX = round(FONT_PT * DPI / 72 * 1.45)
+# Average width of a character at FONT_PT, in pixels, to wrap text to a tile's width.
+CHAR_PX = 7.5
 
 
-def font(size: int = 12) -> ImageFont.ImageFont:
-    """Pillow's bundled font at `size` px (the fixed bitmap font where FreeType is missing)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
+# ----------------------------------------------------------------------------------------------
+# matplotlib plumbing
+# ----------------------------------------------------------------------------------------------
+
+def _figure(width_in: float, height_in: float, **kw):
+    """A matplotlib Figure on its own Agg canvas (no pyplot, no backend switch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, **kw)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _text_size(draw: ImageDraw.ImageDraw, text: str, f) -> tuple[int, int]:
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=f)
-    return x1 - x0, y1 - y0
-
-
-def _save(img: Image.Image, path: str | os.PathLike) -> Path:
+def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        # No "Software" entry: the same figure gives the same bytes whatever matplotlib wrote it.
+        fig.savefig(tmp, format="png", dpi=DPI, facecolor="white", metadata={"Software": None})
     return path
 
 
-def _chw_to_image(a: np.ndarray) -> Image.Image:
-    """uint8 [3, H, W] -> PIL RGB image."""
-    return Image.fromarray(np.ascontiguousarray(np.asarray(a, dtype=np.uint8).transpose(1, 2, 0)))
+def _message(path: str | os.PathLike, text: str) -> Path:
+    """A small PNG holding one line of text (a figure with nothing to show says why)."""
+    fig = _figure(max(3.6, 0.075 * len(text) + 0.4), 0.5)
+    fig.text(0.02, 0.5, text, va="center", ha="left", fontsize=FONT_PT)
+    return _save(fig, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Fig. 3: LR / HR / SR triplets
-# ----------------------------------------------------------------------------------------------
+def label_font() -> Optional[str]:
+    """A TrueType font file for box labels: matplotlib's bundled DejaVu Sans (None: PIL's default)."""
+    import matplotlib
 
-def sr_triplets(lr: np.ndarray, hr: np.ndarray, sr: np.ndarray, path: str | os.PathLike, *,
-                captions: Sequence[str] | None = None, groups_per_row: int = 2,
-                titles: Sequence[str] = ("LR (x4 nearest)", "HR", "SR")) -> Path:
-    """A grid of (LR, HR, SR) groups, `groups_per_row` groups side by side, titles on top.
+    f = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return str(f) if f.is_file() else None
 
-    lr: uint8 [N, 3, s, s]; hr, sr: uint8 [N, 3, S, S] with S = 4s (LR is shown upsampled 4x
-    nearest so that all three have the same size, as the paper's Fig. 3). `captions[i]` is
-    written under group i (e.g. class and ROI size). N = 0 writes a small "no small ROIs" image.
+
+def _wrap(text: str, width_px: float) -> list[str]:
+    return [ln for part in str(text).split("\n")
+            for ln in (textwrap.wrap(part, max(8, int(width_px / CHAR_PX))) or [""])]
+
+
+def _tile_grid(tiles: Sequence[Sequence[np.ndarray]], path: str | os.PathLike, *, col_titles: Sequence[str],
+               title: str = "", row_labels: Optional[Sequence[str]] = None,
+               captions: Optional[Sequence[Sequence[str]]] = None, gap: int = 10) -> Path:
+    """Images in a grid, each drawn one image pixel to one figure pixel (no resampling).
+
+    tiles[r][c]: uint8 [h, w, 3], row r, column c; `col_titles[c]` above column c, `title` above
+    everything, `row_labels[r]` above row r, `captions[r][c]` under tile (r, c). Text is wrapped
+    to the width it has. Each tile is an axes of exactly its pixel size, so what is drawn in the
+    tiles (boxes, crops) reaches the PNG unchanged.
     """
-    lr, hr, sr = (np.asarray(a, dtype=np.uint8) for a in (lr, hr, sr))
+    n_rows, n_cols = len(tiles), len(col_titles)
+    col_w = [max(t[c].shape[1] for t in tiles) for c in range(n_cols)]
+    row_h = [max(t.shape[0] for t in row) for row in tiles]
+    width = sum(col_w) + gap * (n_cols + 1)
+    title_lines = _wrap(title, width - 2 * gap) if title else []
+    head = [_wrap(t, w) for t, w in zip(col_titles, col_w)]
+    label = [_wrap(row_labels[r], width - 2 * gap) if row_labels else [] for r in range(n_rows)]
+    cap = [[_wrap(captions[r][c], col_w[c]) for c in range(n_cols)] if captions else [[]] * n_cols
+           for r in range(n_rows)]
+    cap_h = [max(len(x) for x in cap[r]) * LINE_PX for r in range(n_rows)]
+    top = gap + len(title_lines) * LINE_PX + (gap // 2 if title_lines else 0) + max(len(h) for h in head) * LINE_PX
+    height = top + sum(len(label[r]) * LINE_PX + row_h[r] + cap_h[r] + gap for r in range(n_rows)) + gap // 2
+    fig = _figure(width / DPI, height / DPI)
+
+    def text(x: float, y: float, lines: Sequence[str], **kw) -> None:
+        if lines:
+            fig.text(x / width, 1 - y / height, "\n".join(lines), va="top", ha="left", fontsize=FONT_PT,
+                     linespacing=1.2, **kw)
+
+    text(gap, gap, title_lines)
+    xs = [gap + sum(col_w[:c]) + gap * c for c in range(n_cols)]
+    for c in range(n_cols):
+        text(xs[c], top - len(head[c]) * LINE_PX, head[c])
+    y = top
+    for r in range(n_rows):
+        text(gap, y, label[r])
+        y += len(label[r]) * LINE_PX
+        for c in range(n_cols):
+            t = np.asarray(tiles[r][c], dtype=np.uint8)
+            h, w = t.shape[:2]
+            ax = fig.add_axes((xs[c] / width, 1 - (y + h) / height, w / width, h / height))
+            ax.imshow(t, interpolation="nearest", extent=(0, w, h, 0))
+            ax.set_axis_off()
+            text(xs[c], y + h + 2, cap[r][c])
+        y += row_h[r] + cap_h[r] + gap
+    return _save(fig, path)
+
+
+def _enlarge(a: np.ndarray, zoom: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [zoom H, zoom W, 3], each pixel repeated (nearest)."""
+    return np.repeat(np.repeat(a, zoom, axis=0), zoom, axis=1) if zoom > 1 else a
+
+
+def _hwc(a: np.ndarray) -> np.ndarray:
+    """uint8 [3, H, W] -> uint8 [H, W, 3]."""
+    return np.ascontiguousarray(np.asarray(a, dtype=np.uint8).transpose(1, 2, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Boxes
+# ----------------------------------------------------------------------------------------------
+
+def draw_detections(image: np.ndarray, boxes: np.ndarray, colour: tuple[int, int, int], *,
+                    labels: Optional[Sequence[str]] = None, width: int = 2,
+                    font_size: Optional[int] = None) -> np.ndarray:
+    """`image` uint8 [H, W, 3] with `boxes` [N, 4] (xyxy pixels) drawn as `width`-px outlines of
+    `colour` (torchvision's `draw_bounding_boxes`), `labels[i]` written inside box i's top-left
+    corner at `font_size` px (default 10). Returns a new uint8 [H, W, 3] array."""
+    img = np.asarray(image, dtype=np.uint8)
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if not len(b):
+        return img.copy()
+    import torch
+    from torchvision.utils import draw_bounding_boxes
+
+    h, w = img.shape[:2]
+    b = b.copy()
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, w - 1)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, h - 1)
+    b[:, 2:] = np.maximum(b[:, 2:], b[:, :2])  # draw_bounding_boxes refuses x2 < x1
+    font = label_font() if labels is not None else None
+    extra = {}
+    if labels is not None and "fill_labels" in inspect.signature(draw_bounding_boxes).parameters:
+        # White text on a tag of the box's colour reads on any background (torchvision >= 0.21;
+        # older ones write the label in the box's colour).
+        extra = {"fill_labels": True, "label_colors": (255, 255, 255)}
+    out = draw_bounding_boxes(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), torch.from_numpy(b),
+                              labels=list(labels) if labels is not None else None, colors=colour, width=width,
+                              font=font, font_size=(font_size or 10) if font else None, **extra)
+    return np.ascontiguousarray(out.numpy().transpose(1, 2, 0))
+
+
+def top_detections(det: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """The `k` highest-scoring detections of one image: {"boxes" [k, 4], "scores" [k], "labels"
+    [k]}, by score descending (ties: the earlier detection first)."""
+    scores = np.asarray(det["scores"], dtype=np.float64).reshape(-1)
+    order = np.argsort(-scores, kind="stable")[:max(int(k), 0)]
+    return {"boxes": np.asarray(det["boxes"], dtype=np.float32).reshape(-1, 4)[order],
+            "scores": scores[order], "labels": np.asarray(det["labels"]).reshape(-1)[order]}
+
+
+def _name(names: Sequence[str], label: int) -> str:
+    return names[label - 1] if 1 <= label <= len(names) else str(label)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 3: small objects through the second stage
+# ----------------------------------------------------------------------------------------------
+
+SR_COLUMNS = ("LR (nearest x4)", "bicubic x4", "SR (G)", "HR")
+
+
+def sr_figure(lr: np.ndarray, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray, path: str | os.PathLike, *,
+              captions: Optional[Sequence[Sequence[str]]] = None, row_labels: Optional[Sequence[str]] = None,
+              title: str = "", col_titles: Sequence[str] = SR_COLUMNS,
+              empty: str = "no small objects to show") -> Path:
+    """One row per object, four columns: the LR crop enlarged nearest-neighbour to the HR size,
+    its bicubic upsampling, G's output and the HR crop.
+
+    lr: uint8 [N, 3, s, s]; bicubic, sr, hr: uint8 [N, 3, S, S] with S a multiple of s.
+    captions[i][c]: text under column c of row i (e.g. D's verdict on that crop); row_labels[i]:
+    text above row i. Crops under 160 px are enlarged (nearest) by an integer factor so that
+    the text fits. N = 0 writes a one-line PNG saying `empty`.
+    """
+    lr, bicubic, sr, hr = (np.asarray(a, dtype=np.uint8) for a in (lr, bicubic, sr, hr))
     n = len(hr)
-    if not (len(lr) == len(sr) == n):
-        raise ValueError(f"lr, hr and sr must have the same number of crops ({len(lr)}, {n}, {len(sr)})")
-    f = font(13)
+    if not (len(lr) == len(bicubic) == len(sr) == n):
+        raise ValueError(f"lr, bicubic, sr and hr must hold as many crops ({len(lr)}, {len(bicubic)}, {len(sr)}, {n})")
     if n == 0:
-        img = Image.new("RGB", (360, 40), BACKGROUND)
-        ImageDraw.Draw(img).text((10, 12), "no small ROIs to show", fill=INK, font=f)
-        return _save(img, path)
+        return _message(path, empty)
     scale = hr.shape[-1] // lr.shape[-1]
-    # Tiny crops (tests, light configurations) are enlarged to >= 128 px so the titles fit.
-    zoom = max(1, math.ceil(128 / hr.shape[-1]))
-    size = hr.shape[-1] * zoom
-    gap, group_gap, title_h, cap_h = 4, 16, 22, 18 if captions else 0
-    per_row = max(1, min(groups_per_row, n))
-    rows = math.ceil(n / per_row)
-    group_w = 3 * size + 2 * gap
-    width = per_row * group_w + (per_row - 1) * group_gap + 2 * gap
-    height = title_h + rows * (size + cap_h + gap) + gap
-    img = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    for g in range(per_row):
-        for k, title in enumerate(titles):
-            x = gap + g * (group_w + group_gap) + k * (size + gap)
-            tw, _ = _text_size(draw, title, f)
-            draw.text((x + (size - tw) // 2, 4), title, fill=INK, font=f)
-    for i in range(n):
-        r, g = divmod(i, per_row)
-        x0 = gap + g * (group_w + group_gap)
-        y0 = title_h + r * (size + cap_h + gap)
-        lr_big = np.repeat(np.repeat(lr[i], scale, axis=1), scale, axis=2)
-        for k, tile in enumerate((lr_big, hr[i], sr[i])):
-            tile = np.repeat(np.repeat(tile, zoom, axis=1), zoom, axis=2) if zoom > 1 else tile
-            img.paste(_chw_to_image(tile), (x0 + k * (size + gap), y0))
-        if captions:
-            draw.text((x0, y0 + size + 2), str(captions[i]), fill=INK, font=font(11))
-    return _save(img, path)
+    zoom = max(1, math.ceil(160 / hr.shape[-1]))
+    tiles = [[_enlarge(_hwc(np.repeat(np.repeat(lr[i], scale, axis=1), scale, axis=2)), zoom)]
+             + [_enlarge(_hwc(a[i]), zoom) for a in (bicubic, sr, hr)] for i in range(n)]
+    return _tile_grid(tiles, path, col_titles=col_titles, title=title, row_labels=row_labels, captions=captions)
 
 
 # ----------------------------------------------------------------------------------------------
 # Fig. 4: detections drawn on images
 # ----------------------------------------------------------------------------------------------
 
-def draw_boxes(draw: ImageDraw.ImageDraw, boxes: np.ndarray, colour, scale: float, labels: Sequence[str] | None,
-                width: int, f) -> None:
-    """Boxes [N, 4] xyxy pixels (times `scale`) as `width`-px outlines of `colour`, each with its
-    label (if any) on a filled tag above it (below, at the top edge)."""
-    for j, b in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)):
-        x1, y1, x2, y2 = (float(v) * scale for v in b)
-        draw.rectangle([x1, y1, max(x2, x1), max(y2, y1)], outline=colour, width=width)
-        if labels is not None and labels[j]:
-            tw, th = _text_size(draw, labels[j], f)
-            ty = y1 - th - 3 if y1 - th - 3 >= 0 else y1 + 1
-            draw.rectangle([x1, ty, x1 + tw + 2, ty + th + 2], fill=colour)
-            draw.text((x1 + 1, ty), labels[j], fill=(255, 255, 255), font=f)
-
-
 def detections_figure(images: Sequence[np.ndarray], ground_truth: Sequence[Mapping[str, np.ndarray]],
                       detections: Mapping[str, Sequence[Mapping[str, np.ndarray]]], path: str | os.PathLike, *,
-                      class_names: Sequence[str], score_thresh: float = 0.5, captions: Sequence[str] | None = None,
-                      upscale: int | None = None) -> Path:
+                      class_names: Sequence[str], title: str = "", captions: Optional[Sequence[str]] = None,
+                      upscale: Optional[int] = None) -> Path:
     """One row per image, one column per method; ground truth green, detections red.
 
-    images: RGB uint8 [H, W, 3]; ground_truth[i]: {"boxes" [G, 4] xyxy, "labels" [G] 1..K};
-    detections: method title -> per image {"boxes" [N, 4] xyxy, "scores" [N], "labels" [N]
-    1..K}; only detections with score >= `score_thresh` are drawn, labelled "<class> <score>".
+    images: uint8 [H, W, 3]; ground_truth[i]: {"boxes" [G, 4] xyxy px, "labels" [G] 1..K};
+    detections: column title -> per image {"boxes" [N, 4] xyxy px, "scores" [N], "labels" [N]
+    1..K}. Each column shows, per image, its top k detections with k = the number of ground-truth
+    boxes of that image (`top_detections`): a rule without a score threshold, so that methods
+    whose scores live on different scales are shown alike. Labels read "<class> <score>";
     `class_names[k - 1]` names label k. Small images are enlarged (nearest) by `upscale`
     (default: 2 when the longer side is under 400 px) so that small boxes stay visible.
     """
@@ -151,47 +250,25 @@ def detections_figure(images: Sequence[np.ndarray], ground_truth: Sequence[Mappi
     for m in methods:
         if len(detections[m]) != len(images):
             raise ValueError(f"method {m!r} has {len(detections[m])} detection sets for {len(images)} images")
-    f_title, f_box = font(14), font(10)
     if not images:
-        img = Image.new("RGB", (360, 40), BACKGROUND)
-        ImageDraw.Draw(img).text((10, 12), "no images to show", fill=INK, font=f_title)
-        return _save(img, path)
+        return _message(path, "no images to show")
     longest = max(max(im.shape[:2]) for im in images)
     s = upscale if upscale is not None else (2 if longest < 400 else 1)
-    gap, title_h, cap_h = 8, 24, 18 if captions else 0
-    cell_w = max(im.shape[1] for im in images) * s
-    cell_h = [im.shape[0] * s for im in images]
-    width = len(methods) * cell_w + (len(methods) + 1) * gap
-    height = title_h + sum(h + cap_h + gap for h in cell_h) + gap
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    for c, m in enumerate(methods):
-        title = f"{m} (red: score >= {score_thresh:g}; green: ground truth)" if c == 0 else m
-        draw.text((gap + c * (cell_w + gap), 5), title, fill=INK, font=f_title)
-    y = title_h
+    tiles, caps = [], []
     for i, im in enumerate(images):
-        for c, m in enumerate(methods):
-            x = gap + c * (cell_w + gap)
-            tile = Image.fromarray(np.asarray(im, dtype=np.uint8))
-            if s != 1:
-                tile = tile.resize((im.shape[1] * s, im.shape[0] * s), Image.NEAREST)
-            tdraw = ImageDraw.Draw(tile)
-            gt = ground_truth[i]
-            draw_boxes(tdraw, gt["boxes"], GT_COLOUR, s, None, 2, f_box)
-            det = detections[m][i]
-            keep = np.asarray(det["scores"]) >= score_thresh
-            labels = [f"{_name(class_names, int(k))} {float(sc):.2f}"
-                      for k, sc in zip(np.asarray(det["labels"])[keep], np.asarray(det["scores"])[keep])]
-            draw_boxes(tdraw, np.asarray(det["boxes"]).reshape(-1, 4)[keep], DET_COLOUR, s, labels, 2, f_box)
-            canvas.paste(tile, (x, y))
-            if captions:
-                draw.text((x, y + cell_h[i] + 2), f"{captions[i]} ({int(keep.sum())} shown)", fill=INK, font=font(11))
-        y += cell_h[i] + cap_h + gap
-    return _save(canvas, path)
-
-
-def _name(names: Sequence[str], label: int) -> str:
-    return names[label - 1] if 1 <= label <= len(names) else str(label)
+        base = _enlarge(np.asarray(im, dtype=np.uint8), s)
+        gt = np.asarray(ground_truth[i]["boxes"], dtype=np.float32).reshape(-1, 4)
+        base = draw_detections(base, gt * s, GT_COLOUR, width=2)
+        row, row_caps = [], []
+        for m in methods:
+            det = top_detections(detections[m][i], len(gt))
+            labels = [f"{_name(class_names, int(k))} {float(sc):.2f}" for k, sc in zip(det["labels"], det["scores"])]
+            row.append(draw_detections(base, det["boxes"] * s, DET_COLOUR, labels=labels, width=2))
+            row_caps.append(f"{captions[i]}; top {len(det['scores'])} shown" if captions
+                            else f"top {len(det['scores'])} shown")
+        tiles.append(row)
+        caps.append(row_caps)
+    return _tile_grid(tiles, path, col_titles=methods, title=title, captions=caps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,130 +290,86 @@ def loss_series(records: Sequence[dict]) -> dict[str, tuple[list[float], list[fl
     return series
 
 
-def _nice_step(span: float, target: int) -> float:
-    raw = span / max(target, 1)
-    mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
-    for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag
-
-
-def _linear_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
-    if hi <= lo:
-        return [lo]
-    step = _nice_step(hi - lo, target)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks, t = [], first
-    while t <= hi + 1e-9 * step:
-        ticks.append(0.0 if abs(t) < 1e-12 * step else t)
-        t += step
-    return ticks
-
-
-def _fmt_tick(v: float) -> str:
-    if v == 0:
-        return "0"
-    a = abs(v)
-    if a >= 1e5 or a < 1e-3:
-        return f"{v:.0e}"
-    if a >= 100 or float(v).is_integer():
-        return f"{v:.0f}"
-    return f"{v:.3g}"
-
-
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-           series: Mapping[str, tuple[Sequence[float], Sequence[float]]], colours: Mapping[str, tuple],
-           xlabel: str, x_range: tuple[float, float]) -> None:
-    """One line plot inside box = (left, top, right, bottom) of the plot area (axes included)."""
-    f, f_small = font(12), font(11)
-    left, top, right, bottom = box
-    ys_all = [y for _, ys in series.values() for y in ys]
-    log_y = bool(ys_all) and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 20
-    if log_y:
-        lo, hi = math.log10(min(ys_all)), math.log10(max(ys_all))
-        lo, hi = math.floor(lo * 2) / 2, math.ceil(hi * 2) / 2
-        if hi - lo < 1:
-            hi = lo + 1
-        ticks = [float(e) for e in range(math.ceil(lo), math.floor(hi) + 1)]
-        tick_labels = [_fmt_tick(10 ** e) for e in ticks]
-    else:
-        lo, hi = (min(ys_all), max(ys_all)) if ys_all else (0.0, 1.0)
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5 * (abs(lo) or 1), hi + 0.5 * (abs(hi) or 1)
-        pad = 0.05 * (hi - lo)
-        lo, hi = lo - pad, hi + pad
-        ticks = _linear_ticks(lo, hi)
-        tick_labels = [_fmt_tick(t) for t in ticks]
-    x0, x1 = x_range
-    if x1 <= x0:
-        x1 = x0 + 1
-
-    def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (right - left)
-
-    def py(y: float) -> float:
-        v = math.log10(y) if log_y else y
-        return bottom - (v - lo) / (hi - lo) * (bottom - top)
-
-    for t, lab in zip(ticks, tick_labels):
-        yy = bottom - (t - lo) / (hi - lo) * (bottom - top)
-        draw.line([(left, yy), (right, yy)], fill=GRID)
-        tw, th = _text_size(draw, lab, f_small)
-        draw.text((left - tw - 6, yy - th / 2 - 1), lab, fill=INK, font=f_small)
-    for t in _linear_ticks(x0, x1):
-        xx = px(t)
-        draw.line([(xx, bottom), (xx, bottom + 4)], fill=INK)
-        lab = _fmt_tick(t)
-        tw, _ = _text_size(draw, lab, f_small)
-        draw.text((xx - tw / 2, bottom + 6), lab, fill=INK, font=f_small)
-    draw.rectangle([left, top, right, bottom], outline=INK)
-    tw, _ = _text_size(draw, xlabel, f_small)
-    draw.text(((left + right - tw) / 2, bottom + 22), xlabel, fill=INK, font=f_small)
-    draw.text((left, top - 18), title + ("  (log scale)" if log_y else ""), fill=INK, font=f)
-    for name, (xs, ys) in series.items():
-        pts = [(px(x), py(y)) for x, y in zip(xs, ys) if not (log_y and y <= 0)]
-        if len(pts) == 1:
-            cx, cy = pts[0]
-            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colours[name])
-        elif pts:
-            draw.line(pts, fill=colours[name], width=2)
-    # Legend, right of the plot area.
-    ly = top
-    for name in series:
-        draw.line([(right + 12, ly + 7), (right + 32, ly + 7)], fill=colours[name], width=3)
-        draw.text((right + 38, ly), name, fill=INK, font=f_small)
-        ly += 16
-
-
-def loss_curves(records: Sequence[dict], path: str | os.PathLike, *, title: str) -> Path | None:
-    """Plot every loss term of a metrics.jsonl (records) against the step; None if it has none.
-
-    Terms are grouped into panels by network: "g_*" (generator), "d_*" (discriminator) and the
-    rest; each panel has its own y axis (log scale when all values are positive and span more
-    than 20x) and a legend.
-    """
-    series = loss_series(records)
-    if not series:
-        return None
+def loss_groups(series: Mapping[str, tuple]) -> dict[str, dict[str, tuple]]:
+    """The panels of `loss_curves`: "generator" (g_* terms), "discriminator" (d_*), "other", in
+    that order, each holding its series."""
     groups: dict[str, dict] = {}
     for name, s in series.items():
         key = "generator" if name.startswith("g_") else "discriminator" if name.startswith("d_") else "other"
         groups.setdefault(key, {})[name] = s
-    order = [k for k in ("generator", "discriminator", "other") if k in groups]
-    colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(series)}
-    xs_all = [x for xs, _ in series.values() for x in xs]
-    x_range = (min(xs_all), max(xs_all))
-    panel_h, left, plot_w, legend_w, top_pad = 260, 70, 560, 170, 40
-    width = left + plot_w + legend_w
-    height = top_pad + len(order) * (panel_h + 60)
-    img = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 8), title, fill=INK, font=font(15))
-    for i, key in enumerate(order):
-        t = top_pad + 24 + i * (panel_h + 60)
-        _panel(draw, (left, t, left + plot_w, t + panel_h), f"{key} loss terms", groups[key], colours, "step", x_range)
-    return _save(img, path)
+    return {k: groups[k] for k in ("generator", "discriminator", "other") if k in groups}
+
+
+def log_scale(values: Sequence[float]) -> bool:
+    """Whether a panel's y axis is logarithmic: every value positive and spanning more than 20x."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 20
+
+
+def loss_curves(records: Sequence[dict], path: str | os.PathLike, *, title: str) -> Optional[Path]:
+    """Plot every loss term of a metrics.jsonl (records) against the step; None if it has none.
+
+    One panel per network (`loss_groups`), each with its own y axis (`log_scale`) and legend; a
+    term keeps its colour across panels.
+    """
+    series = loss_series(records)
+    if not series:
+        return None
+    groups = loss_groups(series)
+    colours = {name: f"C{i % 10}" for i, name in enumerate(series)}
+    fig = _figure(9.0, 0.7 + 2.8 * len(groups), layout="constrained")
+    axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (key, group) in zip(axes, groups.items()):
+        log_y = log_scale([y for _, ys in group.values() for y in ys])
+        for name, (xs, ys) in group.items():
+            ax.plot(xs, ys, color=colours[name], label=name, linewidth=1.5, marker="o" if len(xs) == 1 else None)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_title(f"{key} loss terms" + (" (log scale)" if log_y else ""), fontsize=FONT_PT, loc="left")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(title, fontsize=FONT_PT + 1)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset statistics
+# ----------------------------------------------------------------------------------------------
+
+def draw_size_histogram(counts: Sequence[int], edges: Sequence[int], path: str | os.PathLike, *,
+                        title: str = "") -> Path:
+    """`data stats`' histogram of sqrt(box area) in px: counts[i] objects in [edges[i], edges[i+1])
+    (the last bin open), bars coloured by the COCO size bucket of their bin, dashed lines at
+    the 32 and 96 px thresholds (bin edges by construction), 900 x 520 px."""
+    counts, edges = list(counts), list(edges)
+    if len(counts) != len(edges):
+        raise ValueError(f"expected {len(edges)} counts, got {len(counts)}")
+    from matplotlib.patches import Patch
+
+    labels = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
+    buckets = [size_bucket(float(lo) ** 2) for lo in edges]
+    fig = _figure(9.0, 5.2)
+    ax = fig.add_axes((0.08, 0.17, 0.9, 0.72))
+    x = np.arange(len(counts))
+    bars = ax.bar(x, counts, width=0.76, color=[BUCKET_COLOURS[b] for b in buckets], edgecolor="0.25")
+    ax.bar_label(bars, fontsize=9)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=9)
+    ax.set_xlim(-0.6, len(counts) - 0.4)
+    ax.set_ylim(0, max(max(counts, default=0) * 1.12, 5))
+    ax.set_ylabel("objects")
+    ax.set_xlabel("sqrt(box area) in pixels  (COCO: small < 32, medium 32-96, large >= 96)")
+    for thr in (32, 96):
+        if thr in edges:
+            xt = edges.index(thr) - 0.5
+            ax.axvline(xt, color="0.1", linestyle="--", linewidth=1.5)
+            ax.annotate(f"{thr} px", (xt, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=9)
+    ax.legend(handles=[Patch(facecolor=BUCKET_COLOURS[b], edgecolor="0.25", label=b) for b in BUCKET_COLOURS],
+              loc="upper right", fontsize=9)
+    if title:
+        fig.text(0.08, 0.965, title, fontsize=13, va="top", ha="left")
+    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,22 +381,20 @@ def inserted_objects_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarra
     """One row per (source image, generated image, inserted boxes): the source uint8 [H, W, 3] on
     the left, the generated one on the right with its inserted boxes [k, 4] (xyxy px) in red, both
     scaled to `width` px wide."""
-    import torch
-    from torchvision.utils import draw_bounding_boxes
-
     tiles = []
     for real, generated, boxes in rows:
         scale = width / real.shape[1]
         height = max(1, round(real.shape[0] * scale))
 
-        def fit(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.asarray(Image.fromarray(a).resize((width, height), Image.BILINEAR))).permute(2, 0, 1)
+        def fit(a: np.ndarray) -> np.ndarray:
+            return np.asarray(Image.fromarray(a).resize((width, height), Image.BILINEAR))
 
-        right = fit(generated)
-        if len(boxes):
-            right = draw_bounding_boxes(right, torch.as_tensor(np.asarray(boxes) * scale, dtype=torch.float32),
-                                        colors=DET_COLOUR, width=2)
-        tiles.append(torch.cat([fit(real), torch.full((3, height, gap), 255, dtype=torch.uint8), right], dim=2))
-    sep = torch.full((3, gap, 2 * width + gap), 255, dtype=torch.uint8)
-    grid = torch.cat([t for tile in tiles for t in (tile, sep)][:-1], dim=1)
-    return _save(_chw_to_image(grid.numpy()), path)
+        right = draw_detections(fit(generated), np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * scale,
+                                DET_COLOUR, width=2)
+        tiles.append(np.concatenate([fit(real), np.full((height, gap, 3), 255, np.uint8), right], axis=1))
+    sep = np.full((gap, 2 * width + gap, 3), 255, np.uint8)
+    grid = np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=0)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    return path

@@ -2,23 +2,32 @@
 
 `table_markdown` / `print_comparison` turn eval's metrics into Markdown and a console table (AP
 columns in percent with one decimal, then the differences to the baseline); `TripletPicker`
-keeps the LR / HR / SR crops of small ROIs for Fig. 3 and `write_figures` draws them, the
-detections on the images with the most small objects (Fig. 4) and the training loss curves.
+chooses ground-truth small objects whose ROI goes through G and keeps their crops and D's
+verdicts for Fig. 3, and `write_figures` draws them, the detections on the images with the most
+small objects (Fig. 4) and the training loss curves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from sodtool import figures
 from sodtool.artefacts import read_jsonl
 from sodtool.console import log, print_table, warn
+from sodtool.device import autocast
+from sodtool.engine import to_float
 from sodtool.errors import InputError
 from sodtool.models.mtgan import MtganModel, training_logs
+from sodtool.rescoring import discriminator_scores
+from sodtool.resample import bicubic_up
 
 # Rows of the comparison table, in order; ablations follow.
 BASELINE, MTGAN, BICUBIC, PRETRAINED_G = "baseline", "mtgan", "bicubic", "pretrained_g"
@@ -36,45 +45,127 @@ _TABLE_HEAD = ("| Method | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
                "| --- | " + " | ".join("---:" for _ in TABLE_COLUMNS) + " |")
 
 
+# The SR figure's objects: ground-truth boxes of COCO's small size, and the IoU at which a ROI
+# stands for one (COCO's AP50 match).
+MATCH_IOU = 0.5
+
+
+@dataclass
+class SrExample:
+    """One ground-truth small object of the SR figure, through the ROI that overlaps it best.
+
+    image_id; row: the ROI's row in its eval batch; roi, gt_box: float [4] xyxy image px; iou:
+    their IoU; gt_label: the object's class 1..K; det_label / det_score: the baseline's class and
+    score of the ROI. Filled by `TripletPicker.add`: lr uint8 [3, s, s], hr, sr uint8 [3, S, S],
+    d_sr / d_bicubic: D's probabilities [K+1] on G's output and on the bicubic upsampling (those
+    eval scored the ROI with); by `TripletPicker.judge`: bicubic uint8 [3, S, S], d_nearest /
+    d_hr: D's probabilities on the LR crop enlarged nearest-neighbour and on the HR crop.
+    """
+
+    image_id: int
+    row: int
+    roi: np.ndarray
+    gt_box: np.ndarray
+    iou: float
+    gt_label: int
+    det_label: int
+    det_score: float
+    lr: Optional[np.ndarray] = None
+    hr: Optional[np.ndarray] = None
+    sr: Optional[np.ndarray] = None
+    bicubic: Optional[np.ndarray] = None
+    d_nearest: Optional[np.ndarray] = None
+    d_bicubic: Optional[np.ndarray] = None
+    d_sr: Optional[np.ndarray] = None
+    d_hr: Optional[np.ndarray] = None
+
+
+def match_small_objects(rois: np.ndarray, gt_boxes: np.ndarray, gt_areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each ROI's best ground-truth small object: (iou float [R], index int [R] into the ground
+    truth, -1 where none). rois [R, 4], gt_boxes [G, 4] xyxy px; gt_areas [G]: the annotations'
+    areas (COCO's size measure), small below 32²."""
+    iou = np.zeros(len(rois), np.float32)
+    idx = np.full(len(rois), -1, np.int64)
+    small = np.flatnonzero(np.asarray(gt_areas) < SMALL_AREA)
+    if len(rois) and len(small):
+        m = box_iou(torch.as_tensor(rois, dtype=torch.float32),
+                    torch.as_tensor(np.asarray(gt_boxes)[small], dtype=torch.float32)).numpy()
+        best = m.argmax(axis=1)
+        iou = m[np.arange(len(rois)), best].astype(np.float32)
+        idx = small[best]
+    return iou, idx
+
+
 class TripletPicker:
-    """Keeps the `n` small ROIs (area < 32²) with the highest baseline scores, at most 2 per image,
-    with their LR / HR / SR crops, for the Fig. 3 grid."""
+    """Chooses the SR figure's examples: the first `n` ground-truth small objects (area < 32²) of
+    the split, in image order, at most 2 per image, that a ROI eval sends through G matches
+    (IoU >= MATCH_IOU); each shown through its best-overlapping such ROI. Within an image the
+    best-matched objects come first. Only these few crops are kept, and only they are shown to D
+    again (`judge`)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.items: list[tuple] = []  # (-score, order, lr, hr, sr, caption)
-        self.order = 0
+    def __init__(self, n: int, per_image: int = 2) -> None:
+        self.n, self.per_image = n, per_image
+        self.examples: list[SrExample] = []
+        self.promised = 0  # examples chosen by `wanted`, kept by `add` once scored
 
-    def wanted(self, rois: np.ndarray, scores: np.ndarray, owner: np.ndarray,
-               eligible: Optional[np.ndarray] = None) -> np.ndarray:
-        """Row indices worth keeping the SR of: per image the 2 best small ROIs (among `eligible`
-        rows, bool [R], when given)."""
-        if self.n == 0 or len(rois) == 0:
-            return np.zeros(0, np.int64)
-        area = (rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1])
-        small = area < SMALL_AREA if eligible is None else (area < SMALL_AREA) & eligible
-        rows = []
-        for o in np.unique(owner):
-            idx = np.flatnonzero((owner == o) & small)
-            rows.extend(idx[np.argsort(-scores[idx], kind="stable")[:2]].tolist())
-        return np.asarray(sorted(rows), np.int64)
+    @property
+    def needs(self) -> bool:
+        """Whether more examples are wanted (else eval need not look up the ground truth)."""
+        return self.promised < self.n
 
-    def add(self, score: float, lr: np.ndarray, hr: np.ndarray, sr: np.ndarray, caption: str) -> None:
-        self.items.append((-float(score), self.order, lr, hr, sr, caption))
-        self.order += 1
-        if len(self.items) > 4 * self.n:
-            self._trim()
+    def wanted(self, rois: np.ndarray, scores: np.ndarray, labels: np.ndarray, owner: np.ndarray,
+               image_ids: Sequence[int], targets: Sequence[dict], eligible: Optional[np.ndarray] = None
+               ) -> list[SrExample]:
+        """The batch's new examples, by row (`score_rois` keeps G's output of these rows).
 
-    def _trim(self) -> None:
-        self.items.sort(key=lambda t: (t[0], t[1]))
-        del self.items[self.n:]
+        rois [R, 4] xyxy px, scores [R], labels [R]: the batch's ROIs and their baseline
+        detections; owner [R]: each row's image, an index into `image_ids` and `targets` (that
+        image's `split.targets`); eligible: bool [R], the rows that go through G (None: all).
+        """
+        picked: list[SrExample] = []
+        for o, (iid, t) in enumerate(zip(image_ids, targets)):
+            if not self.needs:
+                break
+            rows = np.flatnonzero((owner == o) & (True if eligible is None else eligible))
+            iou, gt = match_small_objects(rois[rows], t["boxes"], t["areas"])
+            best: dict[int, int] = {}  # object -> row of its best ROI
+            for j in np.argsort(-iou, kind="stable"):
+                if iou[j] >= MATCH_IOU and int(gt[j]) not in best:
+                    best[int(gt[j])] = j
+            for g, j in list(best.items())[:min(self.per_image, self.n - self.promised)]:
+                r = int(rows[j])
+                picked.append(SrExample(image_id=int(iid), row=r, roi=rois[r].astype(np.float32),
+                                        gt_box=np.asarray(t["boxes"][g], np.float32), iou=float(iou[j]),
+                                        gt_label=int(t["labels"][g]), det_label=int(labels[r]),
+                                        det_score=float(scores[r])))
+                self.promised += 1
+        return sorted(picked, key=lambda e: e.row)
 
-    def result(self):
-        self._trim()
-        if not self.items:
-            return None
-        return (np.stack([t[2] for t in self.items]), np.stack([t[3] for t in self.items]),
-                np.stack([t[4] for t in self.items]), [t[5] for t in self.items])
+    def add(self, ex: SrExample, *, lr: np.ndarray, hr: np.ndarray, sr: np.ndarray, d_sr, d_bicubic) -> None:
+        """Keep a chosen example with its crops (uint8 [3, s, s], [3, S, S], [3, S, S]) and D's
+        probabilities [K+1] on its SR and bicubic crops."""
+        self.examples.append(dataclasses.replace(
+            ex, lr=np.asarray(lr), hr=np.asarray(hr), sr=np.asarray(sr),
+            d_sr=np.asarray(d_sr, np.float32), d_bicubic=np.asarray(d_bicubic, np.float32)))
+
+    @torch.no_grad()
+    def judge(self, discriminator: torch.nn.Module, device: torch.device) -> None:
+        """D's probabilities on the examples' two other views, the LR crop enlarged nearest-
+        neighbour and the HR crop, and the bicubic upsampling as shown (clamped to uint8)."""
+        if not self.examples:
+            return
+        lr = torch.from_numpy(np.stack([e.lr for e in self.examples]))
+        hr = torch.from_numpy(np.stack([e.hr for e in self.examples]))
+        scale = hr.shape[-1] // lr.shape[-1]
+        lr_f = to_float(lr, device)
+        nearest = torch.nn.functional.interpolate(lr_f, scale_factor=scale, mode="nearest")
+        bicubic = bicubic_up(lr_f, scale)
+        with autocast(device):
+            p_near = discriminator_scores(discriminator, nearest).probs.cpu().numpy()
+            p_hr = discriminator_scores(discriminator, to_float(hr, device)).probs.cpu().numpy()
+        bic = (bicubic.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+        self.examples = [dataclasses.replace(e, d_nearest=p_near[i], d_hr=p_hr[i], bicubic=bic[i])
+                         for i, e in enumerate(self.examples)]
 
 
 def class_name(names: Sequence[str], label: int) -> str:
@@ -334,21 +425,46 @@ def print_comparison(metrics: dict) -> None:
         log(verdict(metrics.get("discriminator")))
 
 
+def _verdict(p: np.ndarray, label: int, names: Sequence[str]) -> str:
+    """D's verdict on one crop: its probability of the true class `label`, and its top class
+    (over the K + 1 outcomes, background included) where that is another."""
+    top = int(np.argmax(p))
+    text = f"p({class_name(names, label)}) {float(p[label]):.2f}"
+    return text if top == label else f"{text}\ntop: {class_name(names, top)} {float(p[top]):.2f}"
+
+
+def sr_figure(examples: Sequence[SrExample], path: Path, class_names: Sequence[str]) -> Path:
+    """figures/sr_triplets.png: the picker's judged examples (`TripletPicker`), one row each:
+    LR (nearest x4), bicubic x4, G's output, HR, D's verdict under each (`_verdict`)."""
+    title = (f"Ground-truth small objects (area < 32²) matched by a ROI (IoU >= {MATCH_IOU:g}) that eval sends "
+             "through G: the first ones in image order, at most 2 per image. Under each crop, D's verdict: its "
+             "probability of the object's true class, and its top class where that is another (bg: background).")
+    if not examples:
+        return figures.sr_figure(np.zeros((0, 3, 1, 1), np.uint8), *(np.zeros((0, 3, 4, 4), np.uint8),) * 3, path,
+                                 empty=f"No ground-truth small object (area < 32²) has a ROI (IoU >= {MATCH_IOU:g}) "
+                                       "that goes through G: no SR example to show.")
+    stack = {k: np.stack([getattr(e, k) for e in examples]) for k in ("lr", "bicubic", "sr", "hr")}
+    labels = []
+    for e in examples:
+        w, h = e.gt_box[2] - e.gt_box[0], e.gt_box[3] - e.gt_box[1]
+        labels.append(f"image {e.image_id}: {class_name(class_names, e.gt_label)}, {w:.0f}x{h:.0f} px; its ROI: "
+                      f"IoU {e.iou:.2f}, baseline {class_name(class_names, e.det_label)} {e.det_score:.2f}")
+    captions = [[_verdict(p, e.gt_label, class_names) for p in (e.d_nearest, e.d_bicubic, e.d_sr, e.d_hr)]
+                for e in examples]
+    return figures.sr_figure(stack["lr"], stack["bicubic"], stack["sr"], stack["hr"], path, captions=captions,
+                             row_labels=labels, title=title)
+
+
 def write_figures(cfg, out: Path, split, image_dir, dets, picker: TripletPicker, main: Optional[MtganModel],
                   class_names: list[str], drawn: dict[str, str]) -> None:
-    """figures/sr_triplets.png and figures/loss_<run>.png (with an MTGAN, `main`), and
-    figures/detections.png: the baseline's detections beside those of the `drawn` rows (title ->
-    row name)."""
+    """figures/sr_triplets.png (`sr_figure`, the picker's examples, judged) and
+    figures/loss_<run>.png with an MTGAN (`main`), and figures/detections.png: the baseline's
+    detections beside those of the `drawn` rows (column title -> row name), on the
+    `cfg.fig_images` images with the most small objects, each column showing per image its top k
+    detections with k = the image's ground-truth count (`figures.detections_figure`)."""
     fig_dir = out / "figures"
-    trip = picker.result()
     if cfg.fig_triplets and main is not None:
-        if trip is None:
-            figures.sr_triplets(np.zeros((0, 3, 1, 1), np.uint8), np.zeros((0, 3, 4, 4), np.uint8),
-                                np.zeros((0, 3, 4, 4), np.uint8), fig_dir / "sr_triplets.png")
-        else:
-            lr, hr, sr, caps = trip
-            figures.sr_triplets(lr, hr, sr, fig_dir / "sr_triplets.png", captions=caps,
-                                titles=("LR (4x nearest)", "HR", "SR (MTGAN G)"))
+        sr_figure(picker.examples, fig_dir / "sr_triplets.png", class_names)
     if cfg.fig_images:
         if image_dir is None:
             warn("no image folder: the detections figure is skipped")
@@ -367,11 +483,15 @@ def write_figures(cfg, out: Path, split, image_dir, dets, picker: TripletPicker,
                 t = split.targets(iid)
                 gts.append({"boxes": t["boxes"], "labels": t["labels"]})
                 caps.append(f"image {iid}: {len(t['boxes'])} objects, {int((t['areas'] < SMALL_AREA).sum())} small")
+            columns = {f"{ROW_TITLES[BASELINE]} [{BASELINE}]": BASELINE,
+                       **{(title if f"[{name}]" in title else f"{title} [{name}]"): name
+                          for title, name in drawn.items()}}
+            title = ("Green: ground truth. Red: each column's top k detections of the image, k = the image's number "
+                     "of ground-truth objects (no score threshold: the rows' scores are on different scales), "
+                     "labelled with class and score; [name]: the row of table.md and its results file.")
             figures.detections_figure(
-                images, gts,
-                {"Baseline": [dets[BASELINE].get(i, empty) for i in chosen],
-                 **{title: [dets[name].get(i, empty) for i in chosen] for title, name in drawn.items()}},
-                fig_dir / "detections.png", class_names=class_names, score_thresh=cfg.draw_thresh, captions=caps)
+                images, gts, {col: [dets[name].get(i, empty) for i in chosen] for col, name in columns.items()},
+                fig_dir / "detections.png", class_names=class_names, title=title, captions=caps)
     for run, path in (training_logs(main) if main is not None else {}).items():
         try:
             recs = read_jsonl(path)

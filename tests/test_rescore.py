@@ -175,7 +175,7 @@ def test_metrics_table_and_manifest(world, evaluated):
 
     m = json.loads((evaluated / "metrics.json").read_text())
     assert [r["name"] for r in m["rows"]] == list(("baseline", "mtgan", "mtgan_fused", "bicubic", "bicubic_fused", "noreg", "noreg_fused"))
-    assert m["score_modes"] == ["disc", "fused"] and m["figure_score"] == "disc"
+    assert m["score_modes"] == ["disc", "fused"] and m["figure_score"] == "fused"
     from sodtool.coco import SplitPaths, load_split
     from sodtool.evaluate import coco_evaluate
 
@@ -221,12 +221,69 @@ def test_metrics_table_and_manifest(world, evaluated):
 
 def test_figures_are_pngs(evaluated):
     fig = evaluated / "figures"
+    # No ground-truth object here has a ROI narrow enough to go through G (8 px LR crops): the SR
+    # figure says so (test_sr_figure_shows_ground_truth_small_objects has some).
     w, h = _valid_png(fig / "sr_triplets.png")
-    assert w > 3 * HR and h > HR
+    assert h < 100
     w, h = _valid_png(fig / "detections.png")
-    assert w >= 2 * 192  # baseline beside MTGAN
+    assert w >= 2 * 2 * 192  # baseline beside MTGAN, 192 px images enlarged 2x
     _valid_png(fig / "loss_mtgan.png")
     _valid_png(fig / "loss_sr.png")
+
+
+def test_figures_draw_the_fused_row_and_ground_truth_small_objects(world, tmp_path, monkeypatch):
+    """detections.png: the baseline beside mtgan_fused, each image's top k, k = its ground-truth
+    count. sr_triplets.png: ground-truth small objects whose ROI (IoU >= 0.5) went through G (all
+    ROIs do with --sr-only), each with D's verdict on its four views. The results are those of a
+    run without figures."""
+    from sodtool import figures, reports
+    from sodtool.coco import SplitPaths, load_split
+    from sodtool.stages.eval_mtgan import rescore_eval
+
+    seen: dict = {}
+    draw_dets, draw_sr = figures.detections_figure, reports.sr_figure
+
+    def spy_dets(images, gts, dets, path, **kw):
+        seen["dets"], seen["gts"] = dets, gts
+        return draw_dets(images, gts, dets, path, **kw)
+
+    def spy_sr(examples, path, names):
+        seen["sr"] = examples
+        return draw_sr(examples, path, names)
+
+    monkeypatch.setattr(figures, "detections_figure", spy_dets)
+    monkeypatch.setattr(reports, "sr_figure", spy_sr)
+    rescore_eval(_cfg(world, tmp_path / "f", sr_only=True, fig_images=2, fig_triplets=3))
+    rescore_eval(_cfg(world, tmp_path / "n", sr_only=True, figures=False))
+    for name in ("baseline", "mtgan", "mtgan_fused", "bicubic"):
+        assert (tmp_path / "f" / f"{name}.json").read_text() == (tmp_path / "n" / f"{name}.json").read_text()
+    assert list(seen["dets"]) == ["Baseline detector [baseline]", "SOD-MTGAN, fused score [mtgan_fused]"]
+    assert len(seen["dets"]["SOD-MTGAN, fused score [mtgan_fused]"][0]["scores"]) > len(seen["gts"][0]["boxes"])
+
+    split = load_split(SplitPaths(world["data"] / "annotations" / "instances_minival.json",
+                                  world["data"] / "images" / "minival"))
+    examples = seen["sr"]
+    assert 1 <= len(examples) <= 3
+    from torchvision.ops import box_iou
+
+    for e in examples:
+        t = split.targets(e.image_id)
+        g = [i for i, b in enumerate(t["boxes"]) if np.array_equal(b, e.gt_box)]
+        assert len(g) == 1 and t["areas"][g[0]] < 32 ** 2 and t["labels"][g[0]] == e.gt_label
+        assert float(box_iou(torch.from_numpy(e.roi[None]), torch.from_numpy(e.gt_box[None]))) >= 0.5
+        for p in (e.d_nearest, e.d_bicubic, e.d_sr, e.d_hr):
+            assert p.shape == (K + 1,) and abs(float(p.sum()) - 1) < 1e-4
+        assert e.lr.shape == (3, HR // 4, HR // 4) and e.sr.shape == e.hr.shape == e.bicubic.shape == (3, HR, HR)
+    # D's verdict on G's output is what eval scored the ROI with: D(G(lr)) of its LR crop.
+    from sodtool.models.mtgan import load_mtgan
+
+    m = load_mtgan(world["mtgan"], torch.device("cpu"))
+    with torch.no_grad():
+        lr = torch.from_numpy(np.stack([e.lr for e in examples])).float() / 255
+        want = torch.softmax(m.discriminator(m.generator(lr)).cls, dim=1).numpy()
+    assert np.allclose(np.stack([e.d_sr for e in examples]), want, atol=1e-5)
+    w, h = _valid_png(tmp_path / "f" / "figures" / "sr_triplets.png")
+    assert w >= 4 * 160 and h >= len(examples) * 160
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,45 +740,6 @@ def test_hr_size_mismatch_is_refused(world, tmp_path):
     big = save_mtgan(tmp_path / "big.pt", world["cats"], hr_size=64)
     with pytest.raises(InputError, match="64 px crops"):
         rescore_eval(_cfg(world, tmp_path / "e", mtgan=big))
-
-
-# --------------------------------------------------------------------------------------------
-# Figures module
-# --------------------------------------------------------------------------------------------
-
-
-def test_figure_functions(tmp_path):
-    from sodtool import figures
-
-    rng = np.random.default_rng(0)
-    lr = rng.integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
-    hr = rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
-    p = figures.sr_triplets(lr, hr, hr, tmp_path / "t.png", captions=["a", "b", "c"])
-    w, h = _valid_png(p)
-    # LR upsampled 4x nearest: the first tile of the grid is the LR crop, pixel-replicated.
-    with Image.open(p) as im:
-        arr = np.asarray(im.convert("RGB"))
-    # Layout: 4 px margin, 22 px title row; 32 px crops are shown zoomed to 128 px (16 px per LR pixel).
-    tile = arr[22:22 + 128, 4:4 + 128]
-    assert np.array_equal(tile[::16, ::16], lr[0].transpose(1, 2, 0))
-    assert np.array_equal(tile[15::16, 15::16], lr[0].transpose(1, 2, 0))
-    img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
-    gt = [{"boxes": np.array([[5, 5, 20, 25]], np.float32), "labels": np.array([1])}]
-    det = [{"boxes": np.array([[6, 6, 21, 24], [40, 10, 60, 30]], np.float32), "scores": np.array([0.9, 0.2]),
-            "labels": np.array([1, 2])}]
-    p = figures.detections_figure([img], gt, {"Baseline": det, "SOD-MTGAN": det}, tmp_path / "d.png",
-                                  class_names=["x", "y"], score_thresh=0.5, upscale=1)
-    w, h = _valid_png(p)
-    assert w >= 160
-    with Image.open(p) as im:
-        arr = np.asarray(im.convert("RGB")).astype(int)
-    assert ((arr == [0, 200, 0]).all(axis=2)).any() and ((arr == [230, 0, 0]).all(axis=2)).any()
-    assert figures.loss_curves([{"step": 1, "lr": 0.1}], tmp_path / "none.png", title="x") is None
-    p = figures.loss_curves([{"step": s, "g_mse": 1.0 / s, "d_total": 0.5} for s in range(1, 10)],
-                            tmp_path / "l.png", title="x")
-    _valid_png(p)
-    assert figures.loss_series([{"step": 2, "g_a": 1.0, "split": "val"}, {"step": 3, "g_a": 2.0, "lr": 1}]) == \
-        {"g_a": ([3.0], [2.0])}
 
 
 def test_verdict_line_says_whether_the_rescored_rows_can_be_trusted():

@@ -52,9 +52,12 @@ The same is done for
 Each is evaluated with COCOeval (sodtool.evaluate.coco_evaluate). Outputs in `out` (default
 `RUN/eval_<split>` beside the MTGAN run folder): the results JSONs, `metrics.json` (every row:
 12 COCO stats, per-class AP, differences to the baseline), `table.md` (AP, AP50, AP75, AP_S,
-AP_M, AP_L in percent with one decimal, as the paper's Tables 2 and 3), `figures/` (LR / HR /
-SR triplets of small ROIs, detections drawn on images, loss curves of the sr and mtgan runs),
-and `manifest.json`, last. Every file is written atomically.
+AP_M, AP_L in percent with one decimal, as the paper's Tables 2 and 3), `figures/`
+(`sr_triplets.png`: ground-truth small objects whose ROI goes through G, as LR, bicubic, SR and
+HR crops with D's verdict on each; `detections.png`: the baseline's detections beside the
+MTGAN's `score` row over every ROI (`mtgan_fused` by default), each column's top k per image
+with k = the image's ground-truth count; loss curves of the sr and mtgan runs), and
+`manifest.json`, last. Every file is written atomically.
 
 Batches: the ROIs of consecutive images are concatenated and sent through G and D
 `batch_size` ROIs at a time (so a batch holds the ROIs of several images), in channels_last
@@ -91,7 +94,6 @@ from sodtool.reports import (
     SMALL_SUFFIX,
     SR_GATE_SUFFIX,
     TripletPicker,
-    class_name,
     detector_title,
     print_comparison,
     row_title,
@@ -137,9 +139,11 @@ class RescoreConfig:
       control rows (module docstring); None: none;
     out: output folder (default: RUN/eval_<split>, RUN being the MTGAN folder's parent; required
       without an MTGAN);
-    score: "disc" | "fused" (module docstring); nms_iou / max_per_image / min_score: step 4, for
-      every row, the baseline's included (min_score None: the ROIs' own score threshold; never
-      below it, which the baseline row could not follow);
+    score: "disc" | "fused": the MTGAN row the detections figure draws beside the baseline's
+      (`mtgan` or `mtgan_fused`; every row is written and evaluated either way);
+    nms_iou / max_per_image / min_score: step 4, for every row, the baseline's included
+      (min_score None: the ROIs' own score threshold; never below it, which the baseline row
+      could not follow);
     small_area: also write size-gated rows (step 4), ROIs below this area (image px^2) rescored
       (None or 0: no gated rows);
     sr_gate: also write SR-gated rows (step 4): only the ROIs that go through G rescored;
@@ -148,8 +152,8 @@ class RescoreConfig:
       context factor, detector score threshold and ROIs per image of the direct path (None: as
       the MTGAN's training store / as crop-rois test mode: 0.05 and 100, the paper's protocol);
       detector_batch: images per detector call (as crop-rois' --batch-images);
-    figures: write figures; fig_triplets / fig_images: how many SR triplets / images to draw;
-      draw_thresh: smallest score drawn in the detection figure;
+    figures: write figures; fig_triplets / fig_images: how many SR examples / images to draw (the
+      detections figure draws each row's top k per image, k = the image's ground-truth count);
     allow_trained_images: evaluate even where a model (MTGAN, ablation, pretrained G, detector) was
       trained on images being evaluated (sodtool.provenance: by image file digest); refused otherwise.
       For debugging: metrics.json records the overlap ("trained_overlap") and table.md says so.
@@ -166,7 +170,7 @@ class RescoreConfig:
     compare: tuple[str, ...] = ()
     pretrained_g: Optional[Path] = None
     out: Optional[Path] = None
-    score: str = "disc"
+    score: str = "fused"
     nms_iou: float = 0.5
     max_per_image: int = 100
     min_score: Optional[float] = None
@@ -183,7 +187,6 @@ class RescoreConfig:
     figures: bool = True
     fig_triplets: int = 16
     fig_images: int = 4
-    draw_thresh: float = 0.5
     overwrite: bool = False
     # With --detector: sliced inference (tile px, overlap, whole image too), as crop-rois --slice
     # (None: whole images or a tile-trained detector's own tile size; 0: whole images always).
@@ -233,7 +236,6 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
         (cfg.roi_score_thresh is None or 0.0 <= cfg.roi_score_thresh <= 1.0,
          f"--roi-score-thresh must be in [0, 1], got {cfg.roi_score_thresh}"),
         (cfg.fig_triplets >= 0 and cfg.fig_images >= 0, "figure counts must be >= 0"),
-        (0.0 <= cfg.draw_thresh <= 1.0, f"--draw-thresh must be in [0, 1], got {cfg.draw_thresh}"),
         (cfg.seed >= 0, f"--seed must be non-negative, got {cfg.seed}"),
         (not (cfg.sr_gate and cfg.sr_only), "--sr-gate rescores only the ROIs that go through G, but --sr-only "
          "sends every ROI through G: give one of them"),
@@ -398,8 +400,11 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
             labels = np.concatenate([g.labels for g in group]).astype(np.int64)
             owner = np.concatenate([np.full(len(g.rois), i) for i, g in enumerate(group)])
             hr_rows = None if cfg.sr_only else reads_hr(torch.from_numpy(rois), crop_context, lr_size)
-            # The SR triplet figure shows G's output: only ROIs that went through G.
-            sr_rows = picker.wanted(rois, scores, owner, None if hr_rows is None else ~hr_rows.numpy())
+            # The SR figure shows G's output: ground-truth small objects whose ROI went through G.
+            picks = picker.wanted(rois, scores, labels, owner, [g.image_id for g in group],
+                                  [split.targets(g.image_id) for g in group] if picker.needs else [],
+                                  None if hr_rows is None else ~hr_rows.numpy())
+            sr_rows = np.asarray([e.row for e in picks], np.int64)
             t = Timer()
             outs, srs = (score_rois(methods, torch.from_numpy(lr), device, cfg.batch_size, sr_rows,
                                     torch.from_numpy(hr), hr_rows) if methods else ({}, []))
@@ -435,13 +440,9 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                             dets[scored_name(name, mode, gate)][g.image_id] = select_detections(
                                 b, c, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image,
                                 min_score=min_score)
-            for j, row in enumerate(sr_rows.tolist()):
-                p = outs[MTGAN]["probs"][row]
-                d_cls = int(p[1:].argmax()) + 1
-                w, h = rois[row, 2] - rois[row, 0], rois[row, 3] - rois[row, 1]
-                cap = (f"{class_name(class_names, int(labels[row]))} {scores[row]:.2f} | "
-                       f"D(SR): {class_name(class_names, d_cls)} {float(p[d_cls]):.2f} | {w:.0f}x{h:.0f}px")
-                picker.add(scores[row], lr[row], hr[row], srs[j], cap)
+            for j, e in enumerate(picks):
+                picker.add(e, lr=lr[e.row], hr=hr[e.row], sr=srs[j], d_sr=outs[MTGAN]["probs"][e.row].numpy(),
+                           d_bicubic=outs[BICUBIC]["probs"][e.row].numpy())
             post_s += t.elapsed
             n_images += len(group)
             n_rois += len(rois)
@@ -519,8 +520,12 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
         write_text(work / "table.md", table_markdown(metrics))
 
         if cfg.figures:
-            drawn = ({f"SOD-MTGAN ({cfg.score})": scored_name(MTGAN, cfg.score)} if main is not None
+            # Beside the baseline: the MTGAN's row with the `score` score over every ROI (fused by
+            # default), else the first --compare detector's.
+            drawn = ({row_title(scored_name(MTGAN, cfg.score)): scored_name(MTGAN, cfg.score)} if main is not None
                      else {compare_rows[n]["title"]: n for n, _ in compares[:1]})
+            if main is not None:
+                picker.judge(main.discriminator, device)
             write_figures(cfg, work, split, image_dir, dets, picker, main, class_names, drawn)
 
         inputs: dict[str, Any] = {"annotations": ann}

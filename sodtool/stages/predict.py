@@ -54,7 +54,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sodtool.artefacts import (
     MANIFEST,
@@ -76,7 +76,7 @@ from sodtool.coco import read_image_rgb, to_coco_results
 from sodtool.console import log, make_progress, summary_table, warn
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
-from sodtool.figures import DET_COLOUR, draw_boxes, font
+from sodtool.figures import DET_COLOUR, draw_detections
 from sodtool.models.detectors import load_detector, predict as detector_predict, predict_sliced, resolve_slicing
 from sodtool.models.mtgan import load_mtgan, training_context
 from sodtool.resample import SCALE, bicubic_down
@@ -562,13 +562,12 @@ def _write_image_outputs(out: Path, im: InputImage, img: np.ndarray, det: dict, 
     """The drawn image first, then the part (what marks the image done), which records `want`:
     the image's identity, the models' and the settings."""
     h, w = img.shape[:2]
-    pil = Image.fromarray(img)
-    draw = ImageDraw.Draw(pil)
     keep = det["scores"] >= cfg.draw_threshold
     captions = [f"{names[int(lab) - 1]} {float(sc):.2f}" for lab, sc in zip(det["labels"][keep], det["scores"][keep])]
-    draw_boxes(draw, det["boxes"][keep], DET_COLOUR, 1.0, captions, max(1, int(math.ceil(min(w, h) / 400))),
-               font(max(10, min(w, h) // 60)))
-    _write_jpeg(_drawn_path(out, im.name), pil)
+    # Line width and label size grow with the image, so that they stay legible on large photos.
+    drawn = draw_detections(img, det["boxes"][keep], DET_COLOUR, labels=captions,
+                            width=max(1, int(math.ceil(min(w, h) / 400))), font_size=max(10, min(w, h) // 60))
+    _write_jpeg(_drawn_path(out, im.name), Image.fromarray(drawn))
     write_json(_part_path(out, im.name), {
         **want, "width": int(w), "height": int(h),
         "boxes": det["boxes"].round(3).tolist(), "scores": det["scores"].round(6).tolist(),

@@ -4,25 +4,23 @@ Sizes use the annotation's `area` (as COCOeval does), bucketed with `coco.size_b
 small < 32², medium < 96², large otherwise. Crowd regions (iscrowd=1) are counted apart and
 left out of every object count, because COCOeval ignores them. The histogram bins sqrt(area)
 in pixels; its 32 and 96 edges are the COCO thresholds, so bins never straddle a bucket.
+`sizes_<split>.png` draws it (`figures.draw_size_histogram`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
-from sodtool.artefacts import Timer, atomic_path, check_output, staged_dir, write_json, write_manifest
+from sodtool.artefacts import Timer, check_output, staged_dir, write_json, write_manifest
 from sodtool.coco import SplitPaths, load_split, size_bucket
 from sodtool.console import log, print_table, summary_table, warn
 from sodtool.evaluate import resolve_ground_truth
+from sodtool.figures import draw_size_histogram
 
 # sqrt(area) bin edges in pixels; the last bin is open ("256+").
 HIST_EDGES = (0, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 BUCKETS = ("small", "medium", "large")
-_BUCKET_COLOURS = {"small": (214, 96, 77), "medium": (244, 165, 130), "large": (67, 147, 195)}
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,7 @@ def dataset_stats(cfg: StatsConfig) -> dict:
     with staged_dir(out) as work:
         write_json(work / f"stats_{cfg.split}.json", stats)
         title = f"{(Path(cfg.data).resolve().name if cfg.data else ann.name)} {cfg.split}: {stats['objects']} objects"
-        draw_size_histogram(stats["histogram"]["counts"], work / f"sizes_{cfg.split}.png", title=title)
+        draw_size_histogram(stats["histogram"]["counts"], HIST_EDGES, work / f"sizes_{cfg.split}.png", title=title)
         write_manifest(work, "data-stats", cfg, {"annotations": ann}, {k: stats[k] for k in (
             "images", "categories", "objects", "crowd", "images_without_objects", "sizes")},
             seed=None, device="cpu", wall_time_s=timer.elapsed)
@@ -152,93 +150,3 @@ def histogram_text(counts: list[int], width: int = 40) -> str:
     for lab, c in zip(labels, counts):
         lines.append(f"  {lab:>8s} | {'#' * round(width * c / top):<{width}s} {c} ({100 * c / total:.1f}%)")
     return "\n".join(lines)
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _bin_bucket(i: int) -> str:
-    lo = HIST_EDGES[i]
-    return "small" if lo < 32 else "medium" if lo < 96 else "large"
-
-
-def draw_size_histogram(counts: list[int], path: Path, title: str = "") -> Path:
-    """Draw the sqrt(area) histogram as a PNG (PIL only): bars coloured by COCO size bucket,
-    axis labels, y ticks, and dashed lines at the 32 and 96 px thresholds."""
-    if len(counts) != len(HIST_EDGES):
-        raise ValueError(f"expected {len(HIST_EDGES)} counts, got {len(counts)}")
-    W, H = 900, 520
-    left, right, top, bottom = 80, 30, 60, 90
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    f_small, f_mid, f_big = _font(13), _font(15), _font(18)
-    pw, ph = W - left - right, H - top - bottom
-    ymax = _nice_max(max(counts, default=0))
-    n = len(counts)
-    slot = pw / n
-    # y grid and ticks
-    for k in range(6):
-        v = ymax * k / 5
-        y = top + ph - ph * v / ymax
-        d.line([(left, y), (left + pw, y)], fill=(230, 230, 230))
-        d.line([(left - 5, y), (left, y)], fill="black")
-        lab = f"{v:g}" if v < 1e6 else f"{v:.2g}"
-        tw = d.textlength(lab, font=f_small)
-        d.text((left - 8 - tw, y - 7), lab, fill="black", font=f_small)
-    # bars
-    for i, c in enumerate(counts):
-        x0 = left + i * slot + slot * 0.12
-        x1 = left + (i + 1) * slot - slot * 0.12
-        y0 = top + ph - ph * c / ymax
-        if c > 0:
-            d.rectangle([x0, y0, x1, top + ph], fill=_BUCKET_COLOURS[_bin_bucket(i)], outline=(60, 60, 60))
-        s = str(c)
-        d.text(((x0 + x1) / 2 - d.textlength(s, font=f_small) / 2, y0 - 17), s, fill="black", font=f_small)
-        lab = bin_labels()[i]
-        d.text((left + (i + 0.5) * slot - d.textlength(lab, font=f_small) / 2, top + ph + 8), lab, fill="black",
-               font=f_small)
-    # axes
-    d.line([(left, top), (left, top + ph), (left + pw, top + ph)], fill="black", width=2)
-    # COCO thresholds: they fall on bin edges by construction of HIST_EDGES
-    for thr in (32, 96):
-        x = left + HIST_EDGES.index(thr) * slot
-        for y in range(top, top + ph, 12):
-            d.line([(x, y), (x, min(y + 6, top + ph))], fill=(20, 20, 20), width=2)
-        lab = f"{thr} px"
-        d.text((x - d.textlength(lab, font=f_small) / 2, top - 18), lab, fill="black", font=f_small)
-    xl = "sqrt(box area) in pixels  (COCO: small < 32, medium 32-96, large >= 96)"
-    d.text((left + pw / 2 - d.textlength(xl, font=f_mid) / 2, top + ph + 32), xl, fill="black", font=f_mid)
-    # legend
-    lx = left + 10
-    for b in BUCKETS:
-        d.rectangle([lx, H - 28, lx + 14, H - 14], fill=_BUCKET_COLOURS[b], outline=(60, 60, 60))
-        d.text((lx + 20, H - 30), b, fill="black", font=f_small)
-        lx += 30 + d.textlength(b, font=f_small) + 20
-    if title:
-        d.text((left, 12), title, fill="black", font=f_big)
-    # rotated y-axis label
-    yl = "objects"
-    tw = int(d.textlength(yl, font=f_mid)) + 4
-    lab_img = Image.new("RGB", (tw, 20), "white")
-    ImageDraw.Draw(lab_img).text((2, 1), yl, fill="black", font=f_mid)
-    lab_img = lab_img.rotate(90, expand=True)
-    img.paste(lab_img, (8, int(top + ph / 2 - tw / 2)))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    return path
-
-
-def _nice_max(v: int) -> float:
-    """A round axis maximum above v (1, 2, 2.5 or 5 x 10^k, at least 5) for 5 tick intervals."""
-    if v <= 4:
-        return 5.0
-    mag = 10 ** math.floor(math.log10(v))
-    for m in (1, 2, 2.5, 5, 10):
-        if m * mag >= v * 1.08:
-            return float(m * mag)
-    return float(10 * mag)
