@@ -1,5 +1,6 @@
 """What `eval` reports: the comparison table (the paper's Tables 2 and 3) and its figures.
 
+`Row` is one row of the table (a method, its score and its gate), named as its results file;
 `table_markdown` / `print_comparison` turn eval's metrics into Markdown and a console table (AP
 columns in percent with one decimal, then the differences to the baseline); `TripletPicker`
 chooses ground-truth small objects whose ROI goes through G and keeps their crops and D's
@@ -172,32 +173,45 @@ def class_name(names: Sequence[str], label: int) -> str:
     return names[label - 1] if 1 <= label <= len(names) else "bg"
 
 
+# A rescored row's gate, the suffix of its name: only ROIs below the size gate rescored (`eval
+# --small-area`), only the ROIs G super-resolves rescored (`eval --sr-gate`).
 SMALL_SUFFIX = "_small"
 SR_GATE_SUFFIX = "_srgate"
 
 
-def scored_name(method: str, mode: str, gate: str = "") -> str:
-    """A (second stage, score, gate) row's name and results file stem: `mtgan` (D's score, the
-    paper's), `mtgan_fused`, `bicubic`, `bicubic_fused`, `NAME`, `NAME_fused`, each with the
-    gate's suffix: `_small` when only small ROIs were rescored (`eval --small-area`), `_srgate`
-    when only the ROIs G super-resolves were (`eval --sr-gate`)."""
-    return (method if mode == "disc" else f"{method}_{mode}") + gate
+@dataclass(frozen=True)
+class Row:
+    """One row of eval's table, the key of its detections.
+
+    method: BASELINE, a second stage (MTGAN, BICUBIC, PRETRAINED_G, an ablation's NAME) or a
+    `--compare` detector's NAME; mode: the score of a rescored row ("disc": D's probability, the
+    paper's; "fused"), None for a detector's own detections (the baseline, a --compare row);
+    gate: "" (every ROI rescored), SMALL_SUFFIX or SR_GATE_SUFFIX.
+    """
+
+    method: str
+    mode: Optional[str] = None
+    gate: str = ""
+
+    @property
+    def name(self) -> str:
+        """The row's name and results file stem: `baseline`, `mtgan` (D's score), `mtgan_fused`,
+        `bicubic`, `bicubic_fused`, `NAME`, `NAME_fused`, each with its gate's suffix."""
+        return (self.method if self.mode in (None, "disc") else f"{self.method}_{self.mode}") + self.gate
 
 
-def row_title(name: str, baseline_arch: Optional[str] = None, small_area: Optional[float] = None) -> str:
-    """The table's row title of a row name; the baseline's names its detector architecture when
-    known; a `_small` row names the size gate (`small_area`, px^2), a `_srgate` row the SR gate."""
-    if name == BASELINE:
+def row_title(row: Row, baseline_arch: Optional[str] = None, small_area: Optional[float] = None) -> str:
+    """The table's title of the baseline's or a rescored row; the baseline's names its detector
+    architecture when known; a `_small` row names the size gate (`small_area`, px^2), a `_srgate`
+    row the SR gate."""
+    if row.method == BASELINE:
         return f"{ROW_TITLES[BASELINE]} ({baseline_arch})" if baseline_arch else ROW_TITLES[BASELINE]
-    gate = next((g for g in (SMALL_SUFFIX, SR_GATE_SUFFIX) if name.endswith(g)), "")
-    name = name[:len(name) - len(gate)]
-    method, fused = (name[:-len("_fused")], True) if name.endswith("_fused") else (name, False)
-    title = f"{ROW_TITLES.get(method, method)}, {'fused score' if fused else 'D score'}"
-    if gate == SMALL_SUFFIX:
+    title = f"{ROW_TITLES.get(row.method, row.method)}, {'fused score' if row.mode == 'fused' else 'D score'}"
+    if row.gate == SMALL_SUFFIX:
         side = math.sqrt(small_area) if small_area else float("nan")
         square = f" ({side:.0f}²)" if side == round(side) else ""
         title += f", ROIs < {small_area:g} px²{square} only"
-    elif gate == SR_GATE_SUFFIX:
+    elif row.gate == SR_GATE_SUFFIX:
         title += ", super-resolved ROIs only"
     return title
 
@@ -455,13 +469,14 @@ def sr_figure(examples: Sequence[SrExample], path: Path, class_names: Sequence[s
                              row_labels=labels, title=title)
 
 
-def write_figures(cfg, out: Path, split, image_dir, dets, picker: TripletPicker, main: Optional[MtganModel],
-                  class_names: list[str], drawn: dict[str, str]) -> None:
+def write_figures(cfg, out: Path, split, image_dir, dets: dict[Row, dict], picker: TripletPicker,
+                  main: Optional[MtganModel], class_names: list[str], drawn: dict[str, Row]) -> None:
     """figures/sr_triplets.png (`sr_figure`, the picker's examples, judged) and
     figures/loss_<run>.png with an MTGAN (`main`), and figures/detections.png: the baseline's
-    detections beside those of the `drawn` rows (column title -> row name), on the
-    `cfg.fig_images` images with the most small objects, each column showing per image its top k
-    detections with k = the image's ground-truth count (`figures.detections_figure`)."""
+    detections beside those of the `drawn` rows (column title -> row; `dets`: per row, image id ->
+    detections), on the `cfg.fig_images` images with the most small objects, each column showing
+    per image its top k detections with k = the image's ground-truth count
+    (`figures.detections_figure`)."""
     fig_dir = out / "figures"
     if cfg.fig_triplets and main is not None:
         sr_figure(picker.examples, fig_dir / "sr_triplets.png", class_names)
@@ -483,14 +498,14 @@ def write_figures(cfg, out: Path, split, image_dir, dets, picker: TripletPicker,
                 t = split.targets(iid)
                 gts.append({"boxes": t["boxes"], "labels": t["labels"]})
                 caps.append(f"image {iid}: {len(t['boxes'])} objects, {int((t['areas'] < SMALL_AREA).sum())} small")
-            columns = {f"{ROW_TITLES[BASELINE]} [{BASELINE}]": BASELINE,
-                       **{(title if f"[{name}]" in title else f"{title} [{name}]"): name
-                          for title, name in drawn.items()}}
+            columns = {f"{ROW_TITLES[BASELINE]} [{BASELINE}]": Row(BASELINE),
+                       **{(title if f"[{row.name}]" in title else f"{title} [{row.name}]"): row
+                          for title, row in drawn.items()}}
             title = ("Green: ground truth. Red: each column's top k detections of the image, k = the image's number "
                      "of ground-truth objects (no score threshold: the rows' scores are on different scales), "
                      "labelled with class and score; [name]: the row of table.md and its results file.")
             figures.detections_figure(
-                images, gts, {col: [dets[name].get(i, empty) for i in chosen] for col, name in columns.items()},
+                images, gts, {col: [dets[row].get(i, empty) for i in chosen] for col, row in columns.items()},
                 fig_dir / "detections.png", class_names=class_names, title=title, captions=caps)
     for run, path in (training_logs(main) if main is not None else {}).items():
         try:

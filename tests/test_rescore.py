@@ -478,6 +478,91 @@ def test_keep_baseline_gives_the_marked_rois_their_baseline_detection():
     assert b is boxes and c is scores
 
 
+def test_row_names_are_the_results_file_stems():
+    from sodtool.reports import Row, row_title
+
+    assert Row("baseline").name == "baseline" and Row("det").name == "det"
+    assert [Row("mtgan", m, g).name for g in ("", "_small", "_srgate") for m in ("disc", "fused")] == [
+        "mtgan", "mtgan_fused", "mtgan_small", "mtgan_fused_small", "mtgan_srgate", "mtgan_fused_srgate"]
+    assert Row("mtgan", "disc") != Row("mtgan") and {Row("bicubic", "fused"): 1}[Row("bicubic", "fused")] == 1
+    assert row_title(Row("bicubic", "fused", "_small"), small_area=1024.0) == (
+        "Bicubic control (D on bicubic), fused score, ROIs < 1024 px² (32²) only")
+    assert row_title(Row("baseline"), "resnet50_fpn") == "Baseline detector (resnet50_fpn)"
+
+
+def _hand_image():
+    """3 ROIs (xyxy px) and 2 classes: ROIs 0 and 1 overlap (IoU 81/119 > 0.5), ROI 2 stands
+    alone and is the only one of area >= 500; baseline: class 1 at 0.9, class 2 at 0.6, class 1 at 0.3."""
+    from sodtool.testrois import ImageRois
+
+    return ImageRois(image_id=7, width=100, height=100,
+                     rois=np.array([[10, 10, 20, 20], [11, 11, 21, 21], [50, 50, 90, 90]], np.float32),
+                     scores=np.array([0.9, 0.6, 0.3], np.float32), labels=np.array([1, 2, 1], np.int64),
+                     hr=np.zeros((3, 3, 4, 4), np.uint8))
+
+
+def test_image_detections_gives_every_rows_detections_of_one_image():
+    """The pure step from one image's scores to its rows, on numbers worked out by hand: D's
+    probabilities [R, K+1], per-class NMS at 0.5, the size gate and the SR gate."""
+    from sodtool.reports import Row
+    from sodtool.stages.eval_mtgan import image_detections
+
+    image = _hand_image()
+    probs = torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1]])  # class scores: p[:, 1:]
+    outs = {"mtgan": {"probs": probs, "reg": None}, "bicubic": {"probs": probs.flip(1), "reg": torch.zeros(3, 4)}}
+    hr_rows = torch.tensor([False, True, False])  # ROI 1 read from its HR crop
+    sel = dict(num_classes=2, nms_iou=0.5, max_per_image=100, min_score=0.05)
+    found, via = image_detections(image, outs, hr_rows, small_area=500.0, sr_gate=True, **sel)
+    assert list(found) == [Row("baseline")] + [Row(m, mode, g) for m in ("mtgan", "bicubic")
+                                              for mode in ("disc", "fused") for g in ("", "_small", "_srgate")]
+    # Per gate, the ROIs rescored from their LR crop: 0 and 2; the size gate leaves ROI 2 to the baseline.
+    assert via == {"": 2, "_small": 1, "_srgate": 2}
+
+    def check(row, boxes, scores, labels):
+        d = found[row]
+        assert np.array_equal(d["boxes"], np.array([image.rois[i] for i in boxes])), row
+        assert d["scores"].tolist() == pytest.approx(scores, abs=1e-6), row
+        assert d["labels"].tolist() == labels, row
+
+    # The baseline's own detections (classes differ, so ROIs 0 and 1 both stay).
+    check(Row("baseline"), [0, 1, 2], [0.9, 0.6, 0.3], [1, 2, 1])
+    # D's scores: ROI 1 loses class 2 to ROI 0 (0.1 < 0.7), ROI 0 loses class 1 to ROI 1 (0.2 < 0.4);
+    # equal scores keep ROI order.
+    check(Row("mtgan", "disc"), [0, 2, 1, 2], [0.7, 0.7, 0.4, 0.1], [2, 1, 1, 2])
+    # Size gate: ROI 2 keeps its baseline detection (class 1 at 0.3, no class 2).
+    check(Row("mtgan", "disc", "_small"), [0, 1, 2], [0.7, 0.4, 0.3], [2, 1, 1])
+    # SR gate: ROI 1 keeps its baseline class 2 at 0.6, which ROI 0's 0.7 suppresses.
+    check(Row("mtgan", "disc", "_srgate"), [0, 2, 0, 2], [0.7, 0.7, 0.2, 0.1], [2, 1, 1, 2])
+    # Fused: sqrt(p * q), q = the baseline's score for its class, (1 - s) / K for the other.
+    check(Row("mtgan", "fused"), [2, 0, 1, 2],
+          [np.sqrt(0.7 * 0.3), np.sqrt(0.2 * 0.9), np.sqrt(0.1 * 0.6), np.sqrt(0.1 * 0.35)], [1, 1, 2, 2])
+    # Zero deltas on square ROIs: the ROIs themselves.
+    assert np.array_equal(found[Row("bicubic", "disc")]["boxes"][:1], image.rois[[2]])
+
+    # Every ROI through G (--sr-only): every gate but the size gate rescored all three.
+    _, via = image_detections(image, outs, None, small_area=500.0, sr_gate=False, **sel)
+    assert via == {"": 3, "_small": 2}
+
+
+def test_image_detections_with_a_gate_that_keeps_every_roi_is_the_baseline_row():
+    from sodtool.reports import Row
+    from sodtool.stages.eval_mtgan import image_detections
+
+    image = _hand_image()
+    gen = torch.Generator().manual_seed(0)
+    outs = {m: {"probs": torch.softmax(torch.randn(3, 3, generator=gen), 1), "reg": reg}
+            for m, reg in (("mtgan", torch.randn(3, 4, generator=gen)), ("noreg", None))}
+    found, via = image_detections(image, outs, torch.ones(3, dtype=torch.bool), num_classes=2, small_area=1.0,
+                                  sr_gate=True, nms_iou=0.5, max_per_image=100, min_score=0.05)
+    base = found[Row("baseline")]
+    gated = [row for row in found if row.gate]
+    assert len(gated) == 8 and via == {"": 0, "_small": 0, "_srgate": 0}
+    for row in gated:
+        for key in ("boxes", "scores", "labels"):
+            assert np.array_equal(found[row][key], base[key]), (row, key)
+    assert not np.array_equal(found[Row("mtgan", "disc")]["scores"], base["scores"])  # the ungated rows rescored
+
+
 def test_sr_gated_rows_rescore_only_the_rois_that_go_through_g(world, tmp_path):
     """eval --sr-gate writes NAME_srgate rows from the same pass: the ROIs D reads from their HR
     crop keep the baseline's detection, the ones G super-resolves are rescored (rebuilt here

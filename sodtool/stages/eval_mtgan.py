@@ -59,6 +59,11 @@ MTGAN's `score` row over every ROI (`mtgan_fused` by default), each column's top
 with k = the image's ground-truth count; loss curves of the sr and mtgan runs), and
 `manifest.json`, last. Every file is written atomically.
 
+In code: `score_images` is the scoring pass (steps 1-3, one forward pass of every second stage
+over batches of ROIs, yielding per image), `image_detections` the pure step from one image's
+scores to every row's detections (step 4), and `write_rows` writes and evaluates the rows (step
+5, metrics.json, table.md); a row is a `reports.Row` (method, score, gate), named as its file.
+
 Batches: the ROIs of consecutive images are concatenated and sent through G and D
 `batch_size` ROIs at a time (so a batch holds the ROIs of several images), in channels_last
 (faster on CPU too). On CUDA: bf16 autocast; on CPU float32, and the same inputs give the same
@@ -72,7 +77,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -93,11 +98,11 @@ from sodtool.reports import (
     PRETRAINED_G,
     SMALL_SUFFIX,
     SR_GATE_SUFFIX,
+    Row,
     TripletPicker,
     detector_title,
     print_comparison,
     row_title,
-    scored_name,
     table_markdown,
     write_figures,
 )
@@ -117,7 +122,7 @@ from sodtool.rescoring import (
     select_detections,
 )
 from sodtool.rois import DEFAULT_CONTEXT, DEFAULT_HR_SIZE, MODE_DEFAULTS
-from sodtool.testrois import batch_images, detector_detections, detector_rois, store_rois
+from sodtool.testrois import ImageRois, batch_images, detector_detections, detector_rois, store_rois
 
 STAGE = "eval-mtgan"
 RESERVED_NAMES = (BASELINE, MTGAN, BICUBIC, PRETRAINED_G, "metrics", "table", "manifest", "figures")
@@ -282,6 +287,123 @@ def resolve_config(cfg: RescoreConfig) -> RescoreConfig:
                                pretrained_g=pretrained_g)
 
 
+def score_images(items: Iterable[ImageRois], methods: Sequence, *, device: torch.device, batch_size: int,
+                 crop_context: float, lr_size: int, sr_only: bool, picker: TripletPicker,
+                 targets: Callable[[int], dict], seconds: dict[str, float],
+                 ) -> Iterator[tuple[ImageRois, dict[str, dict], Optional[torch.Tensor]]]:
+    """The scoring pass: the ROIs of consecutive images through every second stage (step 3).
+
+    The ROIs of consecutive images are concatenated, `batch_size` rows at least (`batch_images`),
+    and `score_rois` runs every method in `methods` over them in one pass. Yields, per image of
+    `items` in order: the image (`ImageRois`: rois float32 [R, 4] xyxy px, baseline scores [R],
+    labels [R] in 1..K, width, height, its crops), each method's output on its ROIs {method name:
+    {"probs": float32 [R, K+1], "reg": float32 [R, 4] in BOX_WEIGHTS scale or None}} (empty
+    without methods), and hr_rows: bool [R], the ROIs D read from their HR crop (None with
+    `sr_only`: every ROI through G). Along the way `picker` keeps the SR figure's examples
+    (`targets`: image id -> `split.targets`) and the forward passes' time is added to
+    seconds["forward"].
+    """
+    for group in batch_images(items, batch_size):
+        hr = np.concatenate([g.hr for g in group])
+        lr = np.concatenate([g.lr if g.lr is not None else bicubic_down(torch.from_numpy(g.hr), SCALE).numpy()
+                             for g in group])
+        rois = np.concatenate([g.rois for g in group]).astype(np.float32)
+        owner = np.concatenate([np.full(len(g.rois), i) for i, g in enumerate(group)])
+        hr_rows = None if sr_only else reads_hr(torch.from_numpy(rois), crop_context, lr_size)
+        # The SR figure shows G's output: ground-truth small objects whose ROI went through G.
+        picks = picker.wanted(rois, np.concatenate([g.scores for g in group]).astype(np.float32),
+                              np.concatenate([g.labels for g in group]).astype(np.int64), owner,
+                              [g.image_id for g in group], [targets(g.image_id) for g in group] if picker.needs else [],
+                              None if hr_rows is None else ~hr_rows.numpy())
+        sr_rows = np.asarray([e.row for e in picks], np.int64)
+        t = Timer()
+        outs, srs = (score_rois(methods, torch.from_numpy(lr), device, batch_size, sr_rows,
+                                torch.from_numpy(hr), hr_rows) if methods else ({}, []))
+        seconds["forward"] += t.elapsed
+        for j, e in enumerate(picks):
+            picker.add(e, lr=lr[e.row], hr=hr[e.row], sr=srs[j], d_sr=outs[MTGAN]["probs"][e.row].numpy(),
+                       d_bicubic=outs[BICUBIC]["probs"][e.row].numpy())
+        start = 0
+        for g in group:
+            sl = slice(start, start + len(g.rois))
+            start = sl.stop
+            yield (g, {name: {"probs": o["probs"][sl], "reg": o["reg"][sl] if o["reg"] is not None else None}
+                       for name, o in outs.items()},
+                   None if hr_rows is None else hr_rows[sl])
+
+
+def image_detections(image: ImageRois, outs: dict[str, dict], hr_rows: Optional[torch.Tensor], *, num_classes: int,
+                     small_area: Optional[float], sr_gate: bool, nms_iou: float, max_per_image: int,
+                     min_score: float) -> tuple[dict[Row, dict[str, np.ndarray]], dict[str, int]]:
+    """One image's detections in every row, from its scores alone (step 4; no I/O, no state).
+
+    image: rois [R, 4] xyxy px, baseline scores [R] and labels [R] in 1..K, width and height (its
+    crops are not read); outs: per second stage {"probs": [R, K+1], "reg": [R, 4] or None}, as
+    `score_images` yields; hr_rows: bool [R], the ROIs D read from their HR crop (None: every ROI
+    went through G); small_area / sr_gate: the gates asked for (`RescoreConfig`).
+
+    Returns (detections, through_sr). detections: {Row: `select_detections` output (boxes float32
+    [N, 4] xyxy px, scores float32 [N], labels int64 [N] in 1..K)} for Row(BASELINE) and for every
+    Row(method, mode, gate) with method in `outs`, mode in SCORE_MODES, gate "" and, when asked
+    for, SMALL_SUFFIX (ROIs of area >= small_area keep the baseline's detection) and
+    SR_GATE_SUFFIX (the ROIs of hr_rows keep it). through_sr: {gate: how many ROIs a row with that
+    gate rescored from their LR crop}.
+    """
+    rois = torch.from_numpy(np.asarray(image.rois, np.float32))
+    scores = torch.from_numpy(np.asarray(image.scores, np.float32))
+    labels = torch.from_numpy(np.asarray(image.labels, np.int64))
+    n = len(rois)
+    select = dict(nms_iou=nms_iou, max_per_image=max_per_image, min_score=min_score)
+    found = {Row(BASELINE): select_detections(rois, baseline_scores(scores, labels, num_classes), **select)}
+    # Per gate, the ROIs that keep the baseline's detection (None: none).
+    keeps: dict[str, Optional[torch.Tensor]] = {"": None}
+    if small_area is not None:
+        keeps[SMALL_SUFFIX] = at_or_above(rois, small_area)
+    if sr_gate:
+        keeps[SR_GATE_SUFFIX] = hr_rows if hr_rows is not None else torch.zeros(n, dtype=torch.bool)
+    via_lr = torch.ones(n, dtype=torch.bool) if hr_rows is None else ~hr_rows
+    through_sr = {gate: int((via_lr if keep is None else via_lr & ~keep).sum()) for gate, keep in keeps.items()}
+    for method, o in outs.items():
+        boxes = refine_boxes(rois, o["reg"], image.width, image.height)
+        for mode in SCORE_MODES:
+            cs = class_scores(o["probs"], scores, labels, mode)
+            for gate, keep in keeps.items():
+                b, c = (boxes, cs) if keep is None else keep_baseline(rois, boxes, cs, scores, labels, keep)
+                found[Row(method, mode, gate)] = select_detections(b, c, **select)
+    return found, through_sr
+
+
+def write_rows(work: Path, rows: Sequence[Row], dets: dict[Row, dict[int, dict]], split, info: dict[Row, dict],
+               metrics: dict) -> dict:
+    """Each row's results file and COCO evaluation, then metrics.json and table.md, in `work`.
+
+    rows: the table's rows, the baseline's first; dets: per row, image id -> detections (boxes
+    [N, 4] xyxy px, scores [N], labels [N] in 1..K); split: the CocoSplit evaluated; info: per
+    row, what its metrics row says besides its results (title, rois_through_sr, a --compare
+    detector's details); metrics: the run's metrics, whose "rows" are filled here. Writes
+    `NAME.json` (COCO results, images in split order) per row, metrics.json and table.md;
+    returns the metrics written.
+    """
+    evaluated = []
+    for row in rows:
+        results = []
+        for iid in split.image_ids:
+            if iid in dets[row]:
+                results.extend(to_coco_results(iid, dets[row][iid], split.categories))
+        file = f"{row.name}.json"
+        write_json(work / file, results, indent=None)
+        stats = coco_evaluate(split.coco, results)
+        evaluated.append({"name": row.name, "results": file, **info[row], "detections": len(results),
+                          **{k: stats[k] for k in STAT_NAMES}, "per_class_AP": stats["per_class_AP"]})
+    base = evaluated[0]
+    for r in evaluated:
+        r["delta"] = {k: (r[k] - base[k] if r[k] >= 0 and base[k] >= 0 else None) for k in STAT_NAMES}
+    metrics = {**metrics, "rows": evaluated}
+    write_json(work / "metrics.json", metrics)
+    write_text(work / "table.md", table_markdown(metrics))
+    return metrics
+
+
 def rescore_eval(cfg: RescoreConfig) -> dict:
     """Rescore the baseline's ROIs with the MTGAN (and the controls), evaluate, write `cfg.out`.
 
@@ -373,85 +495,50 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                     else DEFAULT_CONTEXT)
     lr_size = source.hr_size // SCALE
 
-    # Every second stage with every score, from the one forward pass below.
-    # Each rescored row ungated ("") and with every gate asked for (its suffix), in this order.
+    # Every second stage with every score, from the one forward pass below: each rescored row
+    # ungated ("") and with every gate asked for, in this order; the --compare detectors last.
     gates = [""] + ([SMALL_SUFFIX] if cfg.small_area is not None else []) + ([SR_GATE_SUFFIX] if cfg.sr_gate else [])
     controls = [BICUBIC] + ([PRETRAINED_G] if cfg.pretrained_g is not None else [])
     rescored = [MTGAN] + controls + [m.name for m in models[1:]] if main is not None else []
-    names = [BASELINE] + [scored_name(n, mode, gate) for gate in gates for n in rescored for mode in SCORE_MODES]
-    names += [n for n, _ in compares]
-    dets: dict[str, dict[int, dict]] = {n: {} for n in names}
+    rows = [Row(BASELINE)] + [Row(n, mode, gate) for gate in gates for n in rescored for mode in SCORE_MODES]
+    rows += [Row(n) for n, _ in compares]
+    dets: dict[Row, dict[int, dict]] = {row: {} for row in rows}
     picker = TripletPicker(cfg.fig_triplets if cfg.figures and main is not None else 0)
     class_names = list(split.categories.names)
     n_images = n_rois = n_hr_read = 0
     # Per gate, how many ROIs a row rescored from their LR crop, i.e. through G (or bicubic in
     # the control): the ROIs super-resolution actually touched, stated beside every row.
     through_sr = dict.fromkeys(gates, 0)
-    fwd_s = post_s = 0.0
+    seconds = {"forward": 0.0, "postprocess": 0.0}
     t_loop = Timer()
     with make_progress() as progress:
         task = progress.add_task("eval", total=len(split.image_ids), info="")
-        for group in batch_images(items, cfg.batch_size):
-            hr = np.concatenate([g.hr for g in group])
-            lr = np.concatenate([g.lr if g.lr is not None else bicubic_down(torch.from_numpy(g.hr), SCALE).numpy()
-                                 for g in group])
-            rois = np.concatenate([g.rois for g in group]).astype(np.float32)
-            scores = np.concatenate([g.scores for g in group]).astype(np.float32)
-            labels = np.concatenate([g.labels for g in group]).astype(np.int64)
-            owner = np.concatenate([np.full(len(g.rois), i) for i, g in enumerate(group)])
-            hr_rows = None if cfg.sr_only else reads_hr(torch.from_numpy(rois), crop_context, lr_size)
-            # The SR figure shows G's output: ground-truth small objects whose ROI went through G.
-            picks = picker.wanted(rois, scores, labels, owner, [g.image_id for g in group],
-                                  [split.targets(g.image_id) for g in group] if picker.needs else [],
-                                  None if hr_rows is None else ~hr_rows.numpy())
-            sr_rows = np.asarray([e.row for e in picks], np.int64)
+        for image, outs, hr_rows in score_images(
+                items, methods, device=device, batch_size=cfg.batch_size, crop_context=crop_context,
+                lr_size=lr_size, sr_only=cfg.sr_only, picker=picker, targets=split.targets, seconds=seconds):
             t = Timer()
-            outs, srs = (score_rois(methods, torch.from_numpy(lr), device, cfg.batch_size, sr_rows,
-                                    torch.from_numpy(hr), hr_rows) if methods else ({}, []))
+            found, via_sr = image_detections(
+                image, outs, hr_rows, num_classes=len(class_names), small_area=cfg.small_area, sr_gate=cfg.sr_gate,
+                nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image, min_score=min_score)
+            for row, d in found.items():
+                dets[row][image.image_id] = d
+            for gate, n in via_sr.items():
+                through_sr[gate] += n
+            seconds["postprocess"] += t.elapsed
+            n_images += 1
+            n_rois += len(image.rois)
             n_hr_read += 0 if hr_rows is None else int(hr_rows.sum())
-            fwd_s += t.elapsed
-            t = Timer()
-            start = 0
-            for g in group:
-                n = len(g.rois)
-                sl = slice(start, start + n)
-                start += n
-                r_t = torch.from_numpy(rois[sl])
-                s_t, l_t = torch.from_numpy(scores[sl]), torch.from_numpy(labels[sl])
-                dets[BASELINE][g.image_id] = select_detections(
-                    r_t, baseline_scores(s_t, l_t, len(class_names)), nms_iou=cfg.nms_iou,
-                    max_per_image=cfg.max_per_image, min_score=min_score)
-                # Per gate, the ROIs that keep the baseline's detection (None: none).
-                keeps = {"": None}
-                if cfg.small_area is not None:
-                    keeps[SMALL_SUFFIX] = at_or_above(r_t, cfg.small_area)
-                if cfg.sr_gate:
-                    keeps[SR_GATE_SUFFIX] = hr_rows[sl]
-                via_lr = torch.ones(n, dtype=torch.bool) if hr_rows is None else ~hr_rows[sl]
-                for gate, keep in keeps.items():
-                    through_sr[gate] += int((via_lr if keep is None else via_lr & ~keep).sum())
-                for name, o in outs.items():
-                    reg = o["reg"][sl] if o["reg"] is not None else None
-                    boxes = refine_boxes(r_t, reg, g.width, g.height)
-                    for mode in SCORE_MODES:
-                        cs = class_scores(o["probs"][sl], s_t, l_t, mode)
-                        for gate, keep in keeps.items():
-                            b, c = (boxes, cs) if keep is None else keep_baseline(r_t, boxes, cs, s_t, l_t, keep)
-                            dets[scored_name(name, mode, gate)][g.image_id] = select_detections(
-                                b, c, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image,
-                                min_score=min_score)
-            for j, e in enumerate(picks):
-                picker.add(e, lr=lr[e.row], hr=hr[e.row], sr=srs[j], d_sr=outs[MTGAN]["probs"][e.row].numpy(),
-                           d_bicubic=outs[BICUBIC]["probs"][e.row].numpy())
-            post_s += t.elapsed
-            n_images += len(group)
-            n_rois += len(rois)
-            progress.update(task, advance=len(group), info=f"{n_rois} ROIs")
+            progress.update(task, advance=1, info=f"{n_rois} ROIs")
         progress.update(task, completed=len(split.image_ids))  # images without ROIs were skipped
     loop_s = t_loop.elapsed
+    fwd_s, post_s = seconds["forward"], seconds["postprocess"]
 
+    # What each row's metrics say besides its results: the baseline's and the rescored rows' here,
+    # a --compare detector's below.
+    info = {row: {"title": row_title(row, source.detail.get("arch"), cfg.small_area),
+                  "rois_through_sr": 0 if row.method == BASELINE else through_sr[row.gate]}
+            for row in rows if row.method == BASELINE or row.mode is not None}
     # The other detectors: their detections taken as the baseline's ROIs were, selected as its row.
-    compare_rows: dict[str, dict] = {}
     max_rois = int(source.detail.get("max_rois") or MODE_DEFAULTS["test"][1])
     for name, path in compares:
         t = Timer()
@@ -460,70 +547,47 @@ def rescore_eval(cfg: RescoreConfig) -> dict:
                                         slicing=(cfg.slice, cfg.overlap, cfg.slice_full),
                                         description=f"detect {name}")
         for iid, d in found.items():
-            dets[name][iid] = select_detections(
+            dets[Row(name)][iid] = select_detections(
                 torch.from_numpy(d["boxes"]),
                 baseline_scores(torch.from_numpy(d["scores"]), torch.from_numpy(d["labels"]), len(class_names)),
                 nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image, min_score=min_score)
         heads = getattr(fn.det.model, "roi_heads", None)
         counts = getattr(heads, "sr_counts", None)  # a feature-SR model's proposals, small ones counted
         has_g = counts is not None and getattr(heads, "generator", None) is not None  # not the small-head control
-        compare_rows[name] = {
+        info[Row(name)] = {
             "title": detector_title(name, fn.det.family, fn.det.arch, getattr(fn.det.model, "fsr_options", {})),
             "family": fn.det.family, "path": str(path), "rois_through_sr": counts["small"] if has_g else 0,
             "sr_of": counts["proposals"] if counts is not None else None, "detect_s": round(t.elapsed, 3)}
 
+    timing = {"images": n_images, "rois": n_rois, "loop_s": round(loop_s, 3), "forward_s": round(fwd_s, 3),
+              "postprocess_s": round(post_s, 3), "roi_source_s": round(max(loop_s - fwd_s - post_s, 0.0), 3),
+              "images_per_s": round(n_images / loop_s, 3) if loop_s > 0 else None,
+              "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
+              "device": device_name(device)}
+    metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
+               "score_modes": list(SCORE_MODES), "small_area": cfg.small_area, "sr_gate": cfg.sr_gate,
+               "figure_score": cfg.score,
+               "crops": {"sr_only": cfg.sr_only, "lr_size": lr_size, "context": crop_context,
+                         "rois_read_from_hr": n_hr_read},
+               "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image, "min_score": min_score,
+               "roi_score_thresh": roi_thresh,
+               "source": {"kind": source.kind, "path": str(source.path),
+                          "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
+                          "context": source.context if math.isfinite(source.context) else None,
+                          **{k: v for k, v in source.detail.items() if k != "identity"}},
+               "rescored": main is not None, "rows": [],  # filled by write_rows
+               "discriminator": discriminator_quality(main) if main is not None else None, "timing": timing}
+    if trained_overlap is not None:  # --allow-trained-images let models trained on these images pass
+        metrics["trained_overlap"] = trained_overlap
+
     # Results files and COCO evaluation, in a folder swapped onto `out` once complete.
     with staged_dir(out) as work:
-        files = {name: f"{name}.json" for name in names}
-        rows = []
-        for name in names:
-            results = []
-            for iid in split.image_ids:
-                if iid in dets[name]:
-                    results.extend(to_coco_results(iid, dets[name][iid], split.categories))
-            write_json(work / files[name], results, indent=None)
-            stats = coco_evaluate(split.coco, results)
-            row = {"name": name, "results": files[name]}
-            if name in compare_rows:
-                row.update(compare_rows[name])
-            else:
-                gate = next((g for g in gates if g and name.endswith(g)), "")
-                row.update(title=row_title(name, source.detail.get("arch"), cfg.small_area),
-                           rois_through_sr=0 if name == BASELINE else through_sr[gate])
-            row.update({"detections": len(results), **{k: stats[k] for k in STAT_NAMES},
-                        "per_class_AP": stats["per_class_AP"]})
-            rows.append(row)
-        base = rows[0]
-        for row in rows:
-            row["delta"] = {k: (row[k] - base[k] if row[k] >= 0 and base[k] >= 0 else None) for k in STAT_NAMES}
-        timing = {"images": n_images, "rois": n_rois, "loop_s": round(loop_s, 3), "forward_s": round(fwd_s, 3),
-                  "postprocess_s": round(post_s, 3), "roi_source_s": round(max(loop_s - fwd_s - post_s, 0.0), 3),
-                  "images_per_s": round(n_images / loop_s, 3) if loop_s > 0 else None,
-                  "rois_per_s": round(n_rois / loop_s, 2) if loop_s > 0 else None,
-                  "device": device_name(device)}
-        metrics = {"split": cfg.split, "images": len(split.image_ids), "images_with_rois": n_images, "rois": n_rois,
-                   "score_modes": list(SCORE_MODES), "small_area": cfg.small_area, "sr_gate": cfg.sr_gate,
-                   "figure_score": cfg.score,
-                   "crops": {"sr_only": cfg.sr_only, "lr_size": lr_size, "context": crop_context,
-                             "rois_read_from_hr": n_hr_read},
-                   "nms_iou": cfg.nms_iou, "max_per_image": cfg.max_per_image, "min_score": min_score,
-                   "roi_score_thresh": roi_thresh,
-                   "source": {"kind": source.kind, "path": str(source.path),
-                              "lr": str(source.lr_path) if source.lr_path else None, "hr_size": source.hr_size,
-                              "context": source.context if math.isfinite(source.context) else None,
-                              **{k: v for k, v in source.detail.items() if k != "identity"}},
-                   "rescored": main is not None, "rows": rows,
-                   "discriminator": discriminator_quality(main) if main is not None else None, "timing": timing}
-        if trained_overlap is not None:  # --allow-trained-images let models trained on these images pass
-            metrics["trained_overlap"] = trained_overlap
-        write_json(work / "metrics.json", metrics)
-        write_text(work / "table.md", table_markdown(metrics))
-
+        metrics = write_rows(work, rows, dets, split, info, metrics)
         if cfg.figures:
             # Beside the baseline: the MTGAN's row with the `score` score over every ROI (fused by
             # default), else the first --compare detector's.
-            drawn = ({row_title(scored_name(MTGAN, cfg.score)): scored_name(MTGAN, cfg.score)} if main is not None
-                     else {compare_rows[n]["title"]: n for n, _ in compares[:1]})
+            drawn = ({row_title(Row(MTGAN, cfg.score)): Row(MTGAN, cfg.score)} if main is not None
+                     else {info[Row(n)]["title"]: Row(n) for n, _ in compares[:1]})
             if main is not None:
                 picker.judge(main.discriminator, device)
             write_figures(cfg, work, split, image_dir, dets, picker, main, class_names, drawn)
