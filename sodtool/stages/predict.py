@@ -124,7 +124,8 @@ class PredictConfig:
     mtgan: Optional[Path] = None
     score: str = "fused"
     # Rescore only ROIs below this area (px², COCO's small: 32²), as eval's "ROIs < 32² only" rows,
-    # the configuration measured best on bench; 0 or None: every ROI (the paper's protocol).
+    # Noh et al.'s routing of small proposals only (docs/choices_on_val.md checks the gate on val);
+    # 0 or None: every ROI (the paper's protocol).
     small_area: Optional[float] = 1024.0
     sr_only: bool = False  # every ROI through G, none read from its HR crop (eval's --sr-only)
     slice: Optional[int] = None
