@@ -26,9 +26,8 @@ SRC=${3:-${SODTOOL_SHARED_DATA:-../shared/data}/kit-aerial}
 DATA=data/kit-aerial-$DIRECTION
 HR=64
 
-mkdir -p "$RUN/lists"
-ls "$SRC/images" | grep -E '^MOS(7[4-9]|8[0-9]|9[0-3])\.' > "$RUN/lists/crossroads.txt"
-ls "$SRC/images" | grep -E '^MOS(15[5-9]|16[0-9]|17[0-9])\.' > "$RUN/lists/street.txt"
+. "$(dirname "$0")/kit_lists.sh"
+kit_lists "$SRC" "$RUN/lists"
 case "$DIRECTION" in
   crossroads-to-street) TRAIN=crossroads; MINIVAL=street ;;
   street-to-crossroads) TRAIN=street; MINIVAL=crossroads ;;

@@ -36,9 +36,8 @@ case "$WHICH" in
     TILE=256
     SRC=${SODTOOL_SHARED_DATA:-../shared/data}/kit-aerial
     if [ ! -f "$DATA/manifest.json" ]; then
-      mkdir -p "$RUN/lists"
-      ls "$SRC/images" | grep -E '^MOS(7[4-9]|8[0-9]|9[0-3])\.' > "$RUN/lists/crossroads.txt"
-      ls "$SRC/images" | grep -E '^MOS(15[5-9]|16[0-9]|17[0-9])\.' > "$RUN/lists/street.txt"
+      . "$(dirname "$0")/kit_lists.sh"
+      kit_lists "$SRC" "$RUN/lists"
       sodtool data import-yolo "$SRC" --out "$DATA" --train-list "$RUN/lists/crossroads.txt" \
         --minival-list "$RUN/lists/street.txt"
     fi
