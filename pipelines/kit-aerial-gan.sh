@@ -15,6 +15,11 @@
 #
 #   bash pipelines/kit-aerial-gan.sh [DIRECTION] [SEED] [RUN]
 #   ROWS=core bash pipelines/kit-aerial-gan.sh crossroads-to-street 1   # real, copy_paste, detgan only
+#   ROWS="core detgan_no_unroll" bash pipelines/kit-aerial-gan.sh crossroads-to-street 1
+#
+# ROWS: a space-separated list of rows (real, copy_paste, detgan, detgan_no_unroll, bench_init, and
+# mtgan for the SOD-MTGAN second stage); `core` stands for the first three, `all` (default) for every
+# row. The real-only row always trains: it is the detector in DetectorGAN's loop.
 #
 # DIRECTION: crossroads-to-street (default) or street-to-crossroads; RUN defaults to
 # runs/kit-aerial-gan-DIRECTION/sSEED. bench_init takes BENCH_DETECTOR (default
@@ -25,7 +30,10 @@ set -euo pipefail
 DIRECTION=${1:-crossroads-to-street}
 SEED=${2:-0}
 RUN=${3:-runs/kit-aerial-gan-$DIRECTION/s$SEED}
-ROWS=${ROWS:-all}
+ROWS=" ${ROWS:-all} "
+ROWS=${ROWS/ all / core detgan_no_unroll bench_init mtgan }
+ROWS=${ROWS/ core / real copy_paste detgan }
+has_row() { [[ "$ROWS" == *" $1 "* ]]; }
 SRC=${SODTOOL_SHARED_DATA:-../shared/data}/kit-aerial
 DATA=data/kit-aerial-$DIRECTION
 BENCH_DETECTOR=${BENCH_DETECTOR:-runs/bench/detector/model.pt}
@@ -52,35 +60,38 @@ RECIPE=(--detector frcnn --preset quick --data "$DATA" --min-size 544 --max-size
 
 sodtool train detector "${RECIPE[@]}" --out "$RUN/real"
 
-sodtool data generate --method copy-paste --data "$DATA" --count "$COUNT" --per-image "$PER_IMAGE" --seed "$SEED" \
-  --out "$RUN/gen_copy_paste" --overwrite
-sodtool train detector "${RECIPE[@]}" --extra-data "$RUN/gen_copy_paste" --extra-ratio 0.5 --out "$RUN/copy_paste"
+COMPARE=()
+if has_row copy_paste; then
+  sodtool data generate --method copy-paste --data "$DATA" --count "$COUNT" --per-image "$PER_IMAGE" --seed "$SEED" \
+    --out "$RUN/gen_copy_paste" --overwrite
+  sodtool train detector "${RECIPE[@]}" --extra-data "$RUN/gen_copy_paste" --extra-ratio 0.5 --out "$RUN/copy_paste"
+  COMPARE+=(--compare "copy_paste=$RUN/copy_paste/model.pt")
+fi
 
 # DetectorGAN: the real-only detector above is the pretrained detector in the loop.
-VARIANTS=(detgan)
-[ "$ROWS" = all ] && VARIANTS+=(detgan_no_unroll)
-for v in "${VARIANTS[@]}"; do
+for v in detgan detgan_no_unroll; do
+  has_row "$v" || continue
   flag=--unroll; [ "$v" = detgan_no_unroll ] && flag=--no-unroll
   sodtool train detgan --detector "$RUN/real/model.pt" --data "$DATA" --out "$RUN/gan_$v" $flag --seed "$SEED"
   sodtool data generate --method detgan --detgan "$RUN/gan_$v" --data "$DATA" --count "$COUNT" \
     --per-image "$PER_IMAGE" --seed "$SEED" --out "$RUN/gen_$v" --overwrite
   sodtool train detector "${RECIPE[@]}" --extra-data "$RUN/gen_$v" --extra-ratio 0.5 --out "$RUN/$v"
+  COMPARE+=(--compare "$v=$RUN/$v/model.pt")
 done
 
-COMPARE=(--compare "copy_paste=$RUN/copy_paste/model.pt" --compare "detgan=$RUN/detgan/model.pt")
-if [ "$ROWS" = all ]; then
+if has_row bench_init; then
   if [ ! -f "$BENCH_DETECTOR" ]; then
     [ -f data/synth-bench/manifest.json ] || sodtool data synth --preset bench --seed 0 --workers 2 --out data/synth-bench
     sodtool train detector --preset bench --data data/synth-bench --out "$(dirname "$BENCH_DETECTOR")" --seed 0
   fi
   sodtool train detector "${RECIPE[@]}" --weights "$BENCH_DETECTOR" --reinit-heads --out "$RUN/bench_init"
-  COMPARE+=(--compare "detgan_no_unroll=$RUN/detgan_no_unroll/model.pt" --compare "bench_init=$RUN/bench_init/model.pt")
+  COMPARE+=(--compare "bench_init=$RUN/bench_init/model.pt")
 fi
 sodtool eval --split minival --data "$DATA" --detector "$RUN/real/model.pt" "${COMPARE[@]}" \
   --out "$RUN/eval_minival" --overwrite
 cat "$RUN/eval_minival/table.md"
 
-if [ "$ROWS" = all ]; then
+if has_row mtgan; then
   # SOD-MTGAN over the DetectorGAN detector's ROIs (kit-aerial.sh's second stage).
   sodtool crop-rois --detector frcnn --detector-weights "$RUN/detgan/model.pt" --data "$DATA" --split train \
     --mode train --hr-size "$HR" --out "$RUN/rois_train.h5" --overwrite
