@@ -32,6 +32,7 @@ import typer
 from typer.core import TyperGroup
 
 from sodtool import __version__
+from sodtool.configs.train_sr import TrainSRConfig
 from sodtool.errors import InputError
 
 _state = {"debug": False}
@@ -50,7 +51,9 @@ def handles_input_errors(fn):
             warnings.simplefilter("default")
             completed = False
             try:
-                _import_torch()
+                ctx = kwargs.get("ctx")
+                if ctx is None or ctx.invoked_subcommand is None:  # a group passing on to a subcommand needs no torch
+                    _import_torch()
                 result = fn(*args, **kwargs)
                 completed = True
             except InputError as e:
@@ -137,6 +140,80 @@ def _os_error_line(e: OSError) -> str:
     what = e.strerror or (text.splitlines()[0] if text else type(e).__name__)
     paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
     return f"{what}: {' -> '.join(paths)}" if paths else what
+
+
+def config_options(*config_classes):
+    """Give the decorated command one option per `option()` field of its config dataclasses.
+
+    Defaults, types and help text are read from the fields (sodtool.options), so no default is
+    written twice; the config modules import no torch, so neither does building the command tree
+    (`sodtool --help`). The command function takes the built config as `cfg` (one class), or
+    `configs`, a function that builds the class it is given from the options (several classes: a
+    command whose mode decides which config it makes; a field name shared by two classes is one
+    option), beside any parameters of its own: options particular to the command line.
+    """
+    import dataclasses
+    import inspect
+    import typing
+
+    from sodtool import options as o
+
+    fields = {}
+    hints = {}
+    for cls in config_classes:
+        hints.update(typing.get_type_hints(cls))
+        for f in dataclasses.fields(cls):
+            if o.is_option(f):
+                fields.setdefault(f.name, f)
+
+    def values_for(cls, values: dict) -> dict:
+        return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values and o.is_option(f)}
+
+    def decorate(fn):
+        own = inspect.signature(fn)
+        own_hints = typing.get_type_hints(fn)
+        params, annotations = [], {}
+        for f in fields.values():
+            meta = f.metadata
+            kind = meta[o.CLI_TYPE] or hints[f.name]
+            default = f.default if meta[o.CLI_DEFAULT] is o.SAME else meta[o.CLI_DEFAULT]
+            if default is dataclasses.MISSING:
+                default = ...
+            elif isinstance(default, tuple):  # as the command line spells it
+                default = o.csv_text(default) if kind in (str, Optional[str]) else (list(default) or None)
+            if meta[o.ARGUMENT]:
+                info = typer.Argument(default, help=meta[o.HELP], hidden=meta[o.HIDDEN])
+            else:
+                flag = meta[o.FLAG] or "--" + f.name.replace("_", "-")
+                if kind in (bool, Optional[bool]) and "/" not in flag and default is not False:
+                    flag = f"{flag}/--no-{flag[2:]}"
+                info = typer.Option(default, flag, help=meta[o.HELP], hidden=meta[o.HIDDEN])
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind))
+            annotations[f.name] = kind
+        for p in own.parameters.values():
+            if p.name not in ("cfg", "configs"):
+                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_hints[p.name]))
+                annotations[p.name] = own_hints[p.name]
+
+        def command(**kwargs):
+            values = {name: kwargs.pop(name) for name in fields}
+            for f in fields.values():
+                if f.metadata[o.PARSE] is not None:
+                    values[f.name] = f.metadata[o.PARSE](values[f.name], o.option_name(f))
+                elif isinstance(values[f.name], list):
+                    values[f.name] = tuple(values[f.name])
+            if len(config_classes) == 1:
+                return fn(cfg=config_classes[0](**values), **kwargs)
+            return fn(configs=lambda cls: cls(**values_for(cls, values)), **kwargs)
+
+        functools.update_wrapper(command, fn)
+        del command.__wrapped__  # Typer reads the signature below, not fn's
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = annotations
+        command.config_classes = config_classes  # for tests/test_cli.py's field <-> option check
+        return command
+
+    return decorate
 
 
 class OrderedGroup(TyperGroup):
@@ -613,32 +690,8 @@ def train_detector_cmd(
 
 @train_app.command("sr")
 @handles_input_errors
-def train_sr_cmd(
-    hr: list[Path] = typer.Option(..., "--hr", help="HR ROI store rois_<split>.h5 (from crop-rois). Repeat --hr/--lr to train on several stores (e.g. two datasets; categories may differ)."),
-    lr: list[Path] = typer.Option(..., "--lr", help="Its LR twin rois_<split>_lr.h5 (from downsample); one per --hr, same order."),
-    out: Path = typer.Option(..., "--out", help="Output folder, e.g. RUN/sr. Rerunning into it resumes from its checkpoint.pt."),
-    preset: str = typer.Option("quick", "--preset", help="quick: light CPU widths (32/32), 300 iterations, batch 16; bench: the same, 1000 iterations; paper: exactly Table 1's generator (64/256 maps, no long skip, no bicubic residual), 100k iterations, batch 64."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations (overrides the preset)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process (overrides the preset)."),
-    learning_rate: float = typer.Option(1e-4, "--learning-rate", help="Adam learning rate (betas 0.9, 0.999)."),
-    channels: Optional[int] = typer.Option(None, "--channels", help="Generator trunk maps (paper 64)."),
-    up_channels: Optional[int] = typer.Option(None, "--up-channels", help="Generator up-sampling maps (paper 256)."),
-    num_blocks: Optional[int] = typer.Option(None, "--num-blocks", help="Generator residual blocks (paper 5)."),
-    long_skip: Optional[bool] = typer.Option(None, "--long-skip/--no-long-skip", help="SRResNet's long skip, not in Table 1 (default: on in quick/bench, off in paper)."),
-    residual_bicubic: Optional[bool] = typer.Option(None, "--residual-bicubic/--no-residual-bicubic", help="Predict a residual over bicubic upsampling, not in Table 1 (default: on in quick/bench, off in paper)."),
-    min_native_size: int = typer.Option(0, "--min-native-size", help="Train only on crops whose window in the source image is at least this many px wide (0 = all crops); smaller windows were upsampled into the store."),
-    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of the store's rows held out for PSNR/SSIM (same rows in train mtgan)."),
-    val_max: int = typer.Option(256, "--val-max", help="At most this many held-out rows."),
-    val_every: Optional[int] = typer.Option(None, "--val-every", help="Evaluate the held-out rows every N iterations (and at the end)."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Write the mean loss to metrics.jsonl every N iterations."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write checkpoint.pt every N iterations."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation and data order: same seed, same weights on CPU."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (CUDA: bf16 autocast, channels_last)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this iteration."),
-) -> None:
+@config_options(TrainSRConfig)
+def train_sr_cmd(cfg: TrainSRConfig) -> None:
     """Pretrain the SR generator with pixel MSE on HR/LR crop pairs (paper Eq. 4).
 
     Writes generator.pt, checkpoint.pt, metrics.jsonl and manifest.json into --out; reports
@@ -649,14 +702,9 @@ def train_sr_cmd(
 
     Example: sodtool train sr --hr runs/a/rois_train.h5 --lr runs/a/rois_train_lr.h5 --hr runs/b/rois_train.h5 --lr runs/b/rois_train_lr.h5 --out runs/ab/sr
     """
-    from sodtool.stages.train_sr import TrainSRConfig, train_sr
+    from sodtool.stages.train_sr import train_sr
 
-    _exit_on_nonfinite(train_sr, TrainSRConfig(
-        hr=hr[0] if len(hr) == 1 else tuple(hr), lr=lr[0] if len(lr) == 1 else tuple(lr), out=out, preset=preset, iterations=iterations, batch_size=batch_size,
-        learning_rate=learning_rate, channels=channels, up_channels=up_channels, num_blocks=num_blocks,
-        long_skip=long_skip, residual_bicubic=residual_bicubic, min_native_size=min_native_size, val_fraction=val_fraction, val_max=val_max, val_every=val_every,
-        log_every=log_every, checkpoint_every=checkpoint_every, seed=seed, device=device, num_workers=workers,
-        stop_after=stop_after, resume=resume, tensorboard=tensorboard))
+    _exit_on_nonfinite(train_sr, cfg)
 
 
 @train_app.command("mtgan")

@@ -342,3 +342,112 @@ def test_a_long_path_in_a_message_is_not_broken_across_lines(monkeypatch, kind):
     path = "/tmp/" + "a-rather-long-folder-name/" * 4 + "broken.jpg"
     getattr(console, kind)(f"skipped {path}: image file unreadable")
     assert path in buf.getvalue().splitlines()[0]
+
+
+# --- options built from the configs (sodtool.options, cli.config_options) -------------------
+
+# (config class, field): fields that are no command-line option, and why.
+NOT_OPTIONS = {
+    ("TrainSRConfig", "val_seed"): "fixed at 0 so that train sr and train mtgan hold out the same rows",
+}
+
+
+def _config_commands():
+    """{path: (click command, its config classes)} of the commands built by cli.config_options."""
+    return {path: (cmd, cmd.callback.config_classes) for path, cmd in _command_tree().items()
+            if getattr(cmd.callback, "config_classes", None)}
+
+
+def test_every_config_field_has_its_option_and_every_option_its_field():
+    import dataclasses
+    import inspect
+
+    from sodtool import options as o
+
+    found = _config_commands()
+    assert ("train", "sr") in found
+    for path, (cmd, classes) in found.items():
+        where = f"sodtool {' '.join(path)}"
+        params = {p.name: p for p in cmd.params}
+        own = set(inspect.signature(cmd.callback.__wrapped__ if hasattr(cmd.callback, "__wrapped__")
+                                    else cmd.callback).parameters)
+        fields = {}
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if o.is_option(f):
+                    assert f.name in params, f"{where}: {cls.__name__}.{f.name} has no option"
+                    if f.name in fields:  # a field of two configs is one option: they must agree
+                        assert fields[f.name].default == f.default, f"{where}: {f.name} differs between configs"
+                    fields[f.name] = f
+                else:
+                    assert (cls.__name__, f.name) in NOT_OPTIONS, (
+                        f"{where}: {cls.__name__}.{f.name} is no option; declare it with option() or list it "
+                        "in NOT_OPTIONS with the reason")
+        for name, p in params.items():
+            assert name in fields or name in own, f"{where}: option {p.opts} feeds no config field"
+            if name not in fields:
+                continue
+            f = fields[name]
+            cli_default = f.default if f.metadata[o.CLI_DEFAULT] is o.SAME else f.metadata[o.CLI_DEFAULT]
+            if cli_default is dataclasses.MISSING:
+                assert p.required, f"{where} {p.opts[0]}: the field is required, the option is not"
+                continue
+            assert not p.required, f"{where} {p.opts[0]}"
+            got = p.default
+            parse = f.metadata[o.PARSE]
+            if parse is not None:
+                got = parse(got, p.opts[0])
+            elif isinstance(got, list):
+                got = tuple(got)
+            assert got == cli_default and isinstance(got, bool) == isinstance(cli_default, bool), (
+                f"{where} {p.opts[0]}: default {p.default!r} reads as {got!r}, the field's is {cli_default!r}")
+            assert f.metadata[o.HELP] == p.help, f"{where} {p.opts[0]}: help text not the field's"
+    stale = set(NOT_OPTIONS) - {(cls.__name__, f.name) for _, classes in found.values() for cls in classes
+                                for f in dataclasses.fields(cls)}
+    assert not stale, f"NOT_OPTIONS entries that match no field: {sorted(stale)}"
+
+
+def test_options_reach_the_config(cli, tmp_path, monkeypatch):
+    """A command builds its config from the options: defaults from the fields, values as typed."""
+    from pathlib import Path
+
+    import sodtool.stages.train_sr as stage
+    from sodtool.configs.train_sr import TrainSRConfig
+
+    seen = []
+    monkeypatch.setattr(stage, "train_sr", lambda cfg: seen.append(cfg))
+    res = cli("train", "sr", "--hr", "a.h5", "--lr", "a_lr.h5", "--out", tmp_path / "sr")
+    assert res.exit_code == 0, res.stderr
+    assert seen == [TrainSRConfig(hr=Path("a.h5"), lr=Path("a_lr.h5"), out=tmp_path / "sr")]
+    res = cli("train", "sr", "--hr", "a.h5", "--lr", "a_lr.h5", "--hr", "b.h5", "--lr", "b_lr.h5", "--out",
+              tmp_path / "sr", "--workers", "2", "--no-long-skip", "--learning-rate", "0.5", "--tensorboard")
+    assert res.exit_code == 0, res.stderr
+    assert seen[1] == TrainSRConfig(hr=(Path("a.h5"), Path("b.h5")), lr=(Path("a_lr.h5"), Path("b_lr.h5")),
+                                    out=tmp_path / "sr", num_workers=2, long_skip=False, learning_rate=0.5,
+                                    tensorboard=True)
+
+
+def test_help_and_the_configs_import_no_torch():
+    """`--help` of every command, and the config modules, load without torch (seconds saved)."""
+    code = """
+import pkgutil, sys, importlib
+import sodtool.configs
+for m in pkgutil.iter_modules(sodtool.configs.__path__):
+    importlib.import_module("sodtool.configs." + m.name)
+from typer.testing import CliRunner
+import typer.main
+from sodtool.cli import app
+runner = CliRunner()
+def walk(cmd, path):
+    res = runner.invoke(app, path + ["--help"])
+    assert res.exit_code == 0, (path, res.output)
+    for name, sub in (getattr(cmd, "commands", None) or {}).items():
+        walk(sub, path + [name])
+walk(typer.main.get_command(app), [])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "pycocotools", "h5py"))
+print(" ".join(heavy[:5]))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NO_COLOR": "1"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "", f"imported by --help: {res.stdout.strip()}"
