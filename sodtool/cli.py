@@ -32,6 +32,10 @@ import typer
 from typer.core import TyperGroup
 
 from sodtool import __version__
+from sodtool.configs.train_detector import TrainDetectorConfig
+from sodtool.configs.train_detgan import TrainDetGANConfig
+from sodtool.configs.train_fsr import TrainFSRConfig
+from sodtool.configs.train_mtgan import TrainMTGANConfig
 from sodtool.configs.train_sr import TrainSRConfig
 from sodtool.errors import InputError
 
@@ -593,69 +597,10 @@ def _exit_on_nonfinite(fn, cfg) -> None:
         raise typer.Exit(NonFiniteLossError.exit_code) from None
 
 
-def _csv_ints(value: Optional[str], option: str) -> Optional[tuple[int, ...]]:
-    """'16,32,64' -> (16, 32, 64); None stays None."""
-    if value is None or value.strip() == "":
-        return None
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise InputError(f"{option} takes comma-separated integers, got '{value}'") from None
-
-
 @train_app.command("detector")
 @handles_input_errors
-def train_detector_cmd(
-    detector: str = typer.Option("frcnn", "--detector", help="Detector family: frcnn (torchvision Faster R-CNN), ssd or mdssd (one-stage; MDSSD adds the seed paper's three Fusion Blocks to the same SSD). ssd/mdssd presets: quick and bench (MobileNetV3 trunk, 320 px, the frcnn presets' schedule), paper (VGG16, 300 px, SSD's COCO schedule: the MDSSD paper gives none; deconvolution output resized to the shallow map, L2 scale 20 and default boxes from 0.04 of the side are sodtool's choices)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
-    out: Path = typer.Option(Path("runs/detector"), "--out", help="Output folder, e.g. RUN/detector. Rerunning into it resumes from its checkpoint.pt."),
-    preset: str = typer.Option("quick", "--preset", help="quick: MobileNetV3-FPN from scratch, 320 px, batch 4, 800 iterations (minutes on a 2-core CPU); bench: the same network, 2400 iterations (about 16 minutes on 2 cores); coco: the paper's ResNet-50-C4, 800/1333 px, batch 16, lr 0.02, 90k iterations, lr /10 at 60k and 80k (GPU, with --backbone-weights). With --detector ssd/mdssd: quick, bench (MobileNetV3 at 320 px, same schedules) and paper (VGG16 at 300 px, SSD's COCO schedule)."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="frcnn: resnet50_fpn, resnet101_fpn, resnet50_c4, resnet18_fpn or mobilenet_v3_fpn; ssd/mdssd: vgg16 or mobilenet_v3 (default: the preset's, or the --weights file's)."),
-    train_split: str = typer.Option("train", "--train-split", help="Split to train on."),
-    train_ann: Optional[Path] = typer.Option(None, "--train-ann", help="Training annotation file (overrides --data/--train-split)."),
-    train_images: Optional[Path] = typer.Option(None, "--train-images", help="Training image folder (overrides --data/--train-split)."),
-    val_split: str = typer.Option("minival", "--val-split", help="Split evaluated at the end."),
-    val_ann: Optional[Path] = typer.Option(None, "--val-ann", help="Evaluation annotation file (overrides --data/--val-split)."),
-    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Evaluation image folder (overrides --data/--val-split)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations (overrides the preset; the lr steps move with it)."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Or: passes over the training images (iterations = epochs x images / batch)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per iteration."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="SGD base learning rate."),
-    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay (preset: 1e-4)."),
-    warmup_iters: Optional[int] = typer.Option(None, "--warmup-iters", help="Iterations of linear lr warm-up."),
-    warmup_factor: Optional[float] = typer.Option(None, "--warmup-factor", help="lr multiplier at iteration 0 of the warm-up (0.001; coco: 1/3 as Detectron)."),
-    milestones: Optional[str] = typer.Option(None, "--milestones", help="Iterations at which lr is multiplied by --gamma, comma-separated, e.g. 60000,80000."),
-    gamma: float = typer.Option(0.1, "--gamma", help="lr decay factor at each milestone."),
-    clip_grad_norm: Optional[float] = typer.Option(None, "--clip-grad-norm", help="Clip the gradient's global L2 norm at this before each step; metrics.jsonl then logs the largest norm of each window (grad_norm_max). Preset: 10 for --detector ssd/mdssd --preset bench, off otherwise; 0: off."),
-    min_size: Optional[int] = typer.Option(None, "--min-size", help="Short image side the model resizes to (quick/bench 320, coco 800)."),
-    max_size: Optional[int] = typer.Option(None, "--max-size", help="Longest image side allowed after resizing (coco 1333)."),
-    size: Optional[int] = typer.Option(None, "--size", help="--detector ssd/mdssd: the square input size (quick/bench 320 with the MobileNetV3 trunk; VGG16: 300 or 512)."),
-    train_sizes: Optional[str] = typer.Option(None, "--train-sizes", help="Multi-scale training: short sides drawn per image, comma-separated (e.g. 256,288,320,352)."),
-    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in training (preset: off for quick/bench, whose stripes-d/stripes-a classes are mirror images; on for coco)."),
-    vflip: bool = typer.Option(False, "--vflip/--no-vflip", help="Random vertical flips in training (overhead imagery)."),
-    rot90: bool = typer.Option(False, "--rot90/--no-rot90", help="Random quarter turns in training (overhead imagery)."),
-    anchor_sizes: Optional[str] = typer.Option(None, "--anchor-sizes", help="Anchor size (px) per feature level, comma-separated, e.g. 16,32,64,128 (quick)."),
-    fpn_channels: Optional[int] = typer.Option(None, "--fpn-channels", help="FPN width (torchvision 256; quick and bench 64)."),
-    returned_layers: Optional[str] = typer.Option(None, "--returned-layers", help="Trunk stages feeding the FPN, comma-separated (ResNet: 1..4 = strides 4..32, torchvision 1,2,3,4; MobileNetV3: 0..5, 2,3,4 = strides 8..32, torchvision 4,5; quick 2,3,4)."),
-    roi_batch_size: Optional[int] = typer.Option(None, "--roi-batch-size", help="RoIs sampled per image for the box head (torchvision 512; quick 64, up to half of them positive)."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from a whole detector: sodtool's model.pt or a torchvision detection state dict (e.g. fasterrcnn_resnet50_fpn_coco-258fb6c6.pth, fetched by hand)."),
-    reinit_heads: bool = typer.Option(False, "--reinit-heads", help="With --weights: load only its trunk (backbone body and FPN; SSD/MDSSD: backbone) and start the RPN and box heads afresh, so a detector of another class count can start the training; build options given here (--anchor-sizes, --fpn-channels...) shape the new model."),
-    extra_data: Optional[list[Path]] = typer.Option(None, "--extra-data", help="A generated dataset (sodtool layout, its train split) mixed into training; repeatable (one pool). Same categories as --data."),
-    extra_ratio: Optional[float] = typer.Option(None, "--extra-ratio", help="Expected share of --extra-data images among those seen, in (0, 1) (default 0.5); each batch slot draws it. --iterations stays the budget."),
-    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="torchvision ImageNet classification state dict of the trunk (e.g. resnet50-0676ba61.pth); BatchNorm is then frozen."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and flips: same seed, same weights on CPU."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write checkpoint.pt every N iterations (and at the end)."),
-    log_every: int = typer.Option(20, "--log-every", help="Write the mean of every loss term to metrics.jsonl every N iterations."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="COCO evaluation of the --val-split at the end."),
-    eval_score_thresh: float = typer.Option(0.001, "--eval-score-thresh", help="Lowest score kept for the evaluation (100 detections per image)."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (fp32 by default)."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
-) -> None:
+@config_options(TrainDetectorConfig)
+def train_detector_cmd(cfg: TrainDetectorConfig) -> None:
     """Train the baseline detector (torchvision Faster R-CNN) and evaluate it on minival.
 
     SGD with momentum, linear warm-up and step decay; random horizontal flips; trained from scratch unless --weights or --backbone-weights is given (nothing is downloaded).
@@ -670,22 +615,9 @@ def train_detector_cmd(
 
     Example: sodtool train detector --data data/kit-aerial --extra-data runs/gan/generated --extra-ratio 0.3 --weights runs/bench/detector/model.pt --reinit-heads --out runs/kit/detector
     """
-    from sodtool.stages.train_detector import TrainDetectorConfig, train_detector
+    from sodtool.stages.train_detector import train_detector
 
-    _exit_on_nonfinite(train_detector, TrainDetectorConfig(
-        data=data, out=out, detector=detector, preset=preset, train_split=train_split, train_ann=train_ann,
-        train_images=train_images, val_split=val_split, val_ann=val_ann, val_images=val_images, arch=arch,
-        iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, warmup_iters=warmup_iters, warmup_factor=warmup_factor,
-        milestones=_csv_ints(milestones, "--milestones"), gamma=gamma, clip_grad_norm=clip_grad_norm, min_size=min_size, max_size=max_size, size=size,
-        train_sizes=_csv_ints(train_sizes, "--train-sizes") or (), hflip=hflip, vflip=vflip, rot90=rot90,
-        anchor_sizes=_csv_ints(anchor_sizes, "--anchor-sizes"), fpn_channels=fpn_channels,
-        returned_layers=_csv_ints(returned_layers, "--returned-layers"),
-        roi_batch_size=roi_batch_size, weights=weights, reinit_heads=reinit_heads, backbone_weights=backbone_weights,
-        extra_data=tuple(extra_data or ()), extra_ratio=extra_ratio, seed=seed,
-        device=device, workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, resume=resume,
-        eval=evaluate, eval_score_thresh=eval_score_thresh, amp=amp, skip_invalid=skip_invalid,
-        tensorboard=tensorboard))
+    _exit_on_nonfinite(train_detector, cfg)
 
 
 @train_app.command("sr")
@@ -709,46 +641,8 @@ def train_sr_cmd(cfg: TrainSRConfig) -> None:
 
 @train_app.command("mtgan")
 @handles_input_errors
-def train_mtgan_cmd(
-    hr: Path = typer.Option(..., "--hr", help="HR ROI store rois_<split>.h5 (from crop-rois)."),
-    lr: Path = typer.Option(..., "--lr", help="Its LR twin rois_<split>_lr.h5 (from downsample)."),
-    sr: Path = typer.Option(..., "--sr", help="The `train sr` run folder whose generator.pt initialises G."),
-    out: Path = typer.Option(..., "--out", help="Output folder, e.g. RUN/mtgan. Rerunning into it resumes from its checkpoint.pt."),
-    preset: str = typer.Option("quick", "--preset", help="quick: ResNet-18 D from scratch (or the detector's trunk with --disc-init), batch 32, D trained with Adam at 1e-3, 650 D-only warm-up + 100 adversarial iterations, D lr /10 at 600; bench: the same, 1500 + 500 iterations, /10 at 1750; paper: ResNet-50 D, 80k iterations, batch 64, D SGD 0.01 /10 every 40k, no warm-up."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations, one D and one G step each (overrides the preset)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process (overrides the preset)."),
-    disc_arch: Optional[str] = typer.Option(None, "--disc-arch", help="Discriminator trunk: resnet18, resnet34, resnet50 (paper) or resnet101."),
-    imagenet_weights: Optional[Path] = typer.Option(None, "--imagenet-weights", help="torchvision ImageNet state dict file for the D trunk (fetched by hand; nothing is downloaded)."),
-    disc_init: Optional[Path] = typer.Option(None, "--disc-init", help="A detector model.pt (e.g. RUN/detector/model.pt) whose trunk initialises D; D's architecture then follows the detector's trunk (MobileNetV3 or ResNet), the heads stay the paper's."),
-    g_lr: float = typer.Option(1e-4, "--g-lr", help="Adam learning rate of G."),
-    d_optimizer: Optional[str] = typer.Option(None, "--d-optimizer", help="D's optimiser: sgd (paper, with --d-momentum) or adam (AdamW; the from-scratch CPU presets)."),
-    d_lr: Optional[float] = typer.Option(None, "--d-lr", help="Learning rate of D (paper: SGD 0.01 for an ImageNet-initialised D; the from-scratch presets: Adam 1e-3)."),
-    d_momentum: float = typer.Option(0.9, "--d-momentum", help="SGD momentum of D (sgd only)."),
-    d_weight_decay: float = typer.Option(1e-4, "--d-weight-decay", help="Weight decay of D (decoupled, AdamW's, with adam)."),
-    d_lr_step: Optional[int] = typer.Option(None, "--d-lr-step", help="Divide D's learning rate by 10 every N iterations (paper 40k)."),
-    d_warmup: Optional[int] = typer.Option(None, "--d-warmup", help="First N iterations train D only, G fixed (BasicSR's net_d_init_iters; paper 0)."),
-    alpha: float = typer.Option(1e-3, "--alpha", help="Weight of the adversarial loss (Eq. 10/11)."),
-    beta: float = typer.Option(1e-2, "--beta", help="Weight of the classification loss."),
-    gamma: float = typer.Option(1e-2, "--gamma", help="Weight of the box regression loss."),
-    tv_weight: float = typer.Option(0.0, "--tv-weight", help="Weight of a total-variation loss on G's output (Gu et al.; 0 = off)."),
-    adversarial: str = typer.Option("paper", "--adversarial", help="G's adversarial term: paper = log(1 - D(G(x))), nonsaturating = -log D(G(x))."),
-    no_reg_branch: bool = typer.Option(False, "--no-reg-branch", help="Ablation: D without the box regression branch."),
-    no_adv: bool = typer.Option(False, "--no-adv", help="Ablation: no adversarial loss."),
-    no_cls: bool = typer.Option(False, "--no-cls", help="Ablation: no classification loss in G's objective."),
-    no_reg: bool = typer.Option(False, "--no-reg", help="Ablation: no regression loss in G's objective."),
-    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of rows held out (the same rows as train sr with the same value)."),
-    val_max: int = typer.Option(256, "--val-max", help="At most this many held-out rows."),
-    val_every: Optional[int] = typer.Option(None, "--val-every", help="Evaluate the held-out rows every N iterations (and at the end)."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Write mean loss terms to metrics.jsonl every N iterations."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write checkpoint.pt every N iterations."),
-    sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Save a sample grid PNG (LR, bicubic, SR, HR) every N iterations."),
-    seed: int = typer.Option(0, "--seed", help="Seed of D's initialisation and the data order: same seed, same weights on CPU."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (CUDA: bf16 autocast, channels_last; several GPUs: torchrun)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics, sample crops); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this iteration."),
-) -> None:
+@config_options(TrainMTGANConfig)
+def train_mtgan_cmd(cfg: TrainMTGANConfig) -> None:
     """Train the multi-task GAN: G from `train sr`, D a ResNet with real/fake, class and box heads (Eq. 10/11).
 
     Alternates one D step (G fixed) and one G step (D fixed) per iteration. Writes model.pt,
@@ -758,64 +652,15 @@ def train_mtgan_cmd(
 
     Example: sodtool train mtgan --hr runs/quick/rois_train.h5 --lr runs/quick/rois_train_lr.h5 --sr runs/quick/sr --out runs/quick/mtgan
     """
-    from sodtool.stages.train_mtgan import TrainMTGANConfig, train_mtgan
+    from sodtool.stages.train_mtgan import train_mtgan
 
-    _exit_on_nonfinite(train_mtgan, TrainMTGANConfig(
-        hr=hr, lr=lr, sr=sr, out=out, preset=preset, iterations=iterations, batch_size=batch_size,
-        disc_arch=disc_arch, imagenet_weights=imagenet_weights, disc_init=disc_init, g_lr=g_lr, d_optimizer=d_optimizer, d_lr=d_lr, d_momentum=d_momentum,
-        d_weight_decay=d_weight_decay, d_lr_step=d_lr_step, d_warmup=d_warmup, alpha=alpha, beta=beta, gamma=gamma,
-        tv_weight=tv_weight, adversarial=adversarial, reg_branch=not no_reg_branch, adv=not no_adv,
-        cls=not no_cls, reg=not no_reg, val_fraction=val_fraction, val_max=val_max, val_every=val_every,
-        log_every=log_every, checkpoint_every=checkpoint_every, sample_every=sample_every, seed=seed,
-        device=device, num_workers=workers, stop_after=stop_after, resume=resume, tensorboard=tensorboard))
+    _exit_on_nonfinite(train_mtgan, cfg)
 
 
 @train_app.command("fsr")
 @handles_input_errors
-def train_fsr_cmd(
-    detector: Path = typer.Option(..., "--detector", help="The base Faster R-CNN: RUN/detector/model.pt from `train detector` (its trunk and RPN stay frozen)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
-    out: Path = typer.Option(Path("runs/fsr"), "--out", help="Output folder, e.g. RUN/fsr. Rerunning into it resumes from its checkpoint.pt."),
-    control: str = typer.Option("none", "--control", help="none: Noh et al. (generator supervised by the atrous SR target extractor); small-head: the small head and predictor on the small proposals' own features, no generator; unmatched-target: targets from the plain backbone on the full-size image (the paper's naive supervision)."),
-    preset: str = typer.Option("quick", "--preset", help="quick: 150 GAN + 50 fine-tuning steps of batch 4, small proposals below 32² px (2-core CPU, for the quickstart's MobileNetV3-FPN detector); bench: the same, 3x longer; coco: 40k + 10k steps of batch 8, below 96² px (the paper's COCO threshold; GPU)."),
-    train_split: str = typer.Option("train", "--train-split", help="Split to train on."),
-    train_ann: Optional[Path] = typer.Option(None, "--train-ann", help="Training annotation file (overrides --data/--train-split)."),
-    train_images: Optional[Path] = typer.Option(None, "--train-images", help="Training image folder (overrides --data/--train-split)."),
-    val_split: str = typer.Option("minival", "--val-split", help="Split evaluated at the end."),
-    val_ann: Optional[Path] = typer.Option(None, "--val-ann", help="Evaluation annotation file (overrides --data/--val-split)."),
-    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Evaluation image folder (overrides --data/--val-split)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="All steps: the GAN's, then the last --finetune-iterations (overrides the preset)."),
-    finetune_iterations: Optional[int] = typer.Option(None, "--finetune-iterations", help="Final steps fine-tuning the small and large heads and predictors, all else frozen (default: the preset's share of --iterations)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="SGD learning rate of the small and large heads and predictors (preset 0.002)."),
-    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum of the heads."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay of the heads (preset 1e-4)."),
-    g_lr: Optional[float] = typer.Option(None, "--g-lr", help="Adam learning rate of the feature generator (betas 0.5, 0.999)."),
-    d_lr: Optional[float] = typer.Option(None, "--d-lr", help="Adam learning rate of the feature discriminator (betas 0.5, 0.999)."),
-    content_weight: float = typer.Option(1.0, "--content-weight", help="Weight of the content loss (Eq. 4, divided by the targets' mean square)."),
-    adv_weight: float = typer.Option(0.01, "--adv-weight", help="Weight of the generator's adversarial loss (Eq. 5)."),
-    det_weight: float = typer.Option(1.0, "--det-weight", help="Weight of the small predictor's classification and box losses in the generator's objective."),
-    small_size: Optional[int] = typer.Option(None, "--small-size", help="Proposals of area below S² model-input px go through the generator and the small predictor (quick/bench 32, coco 96)."),
-    pair_min_size: Optional[int] = typer.Option(None, "--pair-min-size", help="Training pairs: RoIs whose full-size side is in [this, 2 x --small-size) px (default: --small-size / 2)."),
-    pool: str = typer.Option("avg", "--pool", help="The extractor's pooling where the trunk strides: avg (chosen on val) or max (the paper's Fig. 4c)."),
-    gen_blocks: Optional[int] = typer.Option(None, "--gen-blocks", help="Residual blocks of the feature generator (quick 2, coco 4)."),
-    gen_width: Optional[int] = typer.Option(None, "--gen-width", help="Inner width of the generator's blocks (default: base + sub-layer channels, at most 512)."),
-    disc_hidden: Optional[int] = typer.Option(None, "--disc-hidden", help="Width of the discriminator's two hidden layers (quick 256, coco 1024)."),
-    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips (preset: off for quick/bench, on for coco)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the generator's and discriminator's initialisation, RoI sampling and data order: same seed, same weights on CPU."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes (default: 0 on CPU, 4 on CUDA)."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write checkpoint.pt every N steps (and at the end)."),
-    log_every: int = typer.Option(10, "--log-every", help="Write the mean of every loss term to metrics.jsonl every N steps."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run in OUT stays whole until the new one is complete."),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="COCO evaluation of the --val-split at the end."),
-    eval_score_thresh: float = typer.Option(0.001, "--eval-score-thresh", help="Lowest score kept for the evaluation (100 detections per image)."),
-    eval_batch_size: int = typer.Option(4, "--eval-batch-size", help="Images per detector call in the evaluation."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (fp32 by default)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this step."),
-) -> None:
+@config_options(TrainFSRConfig)
+def train_fsr_cmd(cfg: TrainFSRConfig) -> None:
     """Feature-level super-resolution of small proposals (Noh et al., ICCV 2019) on a trained Faster R-CNN, or one of its controls.
 
     The trunk and RPN stay frozen; an SR target extractor (the trunk run atrous, same weights) supervises a feature generator for proposals below --small-size² px, with a feature discriminator and a small head and predictor copied from the large ones; then both predictors are fine-tuned.
@@ -826,57 +671,17 @@ def train_fsr_cmd(
 
     Example: sodtool train fsr --detector runs/quick/detector/model.pt --data data/synth-quick --control small-head --out runs/quick/fsr-small-head
     """
-    from sodtool.stages.train_fsr import TrainFSRConfig, train_fsr
+    from sodtool.stages.train_fsr import train_fsr
 
-    _exit_on_nonfinite(train_fsr, TrainFSRConfig(
-        detector=detector, data=data, out=out, control=control, preset=preset, train_split=train_split,
-        train_ann=train_ann, train_images=train_images, val_split=val_split, val_ann=val_ann, val_images=val_images,
-        iterations=iterations, finetune_iterations=finetune_iterations, batch_size=batch_size, lr=lr,
-        momentum=momentum, weight_decay=weight_decay, g_lr=g_lr, d_lr=d_lr, content_weight=content_weight,
-        adv_weight=adv_weight, det_weight=det_weight, small_size=small_size, pair_min_size=pair_min_size, pool=pool,
-        gen_blocks=gen_blocks, gen_width=gen_width, disc_hidden=disc_hidden, hflip=hflip, seed=seed, device=device,
-        workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, resume=resume, eval=evaluate,
-        eval_score_thresh=eval_score_thresh, eval_batch_size=eval_batch_size, amp=amp, skip_invalid=skip_invalid,
-        stop_after=stop_after, tensorboard=tensorboard))
+    _exit_on_nonfinite(train_fsr, cfg)
 
 
 # `sodtool crop-rois ...` is the group's callback (invoke_without_command), so that
 # `sodtool crop-rois merge OUT SHARDS...` can sit beside it.
 @train_app.command("detgan")
 @handles_input_errors
-def train_detgan_cmd(
-    detector: Path = typer.Option(..., "--detector", help="The detector in the loop: a `train detector` Faster R-CNN run (or its model.pt) trained on the same split; its trunk and RPN stay frozen, its RoI heads train and are unrolled."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset root (COCO layout)."),
-    out: Path = typer.Option(Path("runs/detgan"), "--out", help="Output folder, e.g. RUN/detgan. Rerunning into it resumes from its checkpoint.pt."),
-    split: str = typer.Option("train", "--split", help="The split whose objects are learnt."),
-    patch: int = typer.Option(128, "--patch", help="Patch side in px (a multiple of 4) around each object."),
-    iterations: int = typer.Option(1500, "--iterations", help="Training iterations, both phases."),
-    pretrain_iterations: int = typer.Option(500, "--pretrain-iterations", help="Phase 1: G and the discriminators alone, before the detector joins."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Objects (patches) per iteration."),
-    channels: int = typer.Option(32, "--channels", help="G's base width (CycleGAN 64)."),
-    blocks: int = typer.Option(4, "--blocks", help="G's residual blocks (the paper's 9)."),
-    d_channels: int = typer.Option(32, "--d-channels", help="The PatchGAN discriminators' base width."),
-    local_size: int = typer.Option(32, "--local-size", help="px the object crop is resampled to for the local discriminator."),
-    lr: float = typer.Option(2e-4, "--lr", help="Adam learning rate of G and the discriminators (beta1 0.5)."),
-    det_lr: float = typer.Option(0.005, "--det-lr", help="The in-loop detector's SGD step (the one Eq. 3 unrolls)."),
-    adv_weight: float = typer.Option(1.0, "--adv-weight", help="Weight of the global adversarial loss."),
-    local_weight: float = typer.Option(1.0, "--local-weight", help="Weight of the local (object crop) adversarial loss."),
-    l1_weight: float = typer.Option(10.0, "--l1-weight", help="Weight of BboxLoss, the L1 between synthetic and real object crops."),
-    syn_weight: float = typer.Option(0.1, "--syn-weight", help="Weight of the detection loss on synthetic patches, which G maximises (the paper's sign)."),
-    unroll_weight: float = typer.Option(1.0, "--unroll-weight", help="Weight of the detection loss on real patches after the unrolled detector step (Eq. 3)."),
-    unroll: bool = typer.Option(True, "--unroll/--no-unroll", help="Eq. 3's unrolled step; --no-unroll is the paper's 'DetectorGAN - unrolling'."),
-    pool_size: int = typer.Option(50, "--pool-size", help="History of synthetic patches the discriminators see."),
-    margin: int = typer.Option(2, "--margin", help="px the noised box is grown by."),
-    min_visibility: float = typer.Option(0.5, "--min-visibility", help="A box cut by the patch border stays a target from this share of its area inside."),
-    log_every: int = typer.Option(10, "--log-every", help="Write the mean losses to metrics.jsonl every N iterations."),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Write checkpoint.pt every N iterations."),
-    sample_every: int = typer.Option(250, "--sample-every", help="Write samples/iter_N.png every N iterations."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, patches and noise: same seed, same weights on CPU."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt when it exists (the default), or start over."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics, sample patches); needs pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Testing: checkpoint and stop after this iteration."),
-) -> None:
+@config_options(TrainDetGANConfig)
+def train_detgan_cmd(cfg: TrainDetGANConfig) -> None:
     """Train DetectorGAN (Liu et al., ICCV 2019): a generator that inserts objects at given boxes, trained against global and local PatchGAN discriminators and through one unrolled step of the detector.
 
     Writes model.pt (for `data generate --method detgan`), checkpoint.pt, metrics.jsonl,
@@ -884,16 +689,9 @@ def train_detgan_cmd(
 
     Example: sodtool train detgan --detector runs/kit/detector/model.pt --data data/kit-aerial-crossroads-to-street --out runs/kit/detgan
     """
-    from sodtool.stages.train_detgan import TrainDetGANConfig, train_detgan
+    from sodtool.stages.train_detgan import train_detgan
 
-    _exit_on_nonfinite(train_detgan, TrainDetGANConfig(
-        detector=detector, data=data, out=out, split=split, patch=patch, iterations=iterations,
-        pretrain_iterations=pretrain_iterations, batch_size=batch_size, channels=channels, blocks=blocks,
-        d_channels=d_channels, local_size=local_size, lr=lr, det_lr=det_lr, adv_weight=adv_weight,
-        local_weight=local_weight, l1_weight=l1_weight, syn_weight=syn_weight, unroll_weight=unroll_weight,
-        unroll=unroll, pool_size=pool_size, margin=margin, min_visibility=min_visibility, log_every=log_every,
-        checkpoint_every=checkpoint_every, sample_every=sample_every, seed=seed, device=device, resume=resume,
-        stop_after=stop_after, tensorboard=tensorboard))
+    _exit_on_nonfinite(train_detgan, cfg)
 
 
 crop_rois_app = typer.Typer(cls=OrderedGroup, invoke_without_command=True)

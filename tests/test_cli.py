@@ -147,9 +147,9 @@ NO_CONFIG_COMMANDS = {
 NOT_CONFIG_OPTIONS: dict = {}
 
 def _csv(value):
-    from sodtool.cli import _csv_ints
+    from sodtool.options import csv_ints
 
-    return _csv_ints(value, "--option")
+    return csv_ints(value, "--option")
 
 
 # (command, option param name): the command converts the option's value before it becomes the
@@ -347,8 +347,22 @@ def test_a_long_path_in_a_message_is_not_broken_across_lines(monkeypatch, kind):
 # --- options built from the configs (sodtool.options, cli.config_options) -------------------
 
 # (config class, field): fields that are no command-line option, and why.
+_PRESET_ONLY = "a Faster R-CNN build setting that only the preset (PRESETS) fills; no option has ever set it"
 NOT_OPTIONS = {
     ("TrainSRConfig", "val_seed"): "fixed at 0 so that train sr and train mtgan hold out the same rows",
+    ("TrainMTGANConfig", "val_seed"): "fixed at 0 so that train sr and train mtgan hold out the same rows",
+    ("TrainMTGANConfig", "d_lr_gamma"): "D's step decay stays the paper's /10 (--d-lr-step's help says so); "
+                                        "--d-lr-step sets only when",
+    ("TrainMTGANConfig", "sample_count"): "crops per sample grid: a fixed layout of samples/*.png, no option",
+    ("TrainDetectorConfig", "roi_positive_fraction"): _PRESET_ONLY,
+    ("TrainDetectorConfig", "representation_size"): _PRESET_ONLY,
+    ("TrainDetectorConfig", "rpn_pre_nms_train"): _PRESET_ONLY,
+    ("TrainDetectorConfig", "rpn_post_nms_train"): _PRESET_ONLY,
+    ("TrainDetectorConfig", "rpn_post_nms_test"): _PRESET_ONLY,
+    ("TrainDetectorConfig", "eval_batch_size"): "train detector has no --eval-batch-size: its final evaluation "
+                                                "runs at the field's default (train fsr has the option)",
+    ("TrainDetectorConfig", "stop_after"): "test hook the tests set on the config; unlike the other trainings, "
+                                           "train detector never had a hidden --stop-after",
 }
 
 
@@ -366,6 +380,7 @@ def test_every_config_field_has_its_option_and_every_option_its_field():
 
     found = _config_commands()
     assert ("train", "sr") in found
+    assert {("train", "detector"), ("train", "fsr"), ("train", "detgan"), ("train", "mtgan")} <= set(found)
     for path, (cmd, classes) in found.items():
         where = f"sodtool {' '.join(path)}"
         params = {p.name: p for p in cmd.params}
@@ -425,6 +440,36 @@ def test_options_reach_the_config(cli, tmp_path, monkeypatch):
     assert seen[1] == TrainSRConfig(hr=(Path("a.h5"), Path("b.h5")), lr=(Path("a_lr.h5"), Path("b_lr.h5")),
                                     out=tmp_path / "sr", num_workers=2, long_skip=False, learning_rate=0.5,
                                     tensorboard=True)
+
+    # comma-separated integers, a repeated path and inverted flags become the fields they feed
+    import sodtool.stages.train_detector as detector_stage
+    import sodtool.stages.train_mtgan as mtgan_stage
+    from sodtool.configs.train_detector import TrainDetectorConfig
+    from sodtool.configs.train_mtgan import TrainMTGANConfig
+
+    monkeypatch.setattr(detector_stage, "train_detector", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(mtgan_stage, "train_mtgan", lambda cfg: seen.append(cfg))
+    res = cli("train", "detector", "--out", tmp_path / "det")
+    assert res.exit_code == 0, res.stderr
+    assert seen[-1] == TrainDetectorConfig(out=tmp_path / "det")
+    res = cli("train", "detector", "--out", tmp_path / "det", "--milestones", "600,800", "--train-sizes", "256,320",
+              "--anchor-sizes", "16,32", "--returned-layers", "2,3", "--extra-data", "g1", "--extra-data", "g2",
+              "--no-eval", "--vflip", "--workers", "1")
+    assert res.exit_code == 0, res.stderr
+    assert seen[-1] == TrainDetectorConfig(out=tmp_path / "det", milestones=(600, 800), train_sizes=(256, 320),
+                                           anchor_sizes=(16, 32), returned_layers=(2, 3),
+                                           extra_data=(Path("g1"), Path("g2")), eval=False, vflip=True, workers=1)
+    res = cli("train", "detector", "--out", tmp_path / "det", "--milestones", "6e2")
+    assert res.exit_code == 2 and "--milestones takes comma-separated integers, got '6e2'" in res.stderr
+
+    args = ["train", "mtgan", "--hr", "a.h5", "--lr", "a_lr.h5", "--sr", tmp_path / "sr", "--out", tmp_path / "mt"]
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    assert seen[-1] == TrainMTGANConfig(hr=Path("a.h5"), lr=Path("a_lr.h5"), sr=tmp_path / "sr", out=tmp_path / "mt")
+    res = cli(*args, "--no-adv", "--no-reg-branch", "--workers", "3")
+    assert res.exit_code == 0, res.stderr
+    assert seen[-1] == TrainMTGANConfig(hr=Path("a.h5"), lr=Path("a_lr.h5"), sr=tmp_path / "sr", out=tmp_path / "mt",
+                                        adv=False, reg_branch=False, num_workers=3)
 
 
 def test_help_and_the_configs_import_no_torch():

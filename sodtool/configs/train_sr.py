@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from sodtool.configs.common import RESUME_HELP, TENSORBOARD_HELP, WORKERS_HELP
 from sodtool.options import one_or_many, option
 
 # Widths: "quick" and "bench" are a light CPU configuration (minutes on 2 cores), "paper" Table 1.
@@ -20,12 +21,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(iterations=100_000, batch_size=64, channels=64, up_channels=256, num_blocks=5, long_skip=False,
                   residual_bicubic=False, val_every=5_000, log_every=100, checkpoint_every=2_000),
 }
-
-RESUME_HELP = ("Continue from OUT/checkpoint.pt when it exists (the default), or start over: a previous run "
-               "in OUT stays whole until the new one is complete.")
-TENSORBOARD_HELP = ("Also write TensorBoard events to OUT/tensorboard (losses, lr, held-out metrics); needs "
-                    "pip install 'sodtool[tensorboard]'. metrics.jsonl stays the record.")
-WORKERS_HELP = "Loader worker processes (default: 0 on CPU, 4 on CUDA)."
 
 
 @dataclass(frozen=True)
