@@ -32,6 +32,10 @@ import typer
 from typer.core import TyperGroup
 
 from sodtool import __version__
+from sodtool.configs.eval_mtgan import RescoreConfig
+from sodtool.configs.eval_results import EvalResultsConfig
+from sodtool.configs.eval_sr import EvalSRConfig
+from sodtool.configs.predict import PredictConfig
 from sodtool.configs.train_detector import TrainDetectorConfig
 from sodtool.configs.train_detgan import TrainDetGANConfig
 from sodtool.configs.train_fsr import TrainFSRConfig
@@ -318,38 +322,8 @@ def info() -> None:
 
 @eval_app.callback()
 @handles_input_errors
-def eval_results(
-    ctx: typer.Context,
-    results: Optional[Path] = typer.Option(None, "--results", help="COCO results JSON: a list of {image_id, category_id, bbox (x, y, w, h), score}."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
-    split: str = typer.Option("minival", "--split", help="Split whose ground truth to evaluate against."),
-    ann: Optional[Path] = typer.Option(None, "--ann", help="Ground-truth annotation file (overrides --data/--split)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (not needed to evaluate --results; --detector runs on it)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <results folder>/eval_<results name>; with --mtgan: RUN/eval_<split> beside RUN/mtgan)."),
-    mtgan: Optional[Path] = typer.Option(None, "--mtgan", help="Rescoring mode: the MTGAN run folder (RUN/mtgan) or its model.pt."),
-    detector: Optional[Path] = typer.Option(None, "--detector", help="Rescoring: the baseline detector (RUN/detector/model.pt), run on the split to get its top-100 ROIs."),
-    rois: Optional[Path] = typer.Option(None, "--rois", help="Rescoring, instead of --detector: a test-mode ROI store (RUN/rois_<split>.h5; its _lr.h5 twin is used when present)."),
-    score: str = typer.Option("fused", "--score", help="The MTGAN row the detections figure draws beside the baseline's, over every ROI: fused (mtgan_fused: geometric mean of D's class probability and the baseline's score) or disc (mtgan: D's class probability, the paper's). Each column shows an image's top k detections, k = its ground-truth count. The table and results files hold both, from one pass."),
-    ablation: Optional[list[str]] = typer.Option(None, "--ablation", help="NAME=PATH of another MTGAN (e.g. trained with --no-adv) to evaluate the same way; repeatable."),
-    compare: Optional[list[str]] = typer.Option(None, "--compare", help="NAME=PATH of another detector's model.pt (a `train fsr` model or control, another `train detector` run) whose own detections, taken and selected as the baseline's, make a row beside it; repeatable; without --mtgan the table holds only these rows and the baseline's (--out required)."),
-    pretrained_g: Optional[Path] = typer.Option(None, "--pretrained-g", help="Rescoring: the `train sr` run (RUN/sr or its generator.pt) the MTGAN started from; adds the pretrained-G control rows (the MTGAN's D fed that generator's output), which separate what the adversarial stage did to G."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Rescoring: ROIs per forward pass (the ROIs of several images)."),
-    device: str = typer.Option("auto", "--device", help="Rescoring: auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
-    nms_iou: float = typer.Option(0.5, "--nms-iou", help="Rescoring: IoU of the per-class NMS."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Rescoring: lowest score kept in every row, the baseline's included (default: the score threshold the ROIs were taken at, 0.05 in test mode; never below it)."),
-    max_per_image: int = typer.Option(100, "--max-per-image", help="Rescoring: detections kept per image."),
-    sr_only: bool = typer.Option(False, "--sr-only", help="Rescoring: send every ROI through G (or bicubic) from its LR crop. By default D reads the HR crop of a ROI whose crop window in the image is wider than the LR crop, whose shrinking would lose detail the image has (the paper's G upsamples ROIs as the image holds them)."),
-    small_area: Optional[float] = typer.Option(None, "--small-area", help="Rescoring: also write size-gated rows (NAME_small.json), in which only ROIs of area below this many px² are rescored and larger ones keep the baseline's detection, as Noh et al. (2019) route only small proposals through super-resolution (1024 = 32², COCO's small; the pipelines pass it). Default: no gated rows, every ROI rescored as the paper."),
-    sr_gate: bool = typer.Option(False, "--sr-gate", help="Rescoring: also write SR-gated rows (NAME_srgate.json), in which only the ROIs that go through G are rescored (crop window no wider than the LR crop) and those D reads from their HR crop keep the baseline's detection: the rows show what super-resolution does and nothing else. Not with --sr-only."),
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Rescoring: write figures/ (SR triplets, detections, loss curves)."),
-    seed: int = typer.Option(0, "--seed", help="Seed (rescoring is deterministic; recorded in the manifest)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
-    slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference of the detector: overlapping tiles of this many px, merged by greedy non-maximum merging (as `sodtool predict --slice`). Tiles are resized by the scale the detector was trained at (recorded in its model.pt); a detector trained on tiles (`data slice`) slices at its tile size by default; 0: whole images."),
-    overlap: float = typer.Option(0.2, "--overlap", help="With --slice: overlap of neighbouring tiles, as a fraction of the tile side."),
-    slice_full: bool = typer.Option(False, "--slice-full", help="With --slice: also run the detector on the whole image and merge it in."),
-    context: Optional[float] = typer.Option(None, "--context", help="Rescoring with --detector: crop window side = context x max(ROI w, h), as crop-rois --context (default: the context of the store the MTGAN was trained on, read through its run manifest; --rois stores carry their own)."),
-    allow_trained_images: bool = typer.Option(False, "--allow-trained-images", help="Rescoring, for debugging: evaluate even though a model (--mtgan, an --ablation, --pretrained-g, the detector) was trained on images of the split (same image file digests, whatever their names); refused otherwise. metrics.json and table.md then say how many."),
-) -> None:
+@config_options(EvalResultsConfig, RescoreConfig)
+def eval_results(ctx: typer.Context, configs) -> None:
     """Evaluate detections with COCOeval (bbox), or rescore the baseline's ROIs with an MTGAN and compare.
 
     Two modes (exactly one):
@@ -375,8 +349,11 @@ def eval_results(
 
     Example: sodtool eval --split minival --data data/synth-quick --detector runs/quick/detector/model.pt --compare fsr=runs/quick/fsr/model.pt --compare small_head=runs/quick/fsr_small_head/model.pt --out runs/quick/eval_fsr_minival
     """
-    rescoring = [n for n, v in (("--mtgan", mtgan), ("--detector", detector), ("--rois", rois), ("--ablation", ablation),
-                                ("--compare", compare), ("--pretrained-g", pretrained_g)) if v]
+    rescore = configs(RescoreConfig)
+    results = configs(EvalResultsConfig).results  # None: not given (the field is required of the stage only)
+    rescoring = [n for n, v in (("--mtgan", rescore.mtgan), ("--detector", rescore.detector), ("--rois", rescore.rois),
+                                ("--ablation", rescore.ablations), ("--compare", rescore.compare),
+                                ("--pretrained-g", rescore.pretrained_g)) if v]
     if ctx.invoked_subcommand is not None:
         if results is not None or rescoring:
             given = "--results" if results is not None else rescoring[0]
@@ -386,44 +363,26 @@ def eval_results(
         raise InputError(f"--results (evaluate a results file) and {', '.join(rescoring)} (MTGAN rescoring) are "
                          "two modes: give one of them")
     if rescoring:
-        if mtgan is None and not compare:
+        if rescore.mtgan is None and not rescore.compare:
             raise InputError(f"{', '.join(rescoring)} need --mtgan (the MTGAN run folder or model.pt) for rescoring, "
                              "or --compare NAME=PATH (another detector) to put beside the baseline")
-        from sodtool.stages.eval_mtgan import RescoreConfig, rescore_eval
+        from sodtool.stages.eval_mtgan import rescore_eval
 
-        rescore_eval(RescoreConfig(mtgan=mtgan, data=data, split=split, ann=ann, images=images, detector=detector,
-                                   rois=rois, ablations=tuple(ablation or ()), compare=tuple(compare or ()),
-                                   pretrained_g=pretrained_g, out=out,
-                                   score=score,
-                                   nms_iou=nms_iou, max_per_image=max_per_image, min_score=min_score,
-                                   small_area=small_area,
-                                   sr_gate=sr_gate, sr_only=sr_only, batch_size=batch_size, device=device, seed=seed,
-                                   figures=figures, overwrite=overwrite,
-                                   slice=slice_size, overlap=overlap, slice_full=slice_full, context=context,
-                                   allow_trained_images=allow_trained_images))
+        rescore_eval(rescore)
         return
     if results is None:
         typer.echo("sodtool: error: give --results FILE (a COCO results JSON), or --mtgan RUN/mtgan with "
                    "--detector or --rois (MTGAN rescoring), or a subcommand; see 'sodtool eval --help'", err=True)
         raise typer.Exit(2)
-    from sodtool.stages.eval_results import EvalResultsConfig, evaluate_results
+    from sodtool.stages.eval_results import evaluate_results
 
-    evaluate_results(EvalResultsConfig(results=results, ann=ann, images=images, data=data, split=split, out=out,
-                                       overwrite=overwrite))
+    evaluate_results(configs(EvalResultsConfig))
 
 
 @eval_app.command("sr")
 @handles_input_errors
-def eval_sr_cmd(
-    data: Path = typer.Option(..., "--data", help="Folder with HR/ and LR/ of same-named images (e.g. ../shared/data/sr/Set5)."),
-    generator: Optional[Path] = typer.Option(None, "--generator", help="Generator checkpoint: RUN/sr/generator.pt or RUN/mtgan/model.pt (a run folder works too). Without it: bicubic only."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder for metrics.json, metrics.md, manifest.json (default: write nothing)."),
-    scale: int = typer.Option(4, "--scale", help="Upscaling factor between LR and HR (the generator's is 4)."),
-    border: int = typer.Option(4, "--border", help="Pixels cropped from each side before measuring (convention: the scale)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    save_images: bool = typer.Option(False, "--save-images", help="Also write the generator's outputs as OUT/images/<name>_sr.png."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
-) -> None:
+@config_options(EvalSRConfig)
+def eval_sr_cmd(cfg: EvalSRConfig) -> None:
     """PSNR / SSIM (RGB and Y channel) of the generator against bicubic on SR test images.
 
     Greyscale images are evaluated as RGB with equal channels (Y metrics on the grey level); an
@@ -431,10 +390,9 @@ def eval_sr_cmd(
 
     Example: sodtool eval sr --generator runs/quick/sr/generator.pt --data ../shared/data/sr/Set5 --out runs/quick/eval_sr_set5
     """
-    from sodtool.stages.eval_sr import EvalSRConfig, eval_sr
+    from sodtool.stages.eval_sr import eval_sr
 
-    eval_sr(EvalSRConfig(generator=generator, data=data, out=out, scale=scale, border=border, device=device,
-                         save_images=save_images, overwrite=overwrite))
+    eval_sr(cfg)
 
 
 @data_app.command("synth")
@@ -803,29 +761,8 @@ def downsample_cmd(
 
 @app.command("predict")
 @handles_input_errors
-def predict_cmd(
-    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs (quoted), any size."),
-    detector: Path = typer.Option(..., "--detector", help="The detector: RUN/detector/model.pt (any family) or a torchvision detection state dict."),
-    out: Path = typer.Option(..., "--out", help="Output folder: predictions.json (COCO), drawn/, parts/, manifest.json. Rerunning skips finished images."),
-    mtgan: Optional[Path] = typer.Option(None, "--mtgan", help="Rescore the detector's ROIs with this MTGAN (RUN/mtgan or its model.pt), as eval does."),
-    score: str = typer.Option("fused", "--score", help="With --mtgan: disc (the paper: D's class probability) or fused (geometric mean with the detector's score)."),
-    sr_only: bool = typer.Option(False, "--sr-only", help="With --mtgan: every rescored ROI through G from its LR crop (by default D reads the HR crop of ROIs whose window is wider than the LR crop, as eval)."),
-    small_area: float = typer.Option(1024.0, "--small-area", help="With --mtgan: rescore only ROIs of area below this many px² (1024 = 32², COCO's small); larger ones keep the detector's detection, as eval's 'ROIs < 32² only' rows. 0: every ROI, as the paper."),
-    slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference: tiles of this many px (square), merged across tiles by greedy non-maximum merging (SAHI's GREEDYNMM: a box cut by a tile border comes out once, whole). Tiles are resized by the scale the detector was trained at (recorded in its model.pt); a detector trained on tiles (`data slice`) slices at its tile size by default; 0: whole images."),
-    overlap: float = typer.Option(0.2, "--overlap", help="Overlap of neighbouring tiles, as a fraction of the tile side."),
-    slice_full: bool = typer.Option(False, "--slice-full", help="With --slice: also run the detector on the whole image and merge it in."),
-    context: Optional[float] = typer.Option(None, "--context", help="With --mtgan: crop window side = context x max(ROI w, h), as crop-rois --context (default: the context of the store the MTGAN was trained on, read through its run manifest)."),
-    score_thresh: float = typer.Option(0.05, "--score-thresh", help="Lowest detector score kept as a ROI (the paper's protocol: 0.05)."),
-    max_rois: int = typer.Option(100, "--max-rois", help="ROIs per image (the paper's protocol: 100)."),
-    max_per_image: int = typer.Option(100, "--max-per-image", help="Detections kept per image."),
-    merge_ios: float = typer.Option(0.5, "--merge-ios", help="Tile merging: intersection over the smaller box at which two boxes of a class merge."),
-    nms_iou: float = typer.Option(0.5, "--nms-iou", help="With --mtgan: IoU of the per-class NMS after rescoring."),
-    min_score: float = typer.Option(1e-3, "--min-score", help="With --mtgan: lowest rescored score kept."),
-    draw_threshold: float = typer.Option(0.5, "--draw-threshold", help="Smallest score drawn on the images in OUT/drawn/."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per group and tiles per detector call (tiles of several images go together)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every image (by default a rerun skips those already in OUT)."),
-) -> None:
+@config_options(PredictConfig)
+def predict_cmd(cfg: PredictConfig) -> None:
     """Detect objects in your own images (optionally sliced, optionally rescored by the MTGAN).
 
     Writes OUT/predictions.json (a COCO object: images, categories, annotations with scores:
@@ -835,15 +772,9 @@ def predict_cmd(
 
     Example: sodtool predict ../shared/data/kit-aerial/images --detector runs/kit/detector/model.pt --mtgan runs/kit/mtgan --slice 512 --out runs/kit/predict
     """
-    from sodtool.stages.predict import PredictConfig, predict_images
+    from sodtool.stages.predict import predict_images
 
-    predict_images(PredictConfig(inputs=tuple(inputs), detector=detector, out=out, mtgan=mtgan, score=score,
-                                 small_area=small_area, sr_only=sr_only,
-                                 slice=slice_size, overlap=overlap, slice_full=slice_full, context=context,
-                                 score_thresh=score_thresh, max_rois=max_rois, max_per_image=max_per_image,
-                                 merge_ios=merge_ios, nms_iou=nms_iou, min_score=min_score,
-                                 draw_threshold=draw_threshold, batch_size=batch_size, device=device,
-                                 overwrite=overwrite))
+    predict_images(cfg)
 
 
 @app.command("verify")

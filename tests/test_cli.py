@@ -164,7 +164,7 @@ CONVERTED = {
     (("train", "mtgan"), "no_adv"): lambda v: not v,
     (("train", "mtgan"), "no_cls"): lambda v: not v,
     (("train", "mtgan"), "no_reg"): lambda v: not v,
-    (("eval",), "ablation"): lambda v: tuple(v or ()),
+    (("eval",), "ablations"): lambda v: tuple(v or ()),
     (("eval",), "compare"): lambda v: tuple(v or ()),
     (("data", "slice"), "split"): lambda v: tuple(v or ("train",)),
 }
@@ -352,7 +352,7 @@ NOT_OPTIONS = {
     ("TrainSRConfig", "val_seed"): "fixed at 0 so that train sr and train mtgan hold out the same rows",
     ("TrainMTGANConfig", "val_seed"): "fixed at 0 so that train sr and train mtgan hold out the same rows",
     ("TrainMTGANConfig", "d_lr_gamma"): "D's step decay stays the paper's /10 (--d-lr-step's help says so); "
-                                        "--d-lr-step sets only when",
+                                        "--d-lr-step sets only how often it applies",
     ("TrainMTGANConfig", "sample_count"): "crops per sample grid: a fixed layout of samples/*.png, no option",
     ("TrainDetectorConfig", "roi_positive_fraction"): _PRESET_ONLY,
     ("TrainDetectorConfig", "representation_size"): _PRESET_ONLY,
@@ -363,6 +363,16 @@ NOT_OPTIONS = {
                                                 "runs at the field's default (train fsr has the option)",
     ("TrainDetectorConfig", "stop_after"): "test hook the tests set on the config; unlike the other trainings, "
                                            "train detector never had a hidden --stop-after",
+    ("RescoreConfig", "roi_score_thresh"): "eval --detector takes its ROIs at the paper's protocol (crop-rois test "
+                                           "mode's 0.05), as a --rois store holds them; tests set it",
+    ("RescoreConfig", "rois_per_image"): "eval --detector takes the paper's 100 ROIs per image (crop-rois test mode), "
+                                         "as a --rois store holds them; tests take fewer to run quicker",
+    ("RescoreConfig", "detector_batch"): "images per detector call on eval --detector's path: never exposed on the "
+                                         "command line; kept at crop-rois --batch-images' default",
+    ("RescoreConfig", "fig_triplets"): "figure size, fixed on the command line (--no-figures drops the figures); "
+                                       "tests draw fewer",
+    ("RescoreConfig", "fig_images"): "figure size, fixed on the command line (--no-figures drops the figures); "
+                                     "tests draw fewer",
 }
 
 
@@ -379,8 +389,8 @@ def test_every_config_field_has_its_option_and_every_option_its_field():
     from sodtool import options as o
 
     found = _config_commands()
-    assert ("train", "sr") in found
-    assert {("train", "detector"), ("train", "fsr"), ("train", "detgan"), ("train", "mtgan")} <= set(found)
+    assert {("train", "sr"), ("train", "detector"), ("train", "fsr"), ("train", "detgan"), ("train", "mtgan"),
+            ("eval",), ("eval", "sr"), ("predict",)} <= set(found)
     for path, (cmd, classes) in found.items():
         where = f"sodtool {' '.join(path)}"
         params = {p.name: p for p in cmd.params}
@@ -470,6 +480,28 @@ def test_options_reach_the_config(cli, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.stderr
     assert seen[-1] == TrainMTGANConfig(hr=Path("a.h5"), lr=Path("a_lr.h5"), sr=tmp_path / "sr", out=tmp_path / "mt",
                                         adv=False, reg_branch=False, num_workers=3)
+
+
+def test_eval_options_reach_their_configs(cli, tmp_path, monkeypatch):
+    """`sodtool eval` builds one of two configs from one set of options: its mode decides which."""
+    from pathlib import Path
+
+    import sodtool.stages.eval_mtgan as rescoring
+    import sodtool.stages.eval_results as results
+    from sodtool.configs.eval_mtgan import RescoreConfig
+    from sodtool.configs.eval_results import EvalResultsConfig
+
+    seen = []
+    monkeypatch.setattr(rescoring, "rescore_eval", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(results, "evaluate_results", lambda cfg: seen.append(cfg))
+    res = cli("eval", "--mtgan", "m", "--rois", "r.h5", "--ablation", "a=x", "--ablation", "b=y", "--slice", "512",
+              "--no-figures", "--split", "val")
+    assert res.exit_code == 0, res.stderr
+    assert seen == [RescoreConfig(mtgan=Path("m"), rois=Path("r.h5"), ablations=("a=x", "b=y"), slice=512,
+                                  figures=False, split="val")]
+    res = cli("eval", "--results", "dets.json", "--data", "d", "--overwrite")
+    assert res.exit_code == 0, res.stderr
+    assert seen[1] == EvalResultsConfig(results=Path("dets.json"), data=Path("d"), overwrite=True)
 
 
 def test_help_and_the_configs_import_no_torch():
