@@ -32,10 +32,18 @@ import typer
 from typer.core import TyperGroup
 
 from sodtool import __version__
+from sodtool.configs.crop_rois import CropRoisConfig
+from sodtool.configs.detect import DetectConfig
+from sodtool.configs.downsample import DownsampleConfig
 from sodtool.configs.eval_mtgan import RescoreConfig
 from sodtool.configs.eval_results import EvalResultsConfig
 from sodtool.configs.eval_sr import EvalSRConfig
+from sodtool.configs.generate_data import GenerateDataConfig
+from sodtool.configs.import_yolo import ImportYoloConfig
 from sodtool.configs.predict import PredictConfig
+from sodtool.configs.slice_data import SliceDataConfig
+from sodtool.configs.stats import StatsConfig
+from sodtool.configs.synth import SynthConfig
 from sodtool.configs.train_detector import TrainDetectorConfig
 from sodtool.configs.train_detgan import TrainDetGANConfig
 from sodtool.configs.train_fsr import TrainFSRConfig
@@ -192,10 +200,11 @@ def config_options(*config_classes):
             if meta[o.ARGUMENT]:
                 info = typer.Argument(default, help=meta[o.HELP], hidden=meta[o.HIDDEN])
             else:
-                flag = meta[o.FLAG] or "--" + f.name.replace("_", "-")
-                if kind in (bool, Optional[bool]) and "/" not in flag and default is not False:
-                    flag = f"{flag}/--no-{flag[2:]}"
-                info = typer.Option(default, flag, help=meta[o.HELP], hidden=meta[o.HIDDEN])
+                flags = meta[o.FLAG] or "--" + f.name.replace("_", "-")
+                flags = (flags,) if isinstance(flags, str) else flags
+                if kind in (bool, Optional[bool]) and len(flags) == 1 and "/" not in flags[0] and default is not False:
+                    flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
+                info = typer.Option(default, *flags, help=meta[o.HELP], hidden=meta[o.HIDDEN])
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind))
             annotations[f.name] = kind
         for p in own.parameters.values():
@@ -397,18 +406,8 @@ def eval_sr_cmd(cfg: EvalSRConfig) -> None:
 
 @data_app.command("synth")
 @handles_input_errors
-def data_synth(
-    out: Optional[Path] = typer.Option(None, "--out", help="Output dataset folder (default: data/synth-<preset>)."),
-    preset: str = typer.Option("quick", "--preset", help="quick: 500 train + 100 val + 100 minival images (the quickstart); bench: 4000 + 500 + 500 (measurements), 320x320 both; large: 400 + 50 + 50 images of 2048x2048 holding the bench's objects at their pixel sizes, about 50 each (sliced inference)."),
-    train_images: Optional[int] = typer.Option(None, "--train-images", help="Number of train images (overrides the preset)."),
-    val_images: Optional[int] = typer.Option(None, "--val-images", help="Number of val images, where settings are chosen (overrides the preset)."),
-    minival_images: Optional[int] = typer.Option(None, "--minival-images", help="Number of minival images (overrides the preset)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Side of the square images in px, >= 192 (overrides the preset)."),
-    classes: int = typer.Option(10, "--classes", help="Number of classes K (1..12), each an internal pattern: stripes-h, stripes-v, stripes-d, ..."),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives byte-identical images and annotations."),
-    workers: int = typer.Option(1, "--workers", help="Processes drawing images (the output does not depend on it)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty folder that is not a previous synth output."),
-) -> None:
+@config_options(SynthConfig)
+def data_synth(cfg: SynthConfig) -> None:
     """Generate the synthetic small-object benchmark as a COCO-format dataset.
 
     About 40% small (< 32²), 35% medium, 25% large objects.
@@ -423,82 +422,45 @@ def data_synth(
 
     Example: sodtool data synth --preset quick --out data/synth-quick --seed 0
     """
-    from sodtool.stages.synth import SynthConfig, synthesize
+    from sodtool.stages.synth import synthesize
 
-    synthesize(SynthConfig(out=out, preset=preset, train_images=train_images, val_images=val_images,
-                           minival_images=minival_images,
-                           image_size=image_size, classes=classes, seed=seed, workers=workers, overwrite=overwrite))
+    synthesize(cfg)
 
 
 @data_app.command("stats")
 @handles_input_errors
-def data_stats(
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
-    split: str = typer.Option("train", "--split", help="Split to describe."),
-    ann: Optional[Path] = typer.Option(None, "--ann", help="Annotation file (overrides --data/--split)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (optional: counts missing image files)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/stats/<dataset>_<split>)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
-) -> None:
+@config_options(StatsConfig)
+def data_stats(cfg: StatsConfig) -> None:
     """Objects per class and per COCO size (small < 32², medium < 96², large), a box-size histogram.
 
     Writes stats_<split>.json, sizes_<split>.png and manifest.json into --out.
 
     Example: sodtool data stats --data data/synth-quick --split train
     """
-    from sodtool.stages.stats import StatsConfig, dataset_stats
+    from sodtool.stages.stats import dataset_stats
 
-    dataset_stats(StatsConfig(data=data, split=split, ann=ann, images=images, out=out, overwrite=overwrite))
+    dataset_stats(cfg)
 
 
 @data_app.command("import-yolo")
 @handles_input_errors
-def data_import_yolo(
-    src: Path = typer.Argument(..., help="YOLO dataset folder: images/, labels/ (one `class xc yc w h` .txt per image), classes.txt."),
-    classes: Optional[Path] = typer.Option(None, "--classes", help="Classes file: `name` per line (ids 1..K) or `ID name` per line (ids kept). Default: SRC/classes.txt."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output dataset folder (default: data/<SRC folder name>)."),
-    images: str = typer.Option("images", "--images", help="Image folder under SRC."),
-    labels: str = typer.Option("labels", "--labels", help="Label folder under SRC."),
-    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of images put in minival (seeded shuffle); not the val split, see --holdout-fraction."),
-    train_list: Optional[Path] = typer.Option(None, "--train-list", help="File listing the train images, one per line (overrides --val-fraction)."),
-    minival_list: Optional[Path] = typer.Option(None, "--minival-list", help="File listing the minival images (with one list only, the other split is the rest)."),
-    holdout_fraction: float = typer.Option(0.0, "--holdout-fraction", help="Share of all images put in the val split (where settings are chosen), drawn from what would be train; minival stays what --val-fraction gives. 0: no val split."),
-    val_list: Optional[Path] = typer.Option(None, "--val-list", help="File listing the val-split images (not minival). Alone: minival is drawn by --val-fraction from the other images. With --train-list/--minival-list: the unlisted rest goes to train, else minival."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the train/val/minival shuffle."),
-    link: str = typer.Option("copy", "--link", help="How images reach the output: copy, hardlink or symlink."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder (only once the new one is complete)."),
-    skip_orphan_labels: bool = typer.Option(False, "--skip-orphan-labels", help="Drop label files that have no image instead of failing."),
-) -> None:
+@config_options(ImportYoloConfig)
+def data_import_yolo(cfg: ImportYoloConfig) -> None:
     """Import a YOLO-labelled dataset as COCO JSON: annotations/instances_{train,minival}.json + images/.
 
     Splits: train (training), val (every choice made by looking at results; written only with --holdout-fraction or --val-list, as annotations/instances_val.json + images/val/), minival (reported figures only; its share is --val-fraction).
 
     Example: sodtool data import-yolo ../shared/data/kit-aerial --out data/kit-aerial --val-fraction 0.2 --seed 0
     """
-    from sodtool.stages.import_yolo import ImportYoloConfig, import_yolo
+    from sodtool.stages.import_yolo import import_yolo
 
-    import_yolo(ImportYoloConfig(src=src, out=out, classes=classes, images=images, labels=labels,
-                                 val_fraction=val_fraction, train_list=train_list, minival_list=minival_list,
-                                 holdout_fraction=holdout_fraction, val_list=val_list,
-                                 seed=seed, link=link, overwrite=overwrite, skip_orphan_labels=skip_orphan_labels))
+    import_yolo(cfg)
 
 
 @data_app.command("slice")
 @handles_input_errors
-def data_slice(
-    data: Optional[Path] = typer.Option(None, "--data", help="Source dataset folder (sodtool or COCO 2017 layout)."),
-    out: Path = typer.Option(..., "--out", help="Output dataset folder (sodtool's layout)."),
-    size: int = typer.Option(512, "--size", help="Tile side in px (the grid predict --slice uses)."),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to slice; repeatable (default: train)."),
-    overlap: float = typer.Option(0.2, "--overlap", help="Share of a tile shared with its neighbour, in [0, 1)."),
-    min_visibility: float = typer.Option(0.5, "--min-visibility", help="A box is kept in a tile when at least this share of its area lies inside (clipped to the tile), in (0, 1]."),
-    empty_ratio: float = typer.Option(0.1, "--empty-ratio", help="Tiles without objects kept per tile with objects (a seeded draw); 0 keeps none."),
-    ann: Optional[Path] = typer.Option(None, "--ann", help="Annotation file (overrides --data; one --split)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (overrides --data; one --split)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the draw of empty tiles."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop boxes of zero size or outside their image instead of failing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
-) -> None:
+@config_options(SliceDataConfig)
+def data_slice(cfg: SliceDataConfig) -> None:
     """Cut a dataset into overlapping square tiles with their boxes (SAHI's `sahi coco slice`), to train on tiles.
 
     Boxes are clipped to each tile and kept where --min-visibility of their area is inside. Each tile records its source image and offset in the COCO JSON ("tile"); tiles are PNG, pixel for pixel the source's.
@@ -507,27 +469,15 @@ def data_slice(
 
     Example: sodtool data slice --data data/kit-aerial --split train --size 256 --overlap 0.2 --out data/kit-aerial-tiles256
     """
-    from sodtool.stages.slice_data import SliceDataConfig, slice_dataset
+    from sodtool.stages.slice_data import slice_dataset
 
-    slice_dataset(SliceDataConfig(data=data, out=out, size=size, splits=tuple(split or ("train",)), overlap=overlap,
-                                  min_visibility=min_visibility, empty_ratio=empty_ratio, ann=ann, images=images,
-                                  seed=seed, skip_invalid=skip_invalid, overwrite=overwrite))
+    slice_dataset(cfg)
 
 
 @data_app.command("generate")
 @handles_input_errors
-def data_generate(
-    data: Optional[Path] = typer.Option(None, "--data", help="Source dataset folder (sodtool or COCO 2017 layout)."),
-    out: Path = typer.Option(..., "--out", help="Output dataset folder (sodtool's layout, split train)."),
-    split: str = typer.Option("train", "--split", help="Split whose images and objects are used."),
-    method: str = typer.Option("copy-paste", "--method", help="How objects are inserted: copy-paste (the real object, feathered in) or detgan (a trained DetectorGAN generator, with --detgan)."),
-    count: int = typer.Option(100, "--count", help="Images written (the split's images in a seeded order, cycled)."),
-    per_image: int = typer.Option(4, "--per-image", help="Objects inserted at most per image (fewer where the insertion rule finds no place)."),
-    detgan: Optional[Path] = typer.Option(None, "--detgan", help="With --method detgan: the DetectorGAN run folder (RUN/detgan)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the image order, the places and the objects drawn."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop boxes of zero size or outside their image instead of failing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out folder (only once the new one is complete)."),
-) -> None:
+@config_options(GenerateDataConfig)
+def data_generate(cfg: GenerateDataConfig) -> None:
     """Training images with extra objects inserted (DetectorGAN's generated data; copy-paste is the baseline).
 
     Each place is beside a real object, along its long axis (queues, parking rows), clear of every box, on ground that looks like the ground under the image's objects (sodtool/insertion.py). Image and annotation entries are marked "generated" / "inserted" with their sources.
@@ -536,10 +486,9 @@ def data_generate(
 
     Example: sodtool data generate --data data/kit-aerial --method copy-paste --count 200 --per-image 8 --out data/kit-aerial-cp
     """
-    from sodtool.stages.generate_data import GenerateDataConfig, generate_data
+    from sodtool.stages.generate_data import generate_data
 
-    generate_data(GenerateDataConfig(data=data, out=out, split=split, method=method, count=count, per_image=per_image,
-                                     detgan=detgan, seed=seed, skip_invalid=skip_invalid, overwrite=overwrite))
+    generate_data(cfg)
 
 
 def _exit_on_nonfinite(fn, cfg) -> None:
@@ -658,39 +607,8 @@ app.add_typer(crop_rois_app, name="crop-rois")
 
 @crop_rois_app.callback()
 @handles_input_errors
-def crop_rois_cmd(
-    ctx: typer.Context,
-    out: Optional[Path] = typer.Option(None, "--out", help="The HR ROI store to write, e.g. RUN/rois_train.h5 (with --shard: RUN/rois_train.shard-i-of-n.h5)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
-    split: str = typer.Option("train", "--split", help="Split to crop."),
-    ann: Optional[Path] = typer.Option(None, "--ann", help="Annotation file (overrides --data/--split)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (overrides --data/--split)."),
-    mode: str = typer.Option("train", "--mode", help="train: Fast R-CNN sampling (1 positive in 4, jittered ground truth added); test: the baseline's top detections, scores kept."),
-    detector: str = typer.Option("frcnn", "--detector", help="Detector family of --detector-weights: frcnn, ssd or mdssd."),
-    detector_weights: Optional[Path] = typer.Option(None, "--detector-weights", help="Detector checkpoint RUN/detector/model.pt (run on --device)."),
-    detections: Optional[Path] = typer.Option(None, "--detections", help="Or: its detections, a COCO results JSON (from `sodtool detect`)."),
-    hr_size: int = typer.Option(128, "--hr-size", help="Side S of the HR crops in px (LR = S/4)."),
-    context: float = typer.Option(1.5, "--context", help="Crop window side = context x max(ROI w, h), square, centred on the ROI."),
-    score_thresh: Optional[float] = typer.Option(None, "--score-thresh", help="Lowest detector score used (default: 0.01 train, 0.05 test)."),
-    max_rois: Optional[int] = typer.Option(None, "--max-rois", help="Top detections per image used (default: 300 train, 100 test)."),
-    fg_iou: float = typer.Option(0.5, "--fg-iou", help="IoU with a ground truth from which a ROI is positive."),
-    bg_low: float = typer.Option(0.1, "--bg-low", help="Train: ROIs with IoU in [bg-low, fg-iou) are background; below are unused."),
-    fg_fraction: float = typer.Option(0.25, "--fg-fraction", help="Train: share of positives among an image's ROIs."),
-    rois_per_image: int = typer.Option(64, "--rois-per-image", help="Train: ROIs per image (more for images with many objects)."),
-    gt_jitters: int = typer.Option(2, "--gt-jitters", help="Train: jittered copies of each ground-truth box added as positives."),
-    jitter_iou: float = typer.Option(0.7, "--jitter-iou", help="Train: least IoU of a jittered copy with its ground truth."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: crop every n-th image from the i-th (merge with `sodtool crop-rois merge`)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampling (per image, so shards agree with an unsharded run)."),
-    device: str = typer.Option("auto", "--device", help="Device of the detector and the cropping: auto, cpu, cuda[:N]."),
-    batch_images: int = typer.Option(4, "--batch-images", help="Images per detector call."),
-    compression: str = typer.Option("lzf", "--compression", help="HDF5 filter of the crops: lzf (fast), gzip (level 1, smaller, slower) or none."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store (only once the new one is complete)."),
-    gt_only: bool = typer.Option(False, "--gt-only", help="Train mode without a detector: ROIs are the jittered ground truth plus random background boxes (IoU < --fg-iou), e.g. SR training crops of real photos."),
-    slice_size: Optional[int] = typer.Option(None, "--slice", help="Sliced inference of the detector: overlapping tiles of this many px, merged by greedy non-maximum merging (as `sodtool predict --slice`). Tiles are resized by the scale the detector was trained at (recorded in its model.pt); a detector trained on tiles (`data slice`) slices at its tile size by default; 0: whole images."),
-    overlap: float = typer.Option(0.2, "--overlap", help="With --slice: overlap of neighbouring tiles, as a fraction of the tile side."),
-    slice_full: bool = typer.Option(False, "--slice-full", help="With --slice: also run the detector on the whole image and merge it in."),
-) -> None:
+@config_options(CropRoisConfig)
+def crop_rois_cmd(ctx: typer.Context, cfg: CropRoisConfig) -> None:
     """Crop the ROIs of a split into an HDF5 store: HR crops, labels, box targets, provenance.
 
     ROIs come from a detector checkpoint (--detector-weights) or its detections (--detections),
@@ -703,17 +621,11 @@ def crop_rois_cmd(
     """
     if ctx.invoked_subcommand is not None:
         return
-    if out is None:
+    if cfg.out is None:
         raise InputError("give --out (the store to write, e.g. runs/quick/rois_train.h5); see 'sodtool crop-rois --help'")
-    from sodtool.stages.crop_rois import CropRoisConfig, crop_rois
+    from sodtool.stages.crop_rois import crop_rois
 
-    crop_rois(CropRoisConfig(
-        out=out, data=data, split=split, ann=ann, images=images, mode=mode, detector=detector,
-        detector_weights=detector_weights, detections=detections, hr_size=hr_size, context=context,
-        score_thresh=score_thresh, max_rois=max_rois, fg_iou=fg_iou, bg_low=bg_low, fg_fraction=fg_fraction,
-        rois_per_image=rois_per_image, gt_jitters=gt_jitters, jitter_iou=jitter_iou, shard=shard, seed=seed,
-        device=device, batch_images=batch_images, compression=compression, skip_invalid=skip_invalid,
-        overwrite=overwrite, gt_only=gt_only, slice=slice_size, overlap=overlap, slice_full=slice_full))
+    crop_rois(cfg)
 
 
 @crop_rois_app.command("merge")
@@ -736,15 +648,8 @@ def crop_rois_merge_cmd(
 
 @app.command("downsample")
 @handles_input_errors
-def downsample_cmd(
-    src: Path = typer.Argument(..., help="The HR ROI store, e.g. runs/quick/rois_train.h5."),
-    out: Optional[Path] = typer.Option(None, "--out", help="The LR store (default: <src stem>_lr.h5 beside src)."),
-    scale: int = typer.Option(4, "--scale", help="Downsampling factor (the HR size must be divisible by it)."),
-    batch: int = typer.Option(256, "--batch", help="Rows read per step."),
-    compression: str = typer.Option("none", "--compression", help="HDF5 filter of the LR crops: none (default: 32 px crops barely compress), lzf or gzip."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing LR store (only once the new one is complete)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes reading and downsampling (default: one per CPU core, at most 4; 0 = this process). The output does not depend on it."),
-) -> None:
+@config_options(DownsampleConfig)
+def downsample_cmd(cfg: DownsampleConfig) -> None:
     """Write the 4x bicubic (antialiased) low-resolution twin of every crop, same row order.
 
     The HR store is only read, and verified first: its content digest is recomputed from every
@@ -753,10 +658,9 @@ def downsample_cmd(
 
     Example: sodtool downsample runs/quick/rois_train.h5
     """
-    from sodtool.stages.downsample import DownsampleConfig, downsample
+    from sodtool.stages.downsample import downsample
 
-    downsample(DownsampleConfig(src=src, out=out, scale=scale, batch=batch, overwrite=overwrite,
-                                compression=compression, workers=workers))
+    downsample(cfg)
 
 
 @app.command("predict")
@@ -804,26 +708,8 @@ def verify_cmd(
 
 @app.command("detect")
 @handles_input_errors
-def detect_cmd(
-    detector: str = typer.Option("frcnn", "--detector", help="The detector: RUN/detector/model.pt (or its folder), a torchvision detection state dict (Faster R-CNN, ssd300_vgg16), or a family name (frcnn, ssd, mdssd) with --weights."),
-    weights: Optional[Path] = typer.Option(None, "--weights", "--detector-weights", help="With --detector frcnn: the checkpoint file."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sodtool or COCO 2017 layout)."),
-    split: str = typer.Option("minival", "--split", help="Split to run on."),
-    ann: Optional[Path] = typer.Option(None, "--ann", help="Annotation file (overrides --data/--split)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (overrides --data/--split)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="COCO results JSON to write (default: RUN/detections_<split>.json beside RUN/detector, else ./detections_<split>.json). Its manifest goes beside it: <name>.manifest.json."),
-    score_thresh: float = typer.Option(0.001, "--score-thresh", help="Lowest score kept."),
-    max_per_image: int = typer.Option(100, "--max-per-image", help="Detections kept per image (top scores; the paper's protocol: 100)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass."),
-    min_size: Optional[int] = typer.Option(None, "--min-size", help="Override the short side the model resizes to (default: the checkpoint's; torchvision files: 800)."),
-    max_size: Optional[int] = typer.Option(None, "--max-size", help="Override the longest side allowed (default: the checkpoint's; torchvision files: 1333)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Also report COCO AP against the split's annotations (in the manifest)."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA."),
-    seed: int = typer.Option(0, "--seed", help="Seed (detection is deterministic; recorded in the manifest)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop annotations with zero-size or out-of-image boxes instead of failing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results file (only once the new one is complete)."),
-) -> None:
+@config_options(DetectConfig)
+def detect_cmd(cfg: DetectConfig) -> None:
     """Run a detector over a split and write COCO results JSON (dataset category ids, bbox x, y, w, h).
 
     Writes --out atomically, then its manifest <name>.manifest.json beside it (with COCO AP unless --no-eval).
@@ -834,12 +720,9 @@ def detect_cmd(
 
     Example: sodtool detect --detector frcnn --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --data data/coco --split minival --out runs/coco/detections_minival.json
     """
-    from sodtool.stages.detect import DetectConfig, detect
+    from sodtool.stages.detect import detect
 
-    detect(DetectConfig(detector=detector, weights=weights, data=data, split=split, ann=ann, images=images, out=out,
-                        score_thresh=score_thresh, max_per_image=max_per_image, batch_size=batch_size,
-                        min_size=min_size, max_size=max_size, device=device, evaluate=evaluate, amp=amp, seed=seed,
-                        skip_invalid=skip_invalid, overwrite=overwrite))
+    detect(cfg)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

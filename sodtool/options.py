@@ -25,7 +25,7 @@ REQUIRED = dataclasses.MISSING
 SAME = object()  # cli_default: the field's default
 
 
-def option(default: Any = REQUIRED, help: str = "", *, flag: Optional[str] = None,
+def option(default: Any = REQUIRED, help: str = "", *, flag: Optional[str | tuple[str, ...]] = None,
            parse: Optional[Callable[[Any, str], Any]] = None, cli_type: Any = None, hidden: bool = False,
            argument: bool = False, cli_default: Any = SAME) -> Any:
     """A dataclass field with its command-line spelling.
@@ -34,7 +34,8 @@ def option(default: Any = REQUIRED, help: str = "", *, flag: Optional[str] = Non
       as a tuple (frozen configs).
     help: the option's help text.
     flag: the option's declaration when it is not `--field-name` (e.g. "--workers",
-      "--hflip/--no-hflip"); a bool field without one becomes `--name/--no-name`.
+      "--hflip/--no-hflip"), or a tuple of its names (("--weights", "--detector-weights")); a bool
+      field without one becomes `--name/--no-name`.
     parse: (command-line value, option name) -> field value, for values the command line spells
       differently (comma-separated integers, repeated paths); its input type is `cli_type`.
     cli_type: the option's type when it is not the field's annotation.
@@ -60,6 +61,8 @@ def is_option(field: dataclasses.Field) -> bool:
 def option_name(field: dataclasses.Field) -> str:
     """The option's first name as a user types it: "--workers" for field num_workers."""
     flag = field.metadata.get(FLAG)
+    if isinstance(flag, tuple):
+        flag = flag[0]
     return (flag.split("/")[0] if flag else "--" + field.name.replace("_", "-"))
 
 
