@@ -1,15 +1,10 @@
 """The `sodtool` command line: thin Typer wrappers that parse options into each stage's config.
 
-Heavy modules (torch, torchvision, pycocotools) are imported inside the commands so that
-`sodtool --help` stays quick; that includes the stage modules holding the config dataclasses
-(`sodtool.stages.*` import torch: 1.5-4 s each).
-
-Option defaults therefore restate the config dataclasses' field defaults as literals: Typer
-reads defaults from the function signatures when it builds the command tree, before any
-command runs, so taking them from the dataclasses would import every stage (and torch) on
-`sodtool --help`. The dataclasses stay the one source of truth through
-tests/test_cli.py::test_option_defaults_match_config_fields, which fails on any option whose
-default differs from its field's (and lists the intentional differences with their reasons).
+Each command's options are built from its stage's config dataclass (`config_options`): the
+fields carry their defaults and help (`sodtool.options`), in modules that import no torch
+(`sodtool.configs.*`), so `sodtool --help` builds the whole command tree without torch. What this
+module adds is particular to the command line: modes chosen by which options are given, group
+callbacks, error lines and exit codes. The stages (and torch) are imported inside the commands.
 
 Bad input (`InputError`) ends with one line on stderr and exit code 2; so does a file-system
 error (an output folder that cannot be written, a full disk: `OSError`), whose partial output

@@ -106,101 +106,6 @@ def test_usage_error_exits_2(cli):
     assert res.exit_code == 2
 
 
-# --- option defaults: the config dataclasses are the one source of truth -------------------
-#
-# sodtool/cli.py restates each default as a literal (importing the stage modules, and so
-# torch, to read them would make `sodtool --help` take seconds); this test keeps the two equal.
-#
-# For every runnable command: the stage config(s) its options feed, as
-# (module, class, {option param name: field name} for renamed options). An option is checked
-# against every listed config that has a field of its (mapped) name; an option matching no
-# field must be in NOT_CONFIG_OPTIONS, a command without a config in NO_CONFIG_COMMANDS.
-CONFIGS = {
-    ("data", "synth"): [("sodtool.stages.synth", "SynthConfig", {})],
-    ("data", "stats"): [("sodtool.stages.stats", "StatsConfig", {})],
-    ("data", "import-yolo"): [("sodtool.stages.import_yolo", "ImportYoloConfig", {})],
-    ("data", "slice"): [("sodtool.stages.slice_data", "SliceDataConfig", {"split": "splits"})],
-    ("data", "generate"): [("sodtool.stages.generate_data", "GenerateDataConfig", {})],
-    ("train", "detector"): [("sodtool.stages.train_detector", "TrainDetectorConfig", {"evaluate": "eval"})],
-    ("detect",): [("sodtool.stages.detect", "DetectConfig", {})],
-    ("crop-rois",): [("sodtool.stages.crop_rois", "CropRoisConfig", {"slice_size": "slice"})],
-    ("downsample",): [("sodtool.stages.downsample", "DownsampleConfig", {})],
-    ("predict",): [("sodtool.stages.predict", "PredictConfig", {"slice_size": "slice"})],
-    ("train", "sr"): [("sodtool.stages.train_sr", "TrainSRConfig", {"workers": "num_workers"})],
-    ("train", "fsr"): [("sodtool.stages.train_fsr", "TrainFSRConfig", {"evaluate": "eval"})],
-    ("train", "detgan"): [("sodtool.stages.train_detgan", "TrainDetGANConfig", {})],
-    ("train", "mtgan"): [("sodtool.stages.train_mtgan", "TrainMTGANConfig", {
-        "workers": "num_workers", "no_reg_branch": "reg_branch", "no_adv": "adv", "no_cls": "cls", "no_reg": "reg"})],
-    ("eval",): [("sodtool.stages.eval_mtgan", "RescoreConfig", {"ablation": "ablations", "slice_size": "slice"}),
-                ("sodtool.stages.eval_results", "EvalResultsConfig", {})],
-    ("eval", "sr"): [("sodtool.stages.eval_sr", "EvalSRConfig", {})],
-}
-
-# Commands whose options feed no config dataclass.
-NO_CONFIG_COMMANDS = {
-    ("info",): "no options",
-    ("crop-rois", "merge"): "calls merge_shards(out, shards, overwrite=...) directly; no config dataclass",
-    ("verify",): "calls store.verify_store(path) on each argument; no options",
-}
-
-# (command, option param name): options that are not config fields.
-NOT_CONFIG_OPTIONS: dict = {}
-
-def _csv(value):
-    from sodtool.options import csv_ints
-
-    return csv_ints(value, "--option")
-
-
-# (command, option param name): the command converts the option's value before it becomes the
-# field; the test applies the same conversion to the option's default.
-CONVERTED = {
-    (("train", "detector"), "milestones"): _csv,  # "60000,80000" -> (60000, 80000)
-    (("train", "detector"), "train_sizes"): lambda v: _csv(v) or (),
-    (("train", "detector"), "anchor_sizes"): _csv,
-    (("train", "detector"), "returned_layers"): _csv,
-    (("train", "detector"), "extra_data"): lambda v: tuple(v or ()),  # repeatable --extra-data -> tuple
-    (("train", "mtgan"), "no_reg_branch"): lambda v: not v,  # --no-X flags set field X = not flag
-    (("train", "mtgan"), "no_adv"): lambda v: not v,
-    (("train", "mtgan"), "no_cls"): lambda v: not v,
-    (("train", "mtgan"), "no_reg"): lambda v: not v,
-    (("eval",), "ablations"): lambda v: tuple(v or ()),
-    (("eval",), "compare"): lambda v: tuple(v or ()),
-    (("data", "slice"), "splits"): lambda v: tuple(v or ("train",)),
-}
-
-# (command, option param name, config class): the option's default intentionally differs from
-# the field's. Keep each reason honest: remove the entry when the two are brought together.
-INTENTIONAL_DIFFERENCES = {
-    (("crop-rois",), "out", "CropRoisConfig"):
-        "CLI None, field required: crop-rois is a group callback (so that `crop-rois merge` can sit "
-        "beside it), so --out cannot be a required option; the callback raises InputError without it",
-    (("eval",), "results", "EvalResultsConfig"):
-        "CLI None, field required: --results selects the results mode of `sodtool eval`, absent in rescoring mode",
-    (("eval", "sr"), "generator", "EvalSRConfig"):
-        "CLI None (evaluate bicubic only), field required: EvalSRConfig callers must say generator=None explicitly",
-}
-
-_REQUIRED = object()  # a field without a default, or a required option
-
-
-def _field_default(cls, name):
-    import dataclasses
-
-    f = cls.__dataclass_fields__[name]
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return _REQUIRED
-
-
-def _same(a, b):
-    if a is _REQUIRED or b is _REQUIRED:
-        return a is b
-    return a == b and isinstance(a, bool) == isinstance(b, bool)
-
-
 def _command_tree():
     """{path: click command} of every runnable command (see _commands), hidden ones included."""
     import typer.main
@@ -218,50 +123,6 @@ def _command_tree():
 
     walk(typer.main.get_command(app), [])
     return found
-
-
-def test_option_defaults_match_config_fields():
-    import importlib
-
-    tree = _command_tree()
-    assert set(tree) == set(CONFIGS) | set(NO_CONFIG_COMMANDS), (
-        "add each new command to CONFIGS (or NO_CONFIG_COMMANDS with a reason): "
-        f"{sorted(set(tree) ^ (set(CONFIGS) | set(NO_CONFIG_COMMANDS)))}")
-    problems, checked, used = [], 0, set()
-    for path, specs in CONFIGS.items():
-        configs = [(getattr(importlib.import_module(mod), name), renames) for mod, name, renames in specs]
-        for param in tree[path].params:
-            cli_default = _REQUIRED if param.required else param.default
-            shown = "required" if cli_default is _REQUIRED else repr(cli_default)
-            where = f"sodtool {' '.join(path)} {param.opts[0]} ({param.name})"
-            if (path, param.name) in CONVERTED and cli_default is not _REQUIRED:
-                cli_default = CONVERTED[(path, param.name)](cli_default)
-                shown += f" (-> {cli_default!r})"
-            matched = False
-            for cls, renames in configs:
-                field = renames.get(param.name, param.name)
-                if field not in cls.__dataclass_fields__:
-                    continue
-                matched, checked = True, checked + 1
-                field_default = _field_default(cls, field)
-                key = (path, param.name, cls.__name__)
-                if key in INTENTIONAL_DIFFERENCES:
-                    used.add(key)
-                    if _same(cli_default, field_default):
-                        problems.append(f"{where}: listed in INTENTIONAL_DIFFERENCES but equals "
-                                        f"{cls.__name__}.{field}; remove the entry")
-                elif not _same(cli_default, field_default):
-                    problems.append(f"{where}: default {shown} but {cls.__name__}.{field} = "
-                                    f"{'required' if field_default is _REQUIRED else repr(field_default)}")
-            if not matched and (path, param.name) not in NOT_CONFIG_OPTIONS:
-                problems.append(f"{where}: no field of {[c.__name__ for c, _ in configs]} of that name; "
-                                "map it in CONFIGS or list it in NOT_CONFIG_OPTIONS")
-    stale = set(INTENTIONAL_DIFFERENCES) - used
-    assert not stale, f"INTENTIONAL_DIFFERENCES entries that match no option: {sorted(stale)}"
-    stale = set(NOT_CONFIG_OPTIONS) - {(path, p.name) for path in CONFIGS for p in tree[path].params}
-    assert not stale, f"NOT_CONFIG_OPTIONS entries that match no option: {sorted(stale)}"
-    assert not problems, "option defaults differ from the config dataclasses:\n" + "\n".join(problems)
-    assert checked > 150  # the walk really saw the options
 
 
 def _listed_commands(help_text: str) -> list[str]:
@@ -346,6 +207,13 @@ def test_a_long_path_in_a_message_is_not_broken_across_lines(monkeypatch, kind):
 
 # --- options built from the configs (sodtool.options, cli.config_options) -------------------
 
+# Commands whose options feed no config dataclass.
+NO_CONFIG_COMMANDS = {
+    ("info",): "no options",
+    ("crop-rois", "merge"): "calls merge_shards(out, shards, overwrite=...) directly; no config dataclass",
+    ("verify",): "calls store.verify_store(path) on each argument; no options",
+}
+
 # (config class, field): fields that are no command-line option, and why.
 _PRESET_ONLY = "a Faster R-CNN build setting that only the preset (PRESETS) fills; no option has ever set it"
 NOT_OPTIONS = {
@@ -394,8 +262,10 @@ def test_every_config_field_has_its_option_and_every_option_its_field():
     from sodtool import options as o
 
     found = _config_commands()
-    assert {("train", "sr"), ("train", "detector"), ("train", "fsr"), ("train", "detgan"), ("train", "mtgan"),
-            ("eval",), ("eval", "sr"), ("predict",)} <= set(found)
+    tree = _command_tree()
+    assert set(found) == set(tree) - set(NO_CONFIG_COMMANDS), (
+        "build each command's options from its config (@config_options) or list it in NO_CONFIG_COMMANDS: "
+        f"{sorted(set(tree) - set(NO_CONFIG_COMMANDS) - set(found))}")
     for path, (cmd, classes) in found.items():
         where = f"sodtool {' '.join(path)}"
         params = {p.name: p for p in cmd.params}
