@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from sodtool import boxes as B
 from sodtool.artefacts import file_identity, read_json
 from sodtool.coco import xywh_to_xyxy
+# Crop geometry defaults (HR side in px, LR = HR / 4; window side / ROI's longer side) live in the
+# torch-free config module, so that `crop-rois --help` reads them without torch.
+from sodtool.configs.crop_rois import DEFAULT_CONTEXT, DEFAULT_HR_SIZE  # noqa: F401 - eval, predict read rois.DEFAULT_*
 from sodtool.evaluate import check_results
 from sodtool.models.detectors import load_detector, predict, predict_sliced, resolve_slicing
 
-# Crop geometry defaults: HR side in px (LR = HR / 4) and window side / ROI's longer side.
-DEFAULT_HR_SIZE = 128
-DEFAULT_CONTEXT = 1.5
 # Per-mode defaults: (score_thresh, max_rois).
 MODE_DEFAULTS = {"train": (0.01, 300), "test": (0.05, 100)}
 # Jitter of the added ground-truth boxes: centre shift (fraction of the box side) and log-scale sigmas.

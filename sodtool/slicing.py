@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_area
 
-DEFAULT_MERGE_IOS = 0.5
-DEFAULT_OVERLAP = 0.2  # of the tile side, when a detector trained on tiles slices by default
+from sodtool.configs.slicing import DEFAULT_MERGE_IOS, DEFAULT_OVERLAP  # noqa: F401 (models.detectors imports both from here)
 
 
 def tile_grid(width: int, height: int, size: int, overlap: float) -> np.ndarray:

@@ -76,6 +76,8 @@ import torch
 
 from sodtool.artefacts import atomic_path, sidecar_manifest_path, write_manifest
 from sodtool.coco import CategoryMap
+# The HR crops' default filter, in the torch-free config module so that `crop-rois --help` reads it.
+from sodtool.configs.crop_rois import COMPRESSION
 from sodtool.console import warn
 from sodtool.errors import InputError
 
@@ -83,7 +85,6 @@ from sodtool.errors import InputError
 SCHEMA = "sodtool.rois/2"
 LR_SCHEMA = "sodtool.rois-lr/1"
 CHUNK_ROWS = 8
-COMPRESSION = "lzf"
 COMPRESSIONS = ("lzf", "gzip", "none")
 # Per-row metadata (labels, boxes) is tiny: large chunks keep it to a few reads per file.
 META_CHUNK_ROWS = 4096

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sodtool"
 CORE = {"sodtool", "sodtool.errors", "sodtool.artefacts", "sodtool.console", "sodtool.device", "sodtool.allocator",
         "sodtool.boxes", "sodtool.coco", "sodtool.store", "sodtool.checkpoint", "sodtool.resample", "sodtool.srmetrics",
         "sodtool.evaluate", "sodtool.figures", "sodtool.losses", "sodtool.slicing", "sodtool.insertion",
-        "sodtool.provenance"}
+        "sodtool.provenance", "sodtool.options", "sodtool.configs"}
 ROOMS = {"sodtool.engine", "sodtool.detdata", "sodtool.srdata", "sodtool.rois", "sodtool.testrois",
          "sodtool.rescoring", "sodtool.reports", "sodtool.models"}
 TOP = {"sodtool.cli", "sodtool.__main__"}
@@ -34,7 +34,7 @@ def module_name(path: Path) -> str:
 
 
 def floor(name: str) -> int:
-    if name in CORE:
+    if name in CORE or name.startswith("sodtool.configs."):
         return 0
     if name in ROOMS or name.startswith("sodtool.models."):
         return 1

@@ -47,9 +47,8 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +58,7 @@ from sodtool import rois
 from sodtool import store as S
 from sodtool.artefacts import Timer, check_output, config_dict, file_identity
 from sodtool.coco import CategoryMap, load_split, resolve_split
+from sodtool.configs.crop_rois import CropRoisConfig
 from sodtool.console import log, summary_table, track
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
@@ -66,51 +66,6 @@ from sodtool.models.detector_weights import FAMILIES
 from sodtool.provenance import image_digest
 
 MODES = ("train", "test")
-
-
-@dataclass(frozen=True)
-class CropRoisConfig:
-    """Options of `sodtool crop-rois` (see the module docstring for the sampling rules).
-
-    Exactly one of detector_weights (a RUN/detector/model.pt checkpoint, run on `device`) and
-    detections (a COCO results JSON, e.g. from `sodtool detect`) gives the ROIs, or neither with
-    gt_only (train mode: jittered ground truth plus random backgrounds, no detector). score_thresh /
-    max_rois None take the mode's default (train 0.01 / 300, test 0.05 / 100). shard "i/n"
-    processes every n-th image from the i-th and writes `<out stem>.shard-i-of-n.h5`.
-    """
-
-    out: Path
-    data: Path | None = None
-    split: str = "train"
-    ann: Path | None = None
-    images: Path | None = None
-    mode: str = "train"
-    detector: str = "frcnn"
-    detector_weights: Path | None = None
-    detections: Path | None = None
-    hr_size: int = rois.DEFAULT_HR_SIZE
-    context: float = rois.DEFAULT_CONTEXT
-    score_thresh: float | None = None
-    max_rois: int | None = None
-    fg_iou: float = 0.5
-    bg_low: float = 0.1
-    fg_fraction: float = 0.25
-    rois_per_image: int = 64
-    gt_jitters: int = 2
-    jitter_iou: float = 0.7
-    shard: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    batch_images: int = 4
-    compression: str = S.COMPRESSION
-    skip_invalid: bool = False
-    overwrite: bool = False
-    # Sliced inference of the detector (`models.detectors.predict_sliced`): tile px, overlap, whole image too.
-    # None: whole images, or the tile size a detector trained on tiles records; 0: whole images always.
-    slice: Optional[int] = None
-    overlap: float = 0.2
-    slice_full: bool = False
-    gt_only: bool = False
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:

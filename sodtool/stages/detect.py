@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sodtool.artefacts import Timer, atomic_path, check_output, sidecar_manifest_path, write_json, write_manifest
 from sodtool.coco import load_split, resolve_split
+from sodtool.configs.detect import DetectConfig
 from sodtool.console import summary_table
 from sodtool.device import device_name, resolve_device, seed_everything
 from sodtool.errors import InputError
@@ -18,35 +18,6 @@ from sodtool.models.detectors import detect_split, load_detector
 # ----------------------------------------------------------------------------------------------
 # Detection on a split
 # ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DetectConfig:
-    """`sodtool detect`: run a detector over a split and write COCO results JSON.
-
-    `detector`: a checkpoint (RUN/detector/model.pt, its folder, or a torchvision detection
-    state dict) or the family name "frcnn" together with `weights`.
-    `out` defaults to RUN/detections_<split>.json for RUN/detector/model.pt, else
-    ./detections_<split>.json; its manifest is written beside it as <out stem>.manifest.json.
-    """
-
-    detector: str = "frcnn"
-    weights: Path | None = None
-    data: Path | None = None
-    split: str = "minival"
-    ann: Path | None = None
-    images: Path | None = None
-    out: Path | None = None
-    score_thresh: float = 0.001
-    max_per_image: int = 100
-    batch_size: int = 4
-    min_size: int | None = None
-    max_size: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    evaluate: bool = True
-    amp: bool = False
-    skip_invalid: bool = False
-    overwrite: bool = False
 
 
 def _detector_file(cfg: DetectConfig) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,26 +30,11 @@ import torch
 
 from sodtool import store as S
 from sodtool.artefacts import Timer, check_output, file_identity
+from sodtool.configs.downsample import DownsampleConfig
 from sodtool.console import log, summary_table, track
 from sodtool.errors import InputError
 from sodtool.resample import bicubic_down
 from sodtool.store import write_store_manifest
-
-
-@dataclass(frozen=True)
-class DownsampleConfig:
-    """src: HR store; out: LR store (default `<src stem>_lr.h5` beside src); scale: the factor
-    (S must be divisible by it); batch: rows per step (a multiple of the chunk size is fastest);
-    compression: of the LR crops, none by default: 32 px crops of noisy images do not compress
-    (LZF kept 94% of the bytes) and an uncompressed twin costs the loader nothing to read."""
-
-    src: Path
-    out: Path | None = None
-    scale: int = 4
-    batch: int = 256
-    overwrite: bool = False
-    compression: str = "none"
-    workers: int | None = None
 
 
 def default_out(src: Path) -> Path:

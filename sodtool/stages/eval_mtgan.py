@@ -75,7 +75,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -84,6 +83,7 @@ import torch
 
 from sodtool.artefacts import Timer, check_output, staged_dir, write_json, write_manifest, write_text
 from sodtool.coco import SplitPaths, load_split, to_coco_results
+from sodtool.configs.eval_mtgan import RescoreConfig
 from sodtool.console import log, make_progress, warn
 from sodtool.device import device_name, resolve_device, seed_everything
 from sodtool.errors import InputError
@@ -127,78 +127,6 @@ from sodtool.testrois import ImageRois, batch_images, detector_detections, detec
 STAGE = "eval-mtgan"
 RESERVED_NAMES = (BASELINE, MTGAN, BICUBIC, PRETRAINED_G, "metrics", "table", "manifest", "figures")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-
-
-@dataclass(frozen=True)
-class RescoreConfig:
-    """Options of `sodtool eval --mtgan ...` (rescoring). Exactly one of `detector` / `rois`.
-
-    data/split or ann/images: the dataset split (ground truth and images);
-    detector: a detector checkpoint (RUN/detector/model.pt) run on the split's images;
-    rois: a test-mode HR ROI store of the split (`rois_<split>.h5`; its `_lr.h5` twin is used
-      when present, else the LR crops are made here the same way);
-    mtgan: the MTGAN run folder (RUN/mtgan) or its model.pt; None: no rescoring, `compare` rows only;
-    ablations: "NAME=PATH" pairs, each another MTGAN folder / model.pt evaluated the same way;
-    compare: "NAME=PATH" pairs, each another detector's model.pt (module docstring);
-    pretrained_g: a `train sr` run folder (RUN/sr) or its generator.pt: adds the pretrained-G
-      control rows (module docstring); None: none;
-    out: output folder (default: RUN/eval_<split>, RUN being the MTGAN folder's parent; required
-      without an MTGAN);
-    score: "disc" | "fused": the MTGAN row the detections figure draws beside the baseline's
-      (`mtgan` or `mtgan_fused`; every row is written and evaluated either way);
-    nms_iou / max_per_image / min_score: step 4, for every row, the baseline's included
-      (min_score None: the ROIs' own score threshold; never below it, which the baseline row
-      could not follow);
-    small_area: also write size-gated rows (step 4), ROIs below this area (image px^2) rescored
-      (None or 0: no gated rows);
-    sr_gate: also write SR-gated rows (step 4): only the ROIs that go through G rescored;
-    sr_only: every ROI through G (or bicubic), even those whose window is wider than the LR crop (step 3);
-    batch_size: ROIs per forward pass; context / roi_score_thresh / rois_per_image: crop
-      context factor, detector score threshold and ROIs per image of the direct path (None: as
-      the MTGAN's training store / as crop-rois test mode: 0.05 and 100, the paper's protocol);
-      detector_batch: images per detector call (as crop-rois' --batch-images);
-    figures: write figures; fig_triplets / fig_images: how many SR examples / images to draw (the
-      detections figure draws each row's top k per image, k = the image's ground-truth count);
-    allow_trained_images: evaluate even where a model (MTGAN, ablation, pretrained G, detector) was
-      trained on images being evaluated (sodtool.provenance: by image file digest); refused otherwise.
-      For debugging: metrics.json records the overlap ("trained_overlap") and table.md says so.
-    """
-
-    mtgan: Optional[Path] = None
-    data: Optional[Path] = None
-    split: str = "minival"
-    ann: Optional[Path] = None
-    images: Optional[Path] = None
-    detector: Optional[Path] = None
-    rois: Optional[Path] = None
-    ablations: tuple[str, ...] = ()
-    compare: tuple[str, ...] = ()
-    pretrained_g: Optional[Path] = None
-    out: Optional[Path] = None
-    score: str = "fused"
-    nms_iou: float = 0.5
-    max_per_image: int = 100
-    min_score: Optional[float] = None
-    small_area: Optional[float] = None
-    sr_gate: bool = False
-    sr_only: bool = False
-    batch_size: int = 256
-    device: str = "auto"
-    seed: int = 0
-    context: Optional[float] = None
-    roi_score_thresh: Optional[float] = None
-    rois_per_image: Optional[int] = None
-    detector_batch: int = 4
-    figures: bool = True
-    fig_triplets: int = 16
-    fig_images: int = 4
-    overwrite: bool = False
-    # With --detector: sliced inference (tile px, overlap, whole image too), as crop-rois --slice
-    # (None: whole images or a tile-trained detector's own tile size; 0: whole images always).
-    slice: Optional[int] = None
-    overlap: float = 0.2
-    slice_full: bool = False
-    allow_trained_images: bool = False
 
 
 def parse_ablation(spec: str, option: str = "--ablation",

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from sodtool.artefacts import Timer, check_output, read_json, staged_dir, write_json, write_manifest, write_text
 from sodtool.coco import SplitPaths, load_split
+from sodtool.configs.eval_results import EvalResultsConfig
 from sodtool.console import log, print_table, summary_table
 from sodtool.evaluate import STAT_NAMES, STAT_TITLES, check_results, coco_evaluate, resolve_ground_truth
-
-
-@dataclass(frozen=True)
-class EvalResultsConfig:
-    """`sodtool eval --results FILE`: evaluate a COCO results file against a split's ground truth."""
-
-    results: Path
-    ann: Path | None = None
-    images: Path | None = None
-    data: Path | None = None
-    split: str = "minival"
-    out: Path | None = None
-    overwrite: bool = False
 
 
 def default_eval_out(results: Path) -> Path:

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from sodtool.artefacts import Timer, atomic_path, check_output, staged_dir, write_json, write_manifest, write_text
+from sodtool.configs.eval_sr import EvalSRConfig
 from sodtool.console import print_table, track
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
@@ -50,22 +49,6 @@ IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".pg
 GREY_MODES = {"1", "L", "LA"}
 COLOUR_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}
 METRIC_KEYS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
-
-
-@dataclass(frozen=True)
-class EvalSRConfig:
-    """generator: a checkpoint (RUN/sr/generator.pt, RUN/mtgan/model.pt, or a folder holding
-    one of them); None = bicubic only. data: folder with HR/ and LR/. out: output folder
-    (None = write nothing). border: px cropped from each side before measuring."""
-
-    generator: Optional[Path]
-    data: Path
-    out: Optional[Path] = None
-    scale: int = 4
-    border: int = 4
-    device: str = "auto"
-    save_images: bool = False
-    overwrite: bool = False
 
 
 def eval_sr(cfg: EvalSRConfig) -> dict:

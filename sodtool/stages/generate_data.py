@@ -22,9 +22,7 @@ inserted boxes drawn. Same seed and inputs, same bytes.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -32,6 +30,7 @@ from PIL import Image
 
 from sodtool.artefacts import Timer, check_output, staged_dir, write_json, write_manifest
 from sodtool.coco import CocoSplit, load_split, resolve_split
+from sodtool.configs.generate_data import GenerateDataConfig
 from sodtool.console import log, summary_table, track
 from sodtool.errors import InputError
 from sodtool.figures import inserted_objects_grid
@@ -44,23 +43,6 @@ METHODS = ("copy-paste", "detgan")
 # Decoded source images kept at once: a generated image copies objects of up to per_image others.
 IMAGE_CACHE = 32
 PREVIEW_IMAGES = 4
-
-
-@dataclass(frozen=True)
-class GenerateDataConfig:
-    """`sodtool data generate`. count: images written; per_image: objects inserted at most in
-    each; method: one of METHODS; detgan: the `train detgan` run folder (method detgan)."""
-
-    out: Path
-    data: Optional[Path] = None
-    split: str = "train"
-    method: str = "copy-paste"
-    count: int = 100
-    per_image: int = 4
-    detgan: Optional[Path] = None
-    seed: int = 0
-    skip_invalid: bool = False
-    overwrite: bool = False
 
 
 def check_config(cfg: GenerateDataConfig) -> None:

@@ -50,6 +50,7 @@ import numpy as np
 
 from sodtool.artefacts import Timer, check_output, swap_into, temp_path, write_json, write_manifest
 from sodtool.coco import read_image_rgb, size_bucket
+from sodtool.configs.import_yolo import ImportYoloConfig
 from sodtool.console import log, summary_table, track, warn
 from sodtool.errors import InputError
 
@@ -60,40 +61,6 @@ SPLITS = ("train", "minival")  # always written; "val" too when there is a val s
 # touching the border come out as 1.0004); such boxes are clipped. More than this is an error.
 COORD_TOLERANCE = 0.01
 _ID_LINE = re.compile(r"^(\d+)\s+(\S.*)$")
-
-
-@dataclass(frozen=True)
-class ImportYoloConfig:
-    """Options of `sodtool data import-yolo`.
-
-    src: the YOLO dataset folder. out: output dataset folder (default `data/<src name>`).
-    classes: classes file (default SRC/classes.txt, then SRC/labels/classes.txt).
-    images / labels: folder names under src. val_fraction: share of images put in `minival`
-    (seeded shuffle) unless train_list / minival_list name the images (one file name or
-    path per line; with one list the other split is the rest). holdout_fraction: share of
-    all images put in `val` (0 = no val split), a seeded draw from the images that would
-    otherwise be train: minival is unchanged. val_list: the `val` images by name instead;
-    alone, minival is drawn by val_fraction from the images it does not list; with
-    train_list / minival_list, the unlisted rest goes to train if train_list is absent, else
-    to minival if minival_list is absent, else is left out. link: how images reach the
-    output (copy, hardlink or symlink to the absolute source path). skip_orphan_labels: drop
-    label files that have no image instead of failing.
-    """
-
-    src: Path
-    out: Path | None = None
-    classes: Path | None = None
-    images: str = "images"
-    labels: str = "labels"
-    val_fraction: float = 0.2
-    train_list: Path | None = None
-    minival_list: Path | None = None
-    holdout_fraction: float = 0.0
-    val_list: Path | None = None
-    seed: int = 0
-    link: str = "copy"
-    overwrite: bool = False
-    skip_orphan_labels: bool = False
 
 
 @dataclass

@@ -73,6 +73,7 @@ from sodtool.artefacts import (
 )
 from sodtool.boxes import square_windows
 from sodtool.coco import read_image_rgb, to_coco_results
+from sodtool.configs.predict import PredictConfig
 from sodtool.console import log, make_progress, summary_table, warn
 from sodtool.device import device_name, resolve_device
 from sodtool.errors import InputError
@@ -93,7 +94,7 @@ from sodtool.rescoring import (
     select_detections,
 )
 from sodtool.rois import DEFAULT_CONTEXT, DEFAULT_HR_SIZE, crop_windows, prepare_detections
-from sodtool.slicing import DEFAULT_MERGE_IOS, tile_grid
+from sodtool.slicing import tile_grid
 
 STAGE = "predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
@@ -112,37 +113,6 @@ PART_FORMAT = 2
 _PART_NAME = re.compile(r"^[0-9a-f]{16}\.json$")
 # The temporaries this tool writes (`artefacts.temp_path`).
 _TEMP = re.compile(r"^\..+\.\d+\.tmp$")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Options of `sodtool predict` (module docstring)."""
-
-    inputs: tuple[str, ...]
-    detector: Path
-    out: Path
-    mtgan: Optional[Path] = None
-    score: str = "fused"
-    # Rescore only ROIs below this area (px², COCO's small: 32²), as eval's "ROIs < 32² only" rows,
-    # Noh et al.'s routing of small proposals only (docs/choices_on_val.md checks the gate on val);
-    # 0 or None: every ROI (the paper's protocol).
-    small_area: Optional[float] = 1024.0
-    sr_only: bool = False  # every ROI through G, none read from its HR crop (eval's --sr-only)
-    slice: Optional[int] = None
-    overlap: float = 0.2
-    slice_full: bool = False
-    # With mtgan: the crop context factor (None: the one of the store the MTGAN was trained on).
-    context: Optional[float] = None
-    score_thresh: float = 0.05
-    max_rois: int = 100
-    max_per_image: int = 100
-    merge_ios: float = DEFAULT_MERGE_IOS
-    nms_iou: float = 0.5
-    min_score: float = 1e-3
-    draw_threshold: float = 0.5
-    batch_size: int = 8
-    device: str = "auto"
-    overwrite: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,40 +19,19 @@ mapped back with its tile's offset is its source box whenever it was kept whole.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
 
 from sodtool.artefacts import Timer, check_output, staged_dir, write_json, write_manifest
 from sodtool.coco import load_split, resolve_split, xywh_to_xyxy
+from sodtool.configs.slice_data import SliceDataConfig
 from sodtool.console import log, summary_table, track
 from sodtool.errors import InputError
 from sodtool.slicing import tile_grid
 
 STAGE = "data-slice"
-
-
-@dataclass(frozen=True)
-class SliceDataConfig:
-    """`sodtool data slice`. size: tile side in px; overlap: share of a tile shared with its
-    neighbour, [0, 1); min_visibility: share of a box's area that must lie inside a tile for the
-    box to be kept there, (0, 1]; empty_ratio: tiles without objects kept per tile with objects."""
-
-    out: Path
-    data: Optional[Path] = None
-    size: int = 512
-    splits: tuple[str, ...] = ("train",)
-    overlap: float = 0.2
-    min_visibility: float = 0.5
-    empty_ratio: float = 0.1
-    ann: Optional[Path] = None
-    images: Optional[Path] = None
-    seed: int = 0
-    skip_invalid: bool = False
-    overwrite: bool = False
 
 
 def check_config(cfg: SliceDataConfig) -> None:

@@ -9,11 +9,11 @@ in pixels; its 32 and 96 edges are the COCO thresholds, so bins never straddle a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from sodtool.artefacts import Timer, check_output, staged_dir, write_json, write_manifest
 from sodtool.coco import SplitPaths, load_split, size_bucket
+from sodtool.configs.stats import StatsConfig
 from sodtool.console import log, print_table, summary_table, warn
 from sodtool.evaluate import resolve_ground_truth
 from sodtool.figures import draw_size_histogram
@@ -21,18 +21,6 @@ from sodtool.figures import draw_size_histogram
 # sqrt(area) bin edges in pixels; the last bin is open ("256+").
 HIST_EDGES = (0, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 BUCKETS = ("small", "medium", "large")
-
-
-@dataclass(frozen=True)
-class StatsConfig:
-    """`sodtool data stats`: describe one split of a COCO-format dataset."""
-
-    data: Path | None = None
-    split: str = "train"
-    ann: Path | None = None
-    images: Path | None = None
-    out: Path | None = None
-    overwrite: bool = False
 
 
 def bin_labels(edges: tuple[int, ...] = HIST_EDGES) -> list[str]:

@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from sodtool import __version__
 from sodtool.artefacts import MANIFEST, Timer, check_output, read_json, swap_into, temp_path, write_json, write_manifest
 from sodtool.coco import size_bucket
+from sodtool.configs.synth import SynthConfig
 from sodtool.console import log, make_progress, print_table
 from sodtool.errors import InputError
 
@@ -121,29 +122,6 @@ PRESETS = {
     "large": Preset(train_images=400, val_images=50, minival_images=50, image_size=2048, objects_per_image=(40, 60),
                     distractors_per_image=(8, 16), max_object_side=192),
 }
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """Options of `sodtool data synth`. None means "take it from the preset".
-
-    out: output folder (default `data/synth-<preset>`); objects_per_image / distractors_per_image
-    are inclusive (min, max) ranges drawn uniformly per image.
-    """
-
-    out: Optional[Path] = None
-    preset: str = "quick"
-    train_images: Optional[int] = None
-    val_images: Optional[int] = None
-    minival_images: Optional[int] = None
-    image_size: Optional[int] = None
-    classes: int = 10
-    seed: int = 0
-    workers: int = 1
-    overwrite: bool = False
-    objects_per_image: Optional[tuple[int, int]] = None
-    distractors_per_image: Optional[tuple[int, int]] = None
-    max_object_side: Optional[int] = None
 
 
 def resolve_config(cfg: SynthConfig) -> SynthConfig:

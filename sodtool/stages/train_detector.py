@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch import nn
 
 from sodtool.artefacts import Timer, check_output, config_dict, file_identity, write_json, write_manifest
 from sodtool.coco import load_split, resolve_split
+from sodtool.configs.train_detector import PRESETS, SSD_PRESETS, TrainDetectorConfig
 from sodtool.console import log, make_progress, summary_table, warn
 from sodtool.device import autocast, device_name, resolve_device, seed_everything
 # The training data (moved down a floor: `train fsr` trains on the same batches); `augment` is
@@ -60,136 +61,11 @@ STAGE = "train-detector"
 # Training
 # ----------------------------------------------------------------------------------------------
 
-# Presets fill every config field left at None.
-#
-# `quick`: the synthetic quickstart on a 2-core CPU. MobileNetV3-Large trained from scratch: it
-#   learns the classes' patterns in fewer CPU-seconds than ResNet-18 (docs/design_notes.md). The FPN takes the
-#   stride-8/16/32 stages (torchvision's mobilenet layout takes only stride-32 ones, blind to
-#   8 px objects); anchors 16-128 px on P3-P6 for objects of 8-190 px in 320 px images
-#   (torchvision's are 32-512 px for 800 px images). A narrow FPN (64), 64 sampled RoIs per image
-#   of which up to half positive (RoIAlign's backward dominates a CPU iteration otherwise) and
-#   fewer proposals keep a CPU iteration short. No flips: the synthetic stripes-d and stripes-a
-#   classes are mirror images of each other. 800 iterations (3200 images): the class patterns
-#   start being learnt only after a few passes (docs/design_notes.md).
-# `bench`: the same network on the synthetic bench data (4000 images), 3x longer (9600 images seen).
-# `coco`: the paper's COCO 2017 baseline, Detectron's e2e_faster_rcnn_R-50-C4_1x (which the paper
-#   takes from Mask R-CNN [10]): ResNet-50-C4, 800/1333 px, batch 16 (8 GPUs x 2 there, one
-#   process here), lr 0.02, 90k iterations, lr /10 at 60k and 80k, 500 warm-up iterations from
-#   1/3, weight decay 1e-4, 512 RoIs per image (1/4 positive), flips; ImageNet trunk via
-#   --backbone-weights (BatchNorm frozen, conv1 and layer1 frozen, as Detectron).
-_QUICK = dict(
-    arch="mobilenet_v3_fpn", iterations=800, batch_size=4, lr=0.02, weight_decay=1e-4,
-    warmup_iters=100, milestones=(640,), min_size=320, max_size=533,
-    fpn_channels=64, returned_layers=(2, 3, 4), anchor_sizes=(16, 32, 64, 128),
-    roi_batch_size=64, roi_positive_fraction=0.5, representation_size=256,
-    rpn_pre_nms_train=1000, rpn_post_nms_train=500, rpn_post_nms_test=300,
-    hflip=False, checkpoint_every=100,
-)
-# SSD and MDSSD (`--detector ssd|mdssd`). `quick` / `bench`: the light MobileNetV3 trunk at 320 px
-#   with the Faster R-CNN presets' schedule (the same images seen, so that the Fusion Blocks'
-#   gain is measured on one budget). `paper`: VGG16 at 300 px with SSD's COCO schedule (batch 32,
-#   lr 1e-3, /10 at 280k and 360k of 400k iterations, weight decay 5e-4, flips); the MDSSD seed
-#   leaves its schedule to an appendix it does not include. lr 0.005, not the Faster R-CNN's 0.02:
-#   SSD's losses sum over every matched and hard-negative default box, and the light SSD
-#   diverged at 0.02 (docs/design_notes.md).
-_SSD_QUICK = dict(arch="mobilenet_v3", size=320, iterations=800, batch_size=4, lr=0.005, weight_decay=1e-4,
-                  warmup_iters=100, milestones=(640,), hflip=False, checkpoint_every=100)
-# `bench` also clips the gradient's global norm at 10 (as Ultralytics' YOLO trainers do): without
-#   it, MDSSD's bench loss jumped by orders of magnitude at the peak lr and never recovered
-#   (docs/design_notes.md). `quick` is left unclipped: its runs did not jump.
-SSD_PRESETS: dict[str, dict[str, Any]] = {
-    "quick": _SSD_QUICK,
-    "bench": {**_SSD_QUICK, "iterations": 2400, "milestones": (1900, 2200), "checkpoint_every": 200,
-              "clip_grad_norm": 10.0},
-    "paper": dict(arch="vgg16", size=300, iterations=400_000, batch_size=32, lr=1e-3, weight_decay=5e-4,
-                  warmup_iters=500, milestones=(280_000, 360_000), hflip=True, checkpoint_every=5000),
-}
+# Presets (PRESETS, SSD_PRESETS) and the config: sodtool.configs.train_detector.
 # Options of the Faster R-CNN build, refused with --detector ssd / mdssd.
 FRCNN_ONLY = ("min_size", "max_size", "fpn_channels", "returned_layers", "anchor_sizes", "roi_batch_size",
               "roi_positive_fraction", "representation_size", "rpn_pre_nms_train", "rpn_post_nms_train",
               "rpn_post_nms_test", "backbone_weights")
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": _QUICK,
-    "bench": {**_QUICK, "iterations": 2400, "milestones": (1900, 2200), "checkpoint_every": 200},
-    "coco": dict(
-        arch="resnet50_c4", iterations=90_000, batch_size=16, lr=0.02, weight_decay=1e-4,
-        warmup_iters=500, warmup_factor=1 / 3, milestones=(60_000, 80_000), min_size=800, max_size=1333,
-        fpn_channels=None, returned_layers=None, anchor_sizes=None, roi_batch_size=512,
-        representation_size=None, rpn_pre_nms_train=None, rpn_post_nms_train=None, rpn_post_nms_test=None,
-        roi_positive_fraction=None, hflip=True, checkpoint_every=5000,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class TrainDetectorConfig:
-    """`sodtool train detector`. Fields left None take the preset's value (PRESETS)."""
-
-    data: Path | None = None
-    out: Path = Path("runs/detector")
-    detector: str = "frcnn"  # or "ssd", "mdssd" (sodtool.models.ssd)
-    preset: str = "quick"
-    train_split: str = "train"
-    train_ann: Path | None = None
-    train_images: Path | None = None
-    val_split: str = "minival"
-    val_ann: Path | None = None
-    val_images: Path | None = None
-    arch: str | None = None
-    iterations: int | None = None
-    epochs: float | None = None  # alternative to iterations: epochs * images / batch_size
-    batch_size: int | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    warmup_iters: int | None = None
-    warmup_factor: float | None = None  # lr multiplier at step 0, rising linearly to 1
-    milestones: tuple[int, ...] | None = None  # lr *= gamma at each
-    gamma: float = 0.1
-    clip_grad_norm: float | None = None  # clip the gradient's global L2 norm at this (None: preset's; 0: off)
-    min_size: int | None = None
-    max_size: int | None = None
-    size: int | None = None  # SSD / MDSSD: the square input size
-    train_sizes: tuple[int, ...] = ()  # multi-scale training: short side drawn from these per image
-    hflip: bool | None = None  # preset: off on the synthetic data (a flip turns "/" stripes into "\\")
-    vflip: bool = False  # random vertical flips (overhead imagery has no "up")
-    rot90: bool = False  # random quarter turns (overhead imagery)
-    fpn_channels: int | None = None
-    returned_layers: tuple[int, ...] | None = None
-    anchor_sizes: tuple[int, ...] | None = None  # one size per feature level
-    roi_batch_size: int | None = None  # sampled RoIs per image for the box head
-    roi_positive_fraction: float | None = None  # at most this share of them positive
-    representation_size: int | None = None
-    rpn_pre_nms_train: int | None = None  # proposals per level before NMS in training
-    rpn_post_nms_train: int | None = None  # proposals kept per image in training
-    rpn_post_nms_test: int | None = None  # ... and at test time
-    weights: Path | None = None
-    # With --weights: load only the trunk (backbone body, and FPN tensors of the same shape) and
-    # leave the RPN and box heads new, so that a detector of another class count (or other anchors)
-    # can start the training; the build options given here then shape the new model.
-    reinit_heads: bool = False
-    backbone_weights: Path | None = None
-    # Generated datasets (sodtool layout, split "train") mixed into training, e.g. DetectorGAN's
-    # images: one pool, their images in the order given. Stored as strings once resolved (the
-    # checkpoint's config must load with weights_only).
-    extra_data: tuple[Path | str, ...] = ()
-    # Expected share of extra images among those seen (each batch slot takes one with this
-    # probability); None: 0.5 with --extra-data. The budget (--iterations) does not grow with it.
-    extra_ratio: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    workers: int | None = None  # None: 0 on CPU, 4 on CUDA
-    checkpoint_every: int | None = None
-    log_every: int = 20
-    resume: bool = True
-    eval: bool = True
-    eval_score_thresh: float = 0.001
-    eval_batch_size: int = 4
-    amp: bool = False  # bf16 autocast on CUDA
-    skip_invalid: bool = False
-    stop_after: int | None = None  # tests: checkpoint and return after this iteration (a kill, simulated)
-    tensorboard: bool = False  # also write TensorBoard events (RUN/tensorboard); metrics.jsonl stays the record
-
 
 # Fields that may change between a run and its resumption (they steer the run, not its result).
 RESUME_FREE = frozenset({"device", "workers", "resume", "checkpoint_every", "log_every", "eval", "eval_score_thresh",

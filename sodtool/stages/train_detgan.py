@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +46,7 @@ from PIL import Image
 
 from sodtool.artefacts import Timer, check_output, file_identity, write_manifest
 from sodtool.coco import load_split, resolve_split
+from sodtool.configs.train_detgan import TrainDetGANConfig
 from sodtool.console import make_progress, summary_table
 from sodtool.device import device_name, resolve_device, seed_everything
 from sodtool.engine import (TENSORBOARD_DIR, LossWindow, MetricsLog, all_finite, close_run_dir, due, fmt_terms,
@@ -60,44 +60,6 @@ from sodtool.models.networks import set_requires_grad
 from sodtool.provenance import gather, read_record, split_digests, write_record
 
 STAGE = "train-detgan"
-
-
-@dataclass(frozen=True)
-class TrainDetGANConfig:
-    """Options of `sodtool train detgan` (defaults: the light CPU configuration)."""
-
-    detector: Path  # the in-loop detector: a `train detector` Faster R-CNN run or its model.pt
-    data: Path | None = None
-    out: Path = Path("runs/detgan")
-    split: str = "train"
-    patch: int = 128  # px; a multiple of 4, at least 4 x the largest object trained on
-    iterations: int = 1500
-    pretrain_iterations: int = 500  # phase 1: G and the discriminators without the detector
-    batch_size: int = 4
-    channels: int = 32  # G's base width (64 in CycleGAN)
-    blocks: int = 4  # G's residual blocks (9 in the paper)
-    d_channels: int = 32
-    local_size: int = 32  # px the object crop is resampled to for the local discriminator
-    lr: float = 2e-4  # Adam (beta1 0.5), G and the discriminators, as CycleGAN
-    det_lr: float = 0.005  # the in-loop detector's SGD step, the one Eq. 3 unrolls
-    adv_weight: float = 1.0
-    local_weight: float = 1.0
-    l1_weight: float = 10.0  # BboxLoss
-    syn_weight: float = 0.1  # L_syn, maximised by G
-    unroll_weight: float = 1.0  # L_real(W'), minimised by G
-    unroll: bool = True
-    pool_size: int = 50
-    margin: int = 2  # px the noised box is grown by, so the object's border is repainted too
-    min_visibility: float = 0.5  # a box cut by the patch border is kept (clipped) from this share inside
-    log_every: int = 10
-    checkpoint_every: int = 100
-    sample_every: int = 250
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = True
-    stop_after: Optional[int] = None  # tests: checkpoint and return after this iteration (a kill, simulated)
-    tensorboard: bool = False  # also write TensorBoard events and samples (RUN/tensorboard); metrics.jsonl stays the record
-
 
 RESUME_FREE = frozenset({"device", "resume", "checkpoint_every", "log_every", "sample_every", "out", "stop_after",
                          "tensorboard"})

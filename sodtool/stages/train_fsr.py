@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import torch
 
 from sodtool.artefacts import Timer, check_output, config_dict, file_identity, write_json, write_manifest
 from sodtool.coco import load_split, resolve_split
+from sodtool.configs.train_fsr import PRESETS, TrainFSRConfig
 from sodtool.console import log, make_progress, summary_table
 from sodtool.detdata import DetectionDataset, collate
 from sodtool.device import autocast, device_name, resolve_device, seed_everything
@@ -66,79 +67,7 @@ from sodtool.provenance import gather, read_record, split_digests, write_record
 
 STAGE = "train-fsr"
 
-# Presets fill every config field left at None. The paper gives no schedule, widths or loss
-# weights (its supplement is not in the material): these are sodtool's choices, to be chosen on val.
-#
-# `quick`: the quickstart on a 2-core CPU, where the whole feature stage must add at most 2 minutes
-#   (issue 32). A GAN step runs the frozen MobileNetV3-FPN three times without gradient (the full
-#   image, the 0.5x image, the atrous extractor) plus the small heads, G and D; a fine-tuning step
-#   runs it once. 150 GAN + 50 fine-tuning steps of batch 4 (800 images, 1.6 passes over the
-#   quick train split). G starts as the identity and the small head as a copy of the large one,
-#   so the model starts where the base detector is. The small-proposal side is 32 px of the
-#   320 px input (COCO's small objects); pairs are the RoIs of 16-64 px at full size.
-# `bench`: the same on the bench data, 3x longer.
-# `coco`: the ResNet-50-C4 base of the detector's coco preset at 800/1333 px, batch 8; 96 px
-#   small proposals (the paper's VOC / COCO threshold); 40k GAN + 10k fine-tuning steps.
-_QUICK = dict(iterations=200, finetune_iterations=50, batch_size=4, lr=0.002, weight_decay=1e-4, g_lr=2e-4,
-              d_lr=2e-4, small_size=32, gen_blocks=2, disc_hidden=256, hflip=False, checkpoint_every=50)
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": _QUICK,
-    "bench": {**_QUICK, "iterations": 600, "finetune_iterations": 150, "checkpoint_every": 100},
-    "coco": dict(iterations=50_000, finetune_iterations=10_000, batch_size=8, lr=0.002, weight_decay=1e-4,
-                 g_lr=1e-4, d_lr=1e-4, small_size=96, gen_blocks=4, disc_hidden=1024, hflip=True,
-                 checkpoint_every=2000),
-}
-
-
-@dataclass(frozen=True)
-class TrainFSRConfig:
-    """`sodtool train fsr`. Fields left None take the preset's value (PRESETS); `pair_min_size`
-    None is small_size // 2. Sizes are sides in model-input pixels (the image after the
-    detector's resize), areas their squares."""
-
-    detector: Path
-    data: Path | None = None
-    out: Path = Path("runs/fsr")
-    control: str = "none"  # or "small-head", "unmatched-target"
-    preset: str = "quick"
-    train_split: str = "train"
-    train_ann: Path | None = None
-    train_images: Path | None = None
-    val_split: str = "minival"
-    val_ann: Path | None = None
-    val_images: Path | None = None
-    iterations: int | None = None  # all steps: the GAN's, then the last finetune_iterations
-    finetune_iterations: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None  # SGD of the small and large heads and predictors
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    g_lr: float | None = None  # Adam (betas 0.5, 0.999) of the generator
-    d_lr: float | None = None  # Adam (betas 0.5, 0.999) of the discriminator
-    content_weight: float = 1.0
-    adv_weight: float = 0.01
-    det_weight: float = 1.0
-    small_size: int | None = None  # proposals of area < small_size² go through G and the small head
-    pair_min_size: int | None = None  # training pairs: full-size side in [pair_min_size, 2 * small_size)
-    pool: str = "avg"  # the extractor's pooling where the trunk strides: avg, chosen on val (Fig. 4c: max)
-    gen_blocks: int | None = None
-    gen_width: int | None = None  # None: C + C_sub, at most 512
-    disc_hidden: int | None = None
-    hflip: bool | None = None
-    seed: int = 0
-    device: str = "auto"
-    workers: int | None = None  # None: 0 on CPU, 4 on CUDA
-    checkpoint_every: int | None = None
-    log_every: int = 10
-    resume: bool = True
-    eval: bool = True
-    eval_score_thresh: float = 0.001
-    eval_batch_size: int = 4
-    amp: bool = False  # bf16 autocast on CUDA
-    skip_invalid: bool = False
-    stop_after: int | None = None  # tests: checkpoint and return after this step (a kill, simulated)
-    tensorboard: bool = False  # also write TensorBoard events (RUN/tensorboard); metrics.jsonl stays the record
-
+# Presets and the config: sodtool.configs.train_fsr.
 
 # Fields that may change between a run and its resumption (they steer the run, not its result).
 RESUME_FREE = frozenset({"device", "workers", "resume", "checkpoint_every", "log_every", "eval", "eval_score_thresh",

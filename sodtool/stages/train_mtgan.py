@@ -53,9 +53,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -63,6 +62,7 @@ from PIL import Image
 
 from sodtool import checkpoint
 from sodtool.artefacts import Timer, atomic_path, check_output, file_identity, read_manifest, write_manifest
+from sodtool.configs.train_mtgan import PRESETS, TrainMTGANConfig
 from sodtool.console import log, make_progress, summary_table
 from sodtool.device import autocast, device_name, seed_everything
 from sodtool.engine import (TENSORBOARD_DIR, BatchStream, LossWindow, MetricsLog, all_finite, check_positive,
@@ -82,76 +82,8 @@ from sodtool.srdata import (HeldOut, check_common, check_enough_rows, evaluate_g
 
 STAGE = "train-mtgan"
 
-# "paper": Sec. 4.1 (D = ImageNet ResNet-50, SGD 0.01, /10 every 40k, 80k iterations). The paper's
-# D starts from ImageNet weights and L_D weights its class and box terms by beta = gamma = 0.01,
-# so SGD at 0.01 moves the class head at an effective 1e-4. The CPU presets train D from
-# scratch (no weights can be downloaded), with Adam (as BasicSR trains its discriminators),
-# whose steps do not shrink with the 0.01 loss weights, and first a D-only warm-up on HR and
-# MSE-G crops (BasicSR's net_d_init_iters), which costs half an adversarial iteration: a D
-# trained from scratch with SGD at these weights classified no held-out object crop, and a
-# longer warm-up let D's fused score pass the baseline (docs/design_notes.md; the warm-up is
-# re-checked on val in docs/choices_on_val.md).
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(iterations=750, batch_size=32, disc_arch="resnet18", d_optimizer="adam", d_lr=1e-3, d_lr_step=600,
-                  d_warmup=650, log_every=10, checkpoint_every=50, sample_every=250, val_every=250),
-    "bench": dict(iterations=2000, batch_size=32, disc_arch="resnet18", d_optimizer="adam", d_lr=1e-3,
-                  d_lr_step=1750, d_warmup=1500, log_every=25, checkpoint_every=250, sample_every=500, val_every=500),
-    "paper": dict(iterations=80_000, batch_size=64, disc_arch="resnet50", d_optimizer="sgd", d_lr=0.01,
-                  d_lr_step=40_000, d_warmup=0, log_every=100, checkpoint_every=2_000, sample_every=5_000,
-                  val_every=5_000),
-}
+# Presets and the config: sodtool.configs.train_mtgan.
 D_OPTIMIZERS = ("sgd", "adam")
-
-
-@dataclass(frozen=True)
-class TrainMTGANConfig:
-    """Options of `sodtool train mtgan`. None = take the value from `preset`."""
-
-    hr: Path
-    lr: Path
-    sr: Path
-    out: Path
-    preset: str = "quick"
-    iterations: Optional[int] = None
-    batch_size: Optional[int] = None
-    disc_arch: Optional[str] = None
-    imagenet_weights: Optional[Path] = None
-    # A detector weights file (RUN/detector/model.pt) whose trunk initialises D's; D's architecture
-    # then follows the detector's trunk (ResNet or MobileNetV3), whatever disc_arch says.
-    disc_init: Optional[Path] = None
-    g_lr: float = 1e-4
-    d_optimizer: Optional[str] = None  # "sgd" (paper: momentum, weight decay) or "adam" (AdamW: decoupled decay)
-    d_lr: Optional[float] = None
-    d_momentum: float = 0.9
-    d_weight_decay: float = 1e-4
-    d_lr_step: Optional[int] = None
-    d_lr_gamma: float = 0.1
-    d_warmup: Optional[int] = None  # first iterations: D steps only, G fixed (BasicSR's net_d_init_iters)
-    alpha: float = 1e-3
-    beta: float = 1e-2
-    gamma: float = 1e-2
-    tv_weight: float = 0.0
-    adversarial: str = "paper"
-    reg_branch: bool = True
-    adv: bool = True
-    cls: bool = True
-    reg: bool = True
-    val_fraction: float = 0.05
-    val_max: int = 256
-    val_seed: int = 0
-    val_every: Optional[int] = None
-    log_every: Optional[int] = None
-    checkpoint_every: Optional[int] = None
-    sample_every: Optional[int] = None
-    sample_count: int = 8
-    seed: int = 0
-    device: str = "auto"
-    num_workers: Optional[int] = None
-    # Test hook: checkpoint and return after this iteration (as if killed right after it).
-    stop_after: Optional[int] = None
-    tensorboard: bool = False  # also write TensorBoard events and samples (RUN/tensorboard); metrics.jsonl stays the record
-    # False (--no-resume): start over; a previous run in `out` stays whole until the new one is complete.
-    resume: bool = True
 
 
 def resolve_config(cfg: TrainMTGANConfig) -> TrainMTGANConfig:

@@ -46,15 +46,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from sodtool import checkpoint
 from sodtool.artefacts import Timer, check_output, file_identity, write_manifest
+from sodtool.configs.train_sr import PRESETS, TrainSRConfig
 from sodtool.console import make_progress, summary_table
 from sodtool.device import autocast, device_name, seed_everything
 from sodtool.engine import (TENSORBOARD_DIR, BatchStream, LossWindow, MetricsLog, all_finite, check_positive,
@@ -69,50 +67,6 @@ from sodtool.srdata import (MultiStoreLoader, check_common, check_enough_rows, c
                             split_rows, store_paths)
 
 STAGE = "train-sr"
-
-# Widths: "quick" and "bench" are a light CPU configuration (minutes on 2 cores), "paper" Table 1.
-# The paper gives no schedule for its MSE pretraining; 100k Adam iterations at batch 64 is our
-# choice (SRGAN's SRResNet used 1e6 at batch 16 on ImageNet).
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(iterations=300, batch_size=16, channels=32, up_channels=32, num_blocks=5, long_skip=True,
-                  residual_bicubic=True, val_every=100, log_every=10, checkpoint_every=100),
-    "bench": dict(iterations=1000, batch_size=16, channels=32, up_channels=32, num_blocks=5, long_skip=True,
-                  residual_bicubic=True, val_every=250, log_every=25, checkpoint_every=250),
-    # Exactly Table 1: no long skip, no bicubic residual (sodtool.models.networks.Generator).
-    "paper": dict(iterations=100_000, batch_size=64, channels=64, up_channels=256, num_blocks=5, long_skip=False,
-                  residual_bicubic=False, val_every=5_000, log_every=100, checkpoint_every=2_000),
-}
-@dataclass(frozen=True)
-class TrainSRConfig:
-    """Options of `sodtool train sr`. None = take the value from `preset`."""
-
-    hr: Path | tuple[Path, ...]  # one HR store, or several (each with its LR twin at the same place in `lr`)
-    lr: Path | tuple[Path, ...]
-    out: Path
-    preset: str = "quick"
-    iterations: Optional[int] = None
-    batch_size: Optional[int] = None
-    learning_rate: float = 1e-4
-    channels: Optional[int] = None
-    up_channels: Optional[int] = None
-    num_blocks: Optional[int] = None
-    long_skip: Optional[bool] = None  # SRResNet's long skip (not in Table 1): on in the CPU presets
-    residual_bicubic: Optional[bool] = None  # predict a residual over bicubic (not in Table 1): on in the CPU presets
-    min_native_size: int = 0
-    val_fraction: float = 0.05
-    val_max: int = 256
-    val_seed: int = 0
-    val_every: Optional[int] = None
-    log_every: Optional[int] = None
-    checkpoint_every: Optional[int] = None
-    seed: int = 0
-    device: str = "auto"
-    num_workers: Optional[int] = None
-    # Test hook: checkpoint and return after this iteration (as if killed right after it).
-    stop_after: Optional[int] = None
-    tensorboard: bool = False  # also write TensorBoard events (RUN/tensorboard); metrics.jsonl stays the record
-    # False (--no-resume): start over; a previous run in `out` stays whole until the new one is complete.
-    resume: bool = True
 
 
 def resolve_config(cfg: TrainSRConfig) -> TrainSRConfig:
