@@ -80,7 +80,7 @@ class TrainDetectorConfig:
         "output resized to the shallow map, L2 scale 20 and default boxes from 0.04 of the side are sodtool's choices).")
     preset: str = option(
         "quick", help="quick: MobileNetV3-FPN from scratch, 320 px, batch 4, 800 iterations (minutes on a 2-core CPU); "
-        "bench: the same network, 2400 iterations (about 16 minutes on 2 cores); coco: the paper's ResNet-50-C4, "
+        "bench: the same network, 2400 iterations (3x quick's); coco: the paper's ResNet-50-C4, "
         "800/1333 px, batch 16, lr 0.02, 90k iterations, lr /10 at 60k and 80k (GPU, with --backbone-weights). With "
         "--detector ssd/mdssd: quick, bench (MobileNetV3 at 320 px, same schedules) and paper (VGG16 at 300 px, SSD's "
         "COCO schedule).")

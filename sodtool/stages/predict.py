@@ -103,9 +103,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".p
 PART_KEYS = ("score", "small_area", "sr_only", "slice", "overlap", "slice_full", "context", "score_thresh",
              "max_rois", "max_per_image", "merge_ios", "nms_iou", "min_score", "draw_threshold")
 # Tiles of one image per detector call, by device type: fixed, never --batch-size, so that an
-# image's detections depend on that image only. On CPU one per call cost nothing measurable (2
-# cores: SSD-320 sliced 1.56 s vs 1.38 s in batches of 8, Faster R-CNN faster one by one); a GPU
-# gains from batches.
+# image's detections depend on that image only. On CPU one per call cost nothing measurable
+# (docs/design_notes.md); a GPU gains from batches.
 TILES_PER_CALL = {"cpu": 1, "cuda": 8}
 # Parts of another format (those written before images and models were identified) are redone.
 PART_FORMAT = 2

@@ -351,8 +351,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
                                      "categories": categories.to_json()})
     model.to(dev)
     if dev.type == "cpu":
-        # oneDNN's convolutions are faster in channels_last: a quick-preset iteration took 0.30 s
-        # against 0.40 s (Faster R-CNN) and 0.86 s against 0.96 s (MDSSD) on the 2-core EPYC.
+        # oneDNN's convolutions are faster in channels_last (docs/design_notes.md has the timings).
         # Not on CUDA, where it is unmeasured.
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
