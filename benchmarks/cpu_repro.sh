@@ -4,8 +4,7 @@
 # and prints one JSON line each: the weights' digest, the CPU, its flags and the pins
 # (benchmarks/weights_digest.py). Paste the lines into benchmarks/cpu_digests.md and compare with
 # the other machines' rows: same digest in the same column = the same numbers on both CPUs.
-# About 10 minutes a training on 2 cores; THREADS (default 1) fixes torch's thread count, which
-# changes the numbers too.
+# THREADS (default 1) fixes torch's thread count, which changes the numbers too.
 #
 #   bash benchmarks/cpu_repro.sh [OUT]   # default runs/cpu
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check, one call on a CUDA machine, under 8 minutes (about 2-3 on one H200):
+# GPU readiness check, one call on a CUDA machine, under 8 minutes (the sections' limits below):
 #
 #   1. info         `sodtool info` and nvidia-smi: versions, the device `--device auto` picks.
 #   2. cuda_smoke   the CUDA code paths the tests cannot reach on CPU: `--device auto` / torchrun's

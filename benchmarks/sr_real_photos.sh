@@ -7,9 +7,9 @@
 # Usage (from the repository root, venv active):  benchmarks/sr_real_photos.sh [OUT]
 #   OUT         output folder (default runs/sr-real); rerunning skips the finished stages,
 #               `train sr` resumes from its checkpoint.
-#   THREADS     torch / OpenMP threads (default 1: on a 2-core CPU shared with another job,
-#               2 threads measured 3x slower than 1, 5.0 vs 14.5 crops/s)
-#   ITERATIONS  generator iterations (default 800, batch 16: ~14 min on one EPYC core)
+#   THREADS     torch / OpenMP threads (default 1: on a 2-core CPU shared with another job, 2
+#               threads were slower than 1, docs/design_notes.md)
+#   ITERATIONS  generator iterations (default 800, batch 16)
 #
 # Data: ../shared/data/coco128 (COCO photos, 640 px; two label files there have no image) and
 # ../shared/data/kit-aerial (aerial photos, ~35 px cars), both imported whole (no minival: the

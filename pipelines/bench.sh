@@ -2,9 +2,8 @@
 # The synthetic bench preset end to end: 4000 training and 500 minival images, the bench detector
 # (2400 iterations), then SOD-MTGAN at the paper's crop sizes, HR 128 / LR 32, with `train sr
 # --preset quick` (300 iterations) and `train mtgan --preset bench` (1500 D-only + 500 adversarial
-# iterations). About 1 to 2 hours on a 2-core CPU when the bench data exist (making them takes 1-5
-# more minutes): 57 minutes of stage time on the fastest sandbox measured, about 2 hours on the
-# slowest (README's measured results); the whole pipeline was not timed in one piece.
+# iterations). Hours on a 2-core CPU (stage times: docs/results.md; the run times these headers
+# once gave: docs/design_notes.md).
 #
 #   bash pipelines/bench.sh [RUN] [DATA]   # defaults: runs/bench data/synth-bench (made if missing)
 #   DETECTOR=mdssd bash pipelines/bench.sh runs/bench-mdssd   # SOD-MTGAN over MDSSD's ROIs

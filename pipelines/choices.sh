@@ -11,8 +11,8 @@
 #   bash pipelines/choices.sh [SEED] [RUN] [DATA]   # defaults: 0 runs/choices/s<SEED> data/synth-quick
 #   python benchmarks/choices_table.py runs/choices/s0 runs/choices/s1 runs/choices/s2
 #
-# The choice is read on val; minival is printed beside it only to report. About 30 minutes a seed on
-# a 2-core CPU (two seeds side by side with OMP_NUM_THREADS=1 take about as long as one).
+# The choice is read on val; minival is printed beside it only to report. Two seeds side by side
+# with OMP_NUM_THREADS=1 take about as long as one (run times: docs/design_notes.md).
 # Rerunning resumes the training stages from their checkpoints and rewrites the other outputs.
 set -euo pipefail
 

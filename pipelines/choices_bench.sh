@@ -7,7 +7,7 @@
 #   python benchmarks/choices_table.py --set bench runs/choices-bench/s0 runs/choices-bench/s1 runs/choices-bench/s2
 #
 # The detector (RUN/detector, bench preset, seed 0) and the ROI stores are made once and shared by
-# the seeds; seed S writes RUN/sS. About 2.5 hours a seed on one CPU thread. Rerunning resumes the
+# the seeds; seed S writes RUN/sS (hours a seed on one CPU thread). Rerunning resumes the
 # training stages from their checkpoints (a run stopped anywhere goes on where it stopped) and
 # rewrites the other outputs.
 set -euo pipefail

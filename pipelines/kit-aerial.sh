@@ -40,8 +40,7 @@ sodtool data stats --data "$DATA" --split train --out "$RUN/stats" --overwrite
 # Cars are 20-40 px: keep the images at their size (short side 430-547) and use small anchors.
 # Overhead imagery has no "up": flips both ways and quarter turns (--hflip --vflip --rot90), and
 # scale jitter of the short side (--train-sizes); lr 0.01 (at the preset's 0.02, training on the
-# street diverged at iteration 108). An iteration on the street (2 images of 1792x437 after
-# resizing) took 6.5-9.5 s on one thread beside another run: 300 iterations, 35-45 minutes.
+# street diverged at iteration 108; docs/design_notes.md has the run times).
 if [ "$DETECTOR" = frcnn ]; then
   sodtool train detector --detector frcnn --preset quick --data "$DATA" --out "$RUN/detector" \
     --min-size 544 --max-size 1792 --batch-size 2 --iterations 300 --milestones 240 --anchor-sizes 8,16,32,64 \

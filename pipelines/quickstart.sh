@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: every stage of SOD-MTGAN on the built-in synthetic benchmark (quick preset), from
-# `data synth` to the comparison table. 9-19 minutes on a 2-core CPU (README); uses a GPU if present.
+# `data synth` to the comparison table; minutes on a 2-core CPU (docs/results.md); uses a GPU if present.
 #
 #   bash pipelines/quickstart.sh            # writes data/synth-quick and runs/quick
 #   DETECTOR=mdssd bash pipelines/quickstart.sh   # the same over MDSSD's ROIs: runs/quick-mdssd
