@@ -157,7 +157,7 @@ def test_killed_run_resumes_bit_identical(cli, ds, detector, tmp_path):
     args = ["train", "detgan", "--detector", str(detector), "--data", str(ds), "--out", str(out), "--iterations",
             str(total), "--pretrain-iterations", "4", "--pool-size", "3", "--checkpoint-every", "2", "--seed", "2",
             *GAN_TINY]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sodtool", "--quiet", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

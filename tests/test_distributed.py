@@ -301,7 +301,7 @@ def test_torchrun_cli_two_ranks(stores, tmp_path):
     for k in ("iterations", "batch_size", "channels", "up_channels", "num_blocks", "val_every", "log_every",
               "checkpoint_every", "seed"):
         args += ["--" + k.replace("_", "-"), str(kw[k])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",

@@ -95,7 +95,7 @@ def _disk(budget: int):
 
 
 def _sodtool(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "sodtool", "-q", *[str(a) for a in args]], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=600)
 

@@ -66,7 +66,7 @@ def _interrupt_after_import(mark: str, tmp_path: Path, delay: float = 0.0) -> tu
     importtime's). Timed from a module of sodtool rather than from the process start, so that
     the signal never lands in the interpreter's own start-up (site), before any code of sodtool
     can run: there Python prints its own traceback, whatever the package does."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-X", "importtime", "-m", "sodtool", "train", "detector", "--data",
            str(tmp_path / "missing"), "--out", str(tmp_path / "det")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -364,7 +364,7 @@ def test_train_mtgan_killed_and_resumed_is_exact(stores, sr_run, tmp_path):
     # ... and the end of the D warm-up (5 iterations), if it is killed at the first checkpoint (3).
     args = ["train", "mtgan", "--hr", str(hr), "--lr", str(lr), "--sr", str(sr_run), "--out", str(tmp_path / "b"),
             *_mtgan_args(n, ckpt_every=3, d_warmup=5)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sodtool", "--quiet", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = tmp_path / "b" / "checkpoint.pt"
