@@ -6,6 +6,10 @@ negative by more than 2 sd is contradicted (change it); one within 2 sd of zero 
 but not contradicted either; minival is printed beside it only to report.
 
     python benchmarks/choices_table.py runs/choices/s0 runs/choices/s1 runs/choices/s2
+    python benchmarks/choices_table.py --set bench runs/choices-bench/s0 runs/choices-bench/s1 runs/choices-bench/s2
+
+`--set bench` reads pipelines/choices_bench.sh's runs: the bench schedule of `train mtgan` against
+the quick one (its `quick` ablation row), over one bench detector's ROIs.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ CHOICES = (
     ("32² size gate (not every ROI), D's score", ("", "mtgan_small"), ("", "mtgan")),
     ("32² size gate (not every ROI), fused score", ("", "mtgan_fused_small"), ("", "mtgan_fused")),
 )
+BENCH_CHOICES = (
+    ("bench schedule 2000 / 1500 D-only (not quick 750 / 650), D's score", ("", "mtgan"), ("", "quick")),
+    ("bench schedule 2000 / 1500 D-only (not quick 750 / 650), fused score", ("", "mtgan_fused"), ("", "quick_fused")),
+)
+BENCH_VS_BASELINE = ("mtgan", "mtgan_fused", "quick", "quick_fused", "bicubic", "bicubic_fused")
 VS_BASELINE = ("mtgan", "mtgan_fused", "bicubic", "bicubic_fused", "mtgan_small", "mtgan_fused_small",
                "mtgan_srgate", "bicubic_srgate")
 
@@ -40,7 +49,7 @@ VS_BASELINE = ("mtgan", "mtgan_fused", "bicubic", "bicubic_fused", "mtgan_small"
 def rows(run: Path, split: str, suffix: str) -> dict[str, dict]:
     path = run / f"eval_{split}{suffix}" / "metrics.json"
     if not path.is_file():
-        raise InputError(f"{path}: not found (run pipelines/choices.sh for this seed first)")
+        raise InputError(f"{path}: not found (run pipelines/choices.sh or choices_bench.sh for this seed first)")
     m = read_json(path, "eval metrics.json")
     return {r["name"]: r for r in m["rows"]}
 
@@ -64,11 +73,16 @@ def verdict(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="pipelines/choices.sh run folders, one per seed")
+    ap.add_argument("runs", nargs="+", type=Path, help="pipelines/choices.sh (or choices_bench.sh) run folders, "
+                    "one per seed")
+    ap.add_argument("--set", choices=("quick", "bench"), default="quick",
+                    help="quick: pipelines/choices.sh's four choices; bench: choices_bench.sh's schedule")
     args = ap.parse_args()
+    choices, vs_baseline, suffixes = ((BENCH_CHOICES, BENCH_VS_BASELINE, ("",)) if args.set == "bench"
+                                      else (CHOICES, VS_BASELINE, ("", "_sronly")))
     try:
         evals = {(run, split, suffix): rows(run, split, suffix)
-                 for run in args.runs for split in SPLITS for suffix in ("", "_sronly")}
+                 for run in args.runs for split in SPLITS for suffix in suffixes}
     except (InputError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -79,7 +93,7 @@ def main() -> None:
           "reported on minival.\n")
     print(head)
     print("|" + " --- |" * (2 + 2 * len(COLUMNS)))
-    for title, (sa, ra), (sb, rb) in CHOICES:
+    for title, (sa, ra), (sb, rb) in choices:
         cells, val_ap = [], []
         for key, _ in COLUMNS:
             for split in SPLITS:
@@ -91,7 +105,7 @@ def main() -> None:
     print("\nEach row minus the baseline row (AP points), the same seeds:\n")
     print("| row | " + " | ".join(f"{t} {s}" for _, t in COLUMNS for s in SPLITS) + " |")
     print("|" + " --- |" * (1 + 2 * len(COLUMNS)))
-    for name in VS_BASELINE:
+    for name in vs_baseline:
         if not all(name in evals[(r, s, "")] for r in args.runs for s in SPLITS):
             continue
         cells = [cell([100 * evals[(r, s, "")][name]["delta"][key] for r in args.runs])
