@@ -19,7 +19,8 @@
 # took D's score over every ROI, the paper's protocol, from below the baseline in AP_L (three quick
 # seeds: -5.4, -3.1, -3.8) to above it in every column (three seeds on one detector, AP_L +1.1 /
 # +0.4 / +2.7, and three more on two other sandboxes' detectors; README, "The bench schedule for
-# train mtgan at HR 128"), for about 30 more minutes of training on a slow 2-core sandbox.
+# train mtgan at HR 128"), for about 30 more minutes of training on a slow 2-core sandbox. Chosen on
+# minival; re-checked on val with pipelines/choices_bench.sh (docs/choices_on_val.md).
 #
 # Rerunning resumes the training stages from their checkpoints and rewrites the other outputs.
 set -euo pipefail
